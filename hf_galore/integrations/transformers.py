@@ -1,0 +1,280 @@
+"""Registration of hf_galore's optimizers as `optim=` choices of the stock `TrainingArguments` / `Trainer`.
+
+transformers has no public extension point for `optim=` names (`OptimizerNames` is a closed Enum validated in
+`TrainingArguments.__post_init__`), so [`register`] does four reversible things, feature-detected rather than keyed
+on version strings:
+
+1. adds our names to `transformers.training_args.OptimizerNames` (the built-in `galore_*` members are reused);
+2. routes the Trainer to our handlers: in transformers ≥ 5.2 through the `_OPTIMIZER_HANDLERS` table (mutated in
+   place, the Trainer holds a reference to it), on older versions by wrapping `Trainer.get_optimizer_cls_and_kwargs`;
+3. makes an unknown `optim=` name fail with our names and the closest match;
+4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
+   fallback to AdamW).
+
+[`unregister`] undoes all four exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
+`Trainer(optimizer_cls_and_kwargs=...)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..errors import HfGaloreError, UnsupportedSetupError, UnsupportedTransformersVersionError
+from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, unknown_name_message
+from .callbacks import attach_layerwise_callbacks
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TRANSFORMERS = ">=4.57,<6"
+
+
+class _Registration:
+    """What [`register`] changed, so that [`unregister`] can put it back."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.added_members: list[str] = []
+        self.replaced_handlers: dict[Any, Any] = {}
+        self.missing_hook: Any = None
+        self.had_own_missing = False
+        self.original_get_cls_and_kwargs: Any = None
+        self.original_create_optimizer: Any = None
+
+
+_STATE = _Registration()
+
+
+def _optimizer_names():
+    from transformers.training_args import OptimizerNames
+
+    return OptimizerNames
+
+
+def _handler_table() -> dict | None:
+    try:
+        from transformers import trainer_optimizer
+    except ImportError:
+        return None
+    return getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+
+
+def _member_name(value: str) -> str:
+    return value.upper()
+
+
+def _add_enum_member(enum_cls: type, value: str) -> bool:
+    """Add `value` to the closed Enum `enum_cls` in place; False if it already exists."""
+    if value in enum_cls._value2member_map_:
+        return False
+    name = _member_name(value)
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    member._sort_order_ = len(enum_cls._member_names_)
+    enum_cls._member_names_.append(name)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    type.__setattr__(enum_cls, name, member)
+    return True
+
+
+def _remove_enum_member(enum_cls: type, value: str) -> None:
+    name = _member_name(value)
+    enum_cls._member_names_.remove(name)
+    del enum_cls._member_map_[name]
+    del enum_cls._value2member_map_[value]
+    type.__delattr__(enum_cls, name)
+
+
+def _training_args_world_size(args: Any) -> int:
+    try:
+        return int(args.world_size)
+    except Exception:  # noqa: BLE001 - property may need a distributed state; treat as single process
+        return 1
+
+
+def check_supported_setup(args: Any, name: str) -> None:
+    """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet."""
+    spec = get_spec(name)
+    if getattr(args, "deepspeed", None):
+        raise UnsupportedSetupError(
+            f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
+            "no weight matrices to project. Use plain DDP (`accelerate launch --num_processes N`) instead."
+        )
+    if getattr(args, "fsdp", None):
+        raise UnsupportedSetupError(
+            f"optim={name!r} does not support FSDP yet (FSDP1 flattens parameters). Use plain DDP "
+            "(`accelerate launch --num_processes N`) or a single GPU."
+        )
+    if not spec.layerwise:
+        return
+    problems = []
+    if getattr(args, "gradient_accumulation_steps", 1) > 1:
+        problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (set it to 1)")
+    if (getattr(args, "max_grad_norm", 0) or 0) > 0:
+        problems.append(f"max_grad_norm={args.max_grad_norm} (set max_grad_norm=0: clipping needs every gradient)")
+    if getattr(args, "fp16", False):
+        problems.append("fp16=True (use bf16=True: loss scaling needs the step to wait for the unscale)")
+    if _training_args_world_size(args) > 1:
+        problems.append(f"{_training_args_world_size(args)} processes (run on one process)")
+    if problems:
+        base = name.removesuffix("_layerwise")
+        raise UnsupportedSetupError(
+            f"optim={name!r} updates each weight inside backward and does not yet support: {'; '.join(problems)}. "
+            f"Change those settings, or use the non-layer-wise optim={base!r}, which supports them."
+        )
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names the Trainer would exclude from weight decay (biases, norms), by the Trainer's own rule."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    return {n for n, _ in model.named_parameters() if n not in decay}
+
+
+def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = None) -> tuple[type, dict[str, Any]]:
+    """`(optimizer class, kwargs)` for one of our optimizers, from `TrainingArguments` — no patching involved.
+
+    Pass the result as `Trainer(optimizer_cls_and_kwargs=...)`. `optim` defaults to `args.optim`; give it when the
+    arguments name another optimizer (e.g. when building `TrainingArguments` before `import hf_galore`).
+
+    Example:
+        ```python
+        >>> args = TrainingArguments("out", optim_target_modules="all-linear", optim_args="rank=8")
+        >>> trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model, "galore_adamw"))
+        ```
+    """
+    name = str(getattr(optim, "value", optim) if optim is not None else getattr(args.optim, "value", args.optim))
+    check_supported_setup(args, name)
+    return make_optimizer_kwargs(
+        name,
+        model,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        target_modules=args.optim_target_modules,
+        optim_args=args.optim_args,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        no_decay_names=_no_decay_names(model),
+    )
+
+
+def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """Handler for transformers ≥ 5.2's `_OPTIMIZER_HANDLERS` table."""
+    if ctx.model is None:
+        raise HfGaloreError(f"optim={str(ctx.args.optim)!r} needs the model to select the weights to project.")
+    return optimizer_cls_and_kwargs(ctx.args, ctx.model)
+
+
+def _missing(cls: type, value: Any) -> Any:
+    ours = list(REGISTRY)
+    raise ValueError(unknown_name_message(str(value), ours, list(cls._value2member_map_)))
+
+
+def _wrap_get_cls_and_kwargs(original: Any) -> Any:
+    @functools.wraps(original)
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
+        name = str(getattr(args.optim, "value", args.optim))
+        if name in REGISTRY:
+            if model is None:
+                raise HfGaloreError(f"optim={name!r} needs the model to select the weights to project.")
+            return optimizer_cls_and_kwargs(args, model)
+        return original(args, model)
+
+    return staticmethod(get_optimizer_cls_and_kwargs)
+
+
+def _wrap_create_optimizer(original: Any) -> Any:
+    @functools.wraps(original)
+    def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer = original(self, *args, **kwargs)
+        name = str(getattr(self.args.optim, "value", self.args.optim))
+        if name in REGISTRY and getattr(self, "optimizer_cls_and_kwargs", None) is None:
+            expected = REGISTRY[name].optimizer_cls
+            actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
+            if not isinstance(actual, expected):
+                raise HfGaloreError(
+                    f"optim={name!r} should have built {expected.__name__}, but the Trainer built "
+                    f"{type(actual).__name__}. A Trainer subclass probably overrides optimizer creation; build the "
+                    "optimizer with hf_galore.optimizer_cls_and_kwargs(args, model) instead."
+                )
+        attach_layerwise_callbacks(self)
+        return optimizer
+
+    return create_optimizer
+
+
+def register() -> None:
+    """Make our names valid `optim=` choices and route the stock Trainer to our optimizers (idempotent).
+
+    Raises:
+        [`UnsupportedTransformersVersionError`]: when transformers lacks the internals we register into.
+    """
+    if _STATE.active:
+        return
+    import transformers
+    from transformers import Trainer
+
+    names = _optimizer_names()
+    table = _handler_table()
+    if table is None and not hasattr(Trainer, "get_optimizer_cls_and_kwargs"):
+        raise UnsupportedTransformersVersionError(
+            f"hf_galore supports transformers {SUPPORTED_TRANSFORMERS}; the installed {transformers.__version__} has "
+            "neither the optimizer handler table nor Trainer.get_optimizer_cls_and_kwargs. "
+            'Install a supported version: pip install "transformers>=4.57"'
+        )
+    for name in REGISTRY:
+        if _add_enum_member(names, name):
+            _STATE.added_members.append(name)
+    if table is not None:
+        for name in REGISTRY:
+            member = names(name)
+            _STATE.replaced_handlers[member] = table.get(member)
+            table[member] = _handler
+    else:
+        _STATE.original_get_cls_and_kwargs = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+        Trainer.get_optimizer_cls_and_kwargs = _wrap_get_cls_and_kwargs(_STATE.original_get_cls_and_kwargs.__func__)
+    _STATE.had_own_missing = "_missing_" in names.__dict__
+    _STATE.missing_hook = names.__dict__.get("_missing_")
+    names._missing_ = classmethod(_missing)
+    _STATE.original_create_optimizer = Trainer.__dict__["create_optimizer"]
+    Trainer.create_optimizer = _wrap_create_optimizer(_STATE.original_create_optimizer)
+    _STATE.active = True
+    logger.debug("hf_galore registered optimizers: %s", ", ".join(REGISTRY))
+
+
+def unregister() -> None:
+    """Undo [`register`]: transformers' enum, handlers and Trainer methods are restored exactly."""
+    if not _STATE.active:
+        return
+    from transformers import Trainer
+
+    names = _optimizer_names()
+    Trainer.create_optimizer = _STATE.original_create_optimizer
+    if _STATE.had_own_missing:
+        names._missing_ = _STATE.missing_hook
+    else:
+        del names._missing_
+    table = _handler_table()
+    if table is not None:
+        for member, original in _STATE.replaced_handlers.items():
+            if original is None:
+                table.pop(member, None)
+            else:
+                table[member] = original
+    if _STATE.original_get_cls_and_kwargs is not None:
+        Trainer.get_optimizer_cls_and_kwargs = _STATE.original_get_cls_and_kwargs
+    for name in _STATE.added_members:
+        _remove_enum_member(names, name)
+    _STATE.__init__()
+
+
+def is_registered() -> bool:
+    """Whether [`register`] is in effect."""
+    return _STATE.active

@@ -1,0 +1,289 @@
+"""The low-rank step skeleton shared by every GaLore-family optimizer.
+
+For each parameter of a `low_rank=True` group (a 2-D weight):
+
+1. refresh the basis when due (every `update_proj_gap` steps, optionally staggered), in fp32;
+2. project the gradient onto it (r×n or m×r);
+3. run the inner optimizer (Adam, 8-bit Adam, Adafactor) on the small tensor;
+4. project the update back, scale it by α and add it to the weight in one `addmm_`, after decoupled weight decay.
+
+Every other parameter gets the plain inner update. Subclasses implement only the inner optimizer
+(`_init_inner_state`, `_plain_update`, `_low_rank_update`).
+
+Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
+tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
+`torch.load(weights_only=True)` and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from ..configs import GaLoreConfig
+from ..errors import InvalidConfigError
+from ..projection.subspace import Side, add_projected_back_, choose_side, compute_bases, low_rank_shape, project
+
+#: GaLore knobs, valid as optimizer kwargs and as per-group overrides.
+LOW_RANK_DEFAULTS: dict[str, Any] = {
+    "low_rank": False,
+    "rank": 128,
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd": "randomized",
+    "power_iters": 1,
+    "oversample": 8,
+    "stagger": False,
+    "seed": 0,
+}
+
+#: Keys that other code (LR schedulers, our integrations) may add to a group.
+_FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
+
+#: Called by the inner optimizer to apply `alpha · project_back(update)` to the weight.
+ApplyBack = Callable[[torch.Tensor, float], None]
+
+
+def _mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit mix of integers (the same on every process and platform)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**64 - 1)
+    return value % (2**63)
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class of the GaLore optimizers: refresh, project, inner update, project back, apply.
+
+    Args:
+        params (`Iterable`):
+            Parameters or param groups. Groups with `low_rank=True` hold 2-D weights to project; any GaLore key
+            (`rank`, `update_proj_gap`, `scale`, `proj_type`, `svd`, `power_iters`, `oversample`, `stagger`,
+            `seed`) can be overridden per group. Unknown group keys raise [`InvalidConfigError`].
+        lr (`float`): Learning rate.
+        weight_decay (`float`): Decoupled weight decay, applied to the full weight.
+        **kwargs: GaLore defaults (see [`GaLoreConfig`]) and the inner optimizer's hyperparameters.
+    """
+
+    #: Hyperparameters of the inner optimizer and their defaults; set by subclasses.
+    inner_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        if lr is not None and lr < 0:
+            raise InvalidConfigError(f"Invalid learning rate {lr}: it must be ≥ 0.")
+        if weight_decay < 0:
+            raise InvalidConfigError(f"Invalid weight_decay {weight_decay}: it must be ≥ 0.")
+        defaults = {"lr": lr, "weight_decay": weight_decay, **LOW_RANK_DEFAULTS, **self.inner_defaults}
+        unknown = [k for k in kwargs if k not in defaults]
+        if unknown:
+            raise InvalidConfigError(
+                f"{type(self).__name__} got unknown argument(s) {unknown}; valid ones are {sorted(defaults)}."
+            )
+        defaults.update(kwargs)
+        self._validate_hyperparameters(defaults)
+        self._ordinals: dict[torch.Tensor, int] = {}
+        self._warned: set[str] = set()
+        super().__init__(params, defaults)
+        self._index_low_rank_params()
+        self._warn_full_rank_fallbacks()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
+        """Range checks of the inner optimizer's hyperparameters (subclasses extend)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        allowed = set(self.defaults) | _FOREIGN_GROUP_KEYS
+        unknown = [k for k in param_group if k not in allowed]
+        if unknown:
+            raise InvalidConfigError(
+                f"Unknown param-group key(s) {unknown} for {type(self).__name__}; valid keys are {sorted(allowed)}."
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_hyperparameters(group)
+        if group["low_rank"]:
+            GaLoreConfig(**{k: group[k] for k in LOW_RANK_DEFAULTS if k != "low_rank"})  # range checks
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise InvalidConfigError(
+                        f"A low_rank group holds a parameter of shape {tuple(p.shape)}; GaLore projects 2-D weights "
+                        "only. Put biases, norms and embeddings-like tensors in a group with low_rank=False."
+                    )
+        if hasattr(self, "_ordinals"):
+            self._index_low_rank_params()
+
+    def _index_low_rank_params(self) -> None:
+        """Number the projected weights in group order: the number seeds the range finder and the stagger offset."""
+        low_rank = [p for g in self.param_groups if g["low_rank"] for p in g["params"]]
+        self._ordinals = {p: i for i, p in enumerate(low_rank)}
+
+    def _warn_full_rank_fallbacks(self) -> None:
+        shapes = [
+            tuple(p.shape)
+            for g in self.param_groups
+            if g["low_rank"]
+            for p in g["params"]
+            if choose_side(p.shape, g["proj_type"], g["rank"]) == Side.NONE
+        ]
+        if shapes:
+            warnings.warn(
+                f"{len(shapes)} projected weight(s) have min(m, n) ≤ rank and use the plain full-rank update "
+                f"instead (shapes: {sorted(set(shapes))}). Lower `rank` or leave them out of optim_target_modules "
+                "to silence this.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        state["step"] = 0
+        side = Side.NONE
+        if group["low_rank"]:
+            side = choose_side(p.shape, group["proj_type"], group["rank"])
+        state["side"] = int(side)
+        if side != Side.NONE:
+            ordinal = self._ordinals[p]
+            state["seed"] = _mix_seed(group["seed"], ordinal)
+            state["refresh_count"] = 0
+            gap = group["update_proj_gap"]
+            state["refresh_offset"] = (ordinal * gap) // max(len(self._ordinals), 1) if group["stagger"] else 0
+            shape = low_rank_shape(p.shape, side, group["rank"])
+        else:
+            shape = tuple(p.shape)
+        self._init_inner_state(state, shape, p, group, low_rank=side != Side.NONE)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load `state_dict`, keeping each state tensor's saved dtype (torch would cast all of them to the param's).
+
+        Projection bases, fp32 moments of bf16 weights and uint8 8-bit states must keep their dtype; only their
+        device follows the parameter.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # ------------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step on every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        if "proj_left" not in state and "proj_right" not in state:
+            return True
+        return (state["step"] - state["refresh_offset"]) % group["update_proj_gap"] == 0
+
+    def _refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: Side) -> bool:
+        """Recompute the basis from `grad`; on a non-finite gradient or a failed decomposition keep the old one."""
+        if not bool(torch.isfinite(grad).all()):
+            self._warn_once(
+                "nonfinite",
+                "A projected weight has a NaN/Inf gradient at a subspace refresh: its previous basis is kept (or, "
+                "on its first refresh, its update is skipped). Check the loss scale / learning rate.",
+            )
+            return False
+        generator = torch.Generator(device=grad.device)
+        generator.manual_seed(_mix_seed(state["seed"], state["refresh_count"]))
+        try:
+            p_basis, q_basis = compute_bases(
+                grad, side, group["rank"], group["svd"], group["power_iters"], group["oversample"], generator
+            )
+        except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+            self._warn_once(
+                "svd_failed",
+                f"The subspace decomposition failed ({err}); the previous basis is kept (or, on the first refresh, "
+                "the update of that weight is skipped).",
+            )
+            return False
+        if p_basis is not None:
+            state["proj_left"] = p_basis
+        if q_basis is not None:
+            state["proj_right"] = q_basis
+        state["refresh_count"] += 1
+        return True
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Update one parameter from its gradient (used by `step` and by the layer-wise hooks)."""
+        state = self.state[p] if self.state[p] else self._init_state(p, group)
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        side = Side(state["side"])
+        if side == Side.NONE:
+            state["step"] += 1
+            self._plain_update(p, grad, state, group)
+            return
+        if self._refresh_due(state, group):
+            refreshed = self._refresh(grad, state, group, side)
+            if not refreshed and "proj_left" not in state and "proj_right" not in state:
+                return  # no basis yet: skip this weight's update rather than crash
+        p_basis, q_basis = state.get("proj_left"), state.get("proj_right")
+        low = project(grad, side, p_basis, q_basis)
+        state["step"] += 1
+        scale = group["scale"]
+
+        def apply_back(update: torch.Tensor, alpha: float) -> None:
+            add_projected_back_(p, update, side, p_basis, q_basis, alpha * scale)
+
+        self._low_rank_update(p, low, state, group, apply_back)
+
+    # ------------------------------------------------------------------------------------------------ inner
+    def _init_inner_state(
+        self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
+    ) -> None:
+        """Allocate the inner optimizer's state for a (projected) gradient of `shape`."""
+        raise NotImplementedError
+
+    def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        """Full-rank update of a non-projected parameter (state["step"] already incremented)."""
+        raise NotImplementedError
+
+    def _low_rank_update(
+        self,
+        p: torch.Tensor,
+        low: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        apply_back: ApplyBack,
+    ) -> None:
+        """Inner update on the projected gradient `low`; apply it with `apply_back(update, alpha)`."""
+        raise NotImplementedError
+
+
+def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """Adam's `(1 - β1ᵗ, sqrt(1 - β2ᵗ))`, computed exactly as `torch.optim.AdamW` does (Python floats)."""
+    return 1 - beta1**step, (1 - beta2**step) ** 0.5
+
+
+def rms(tensor: torch.Tensor) -> torch.Tensor:
+    """Root mean square of `tensor`."""
+    return tensor.norm(2) / math.sqrt(tensor.numel())

@@ -1,0 +1,186 @@
+"""Top-r subspace of a gradient and the GaLore projection on it. Pure tensor math; imports only torch.
+
+Conventions (G is the m×n gradient of an m×n weight, r the rank):
+
+* left side: basis P (m×r), projected gradient Pᵀ G (r×n), back-projection P N.
+* right side: basis Q (n×r), projected gradient G Q (m×r), back-projection N Qᵀ.
+* both sides (`full`): Pᵀ G Q (r×r), back-projection P N Qᵀ.
+
+The side is decided once from the *weight* shape and stored; it is never re-derived from a projected shape
+(re-deriving it is how other implementations pick the wrong side when r ≥ min(m, n)).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class Side(IntEnum):
+    """Which side(s) of a weight are projected; stored in optimizer state as a plain int."""
+
+    NONE = 0
+    LEFT = 1
+    RIGHT = 2
+    BOTH = 3
+
+
+def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str, rank: int) -> Side:
+    """Side to project for a weight of `shape` (m, n), or `Side.NONE` when rank ≥ min(m, n).
+
+    `std` keeps the smaller dimension's basis (left when m < n, right otherwise, square included), `reverse_std`
+    the opposite, `left`/`right` force a side and `full` projects both.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"GaLore projects 2-D weights only, got shape {tuple(shape)}.")
+    m, n = shape
+    if rank >= min(m, n):
+        return Side.NONE
+    if proj_type == "std":
+        return Side.LEFT if m < n else Side.RIGHT
+    if proj_type == "reverse_std":
+        return Side.RIGHT if m < n else Side.LEFT
+    if proj_type == "left":
+        return Side.LEFT
+    if proj_type == "right":
+        return Side.RIGHT
+    if proj_type == "full":
+        return Side.BOTH
+    raise ValueError(f"Unknown proj_type {proj_type!r}; choose one of std, reverse_std, left, right, full.")
+
+
+def canonicalize_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive (in place; returns `basis`).
+
+    Singular vectors are defined up to sign; fixing it makes the basis a deterministic function of the gradient,
+    so moments carried across a refresh keep their orientation and every rank computes the same basis.
+    """
+    idx = basis.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(basis, 0, idx))
+    signs[signs == 0] = 1
+    return basis.mul_(signs)
+
+
+def exact_left_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` left singular vectors of `matrix` (fp32) by a full SVD."""
+    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return canonicalize_signs(u[:, :rank].contiguous())
+
+
+def randomized_left_basis(
+    matrix: torch.Tensor, rank: int, power_iters: int, oversample: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Top-`rank` left singular vectors of `matrix` (fp32) by a randomized range finder (Halko et al., 2011).
+
+    A Gaussian sketch Y = A Ω (Ω: n×(r+p)) spans A's dominant range; `power_iters` rounds of Y ← A (Aᵀ Y) with QR
+    re-orthonormalisation sharpen it; an SVD of the small (r+p)×n matrix Qᵀ A then gives the basis Q U_small.
+    """
+    m, n = matrix.shape
+    width = min(rank + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, device=generator.device, dtype=matrix.dtype)
+    omega = omega.to(matrix.device)
+    q, _ = torch.linalg.qr(matrix @ omega)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(matrix.T @ q)
+        q, _ = torch.linalg.qr(matrix @ z)
+    u_small, _, _ = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    return canonicalize_signs((q @ u_small[:, :rank]).contiguous())
+
+
+def left_basis(
+    matrix: torch.Tensor,
+    rank: int,
+    method: str = "randomized",
+    power_iters: int = 1,
+    oversample: int = 8,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Top-`rank` left singular vectors of `matrix`, computed in fp32 whatever its dtype, returned in fp32."""
+    work = matrix.detach().to(torch.float32)
+    if method == "exact":
+        return exact_left_basis(work, rank)
+    if method == "randomized":
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        return randomized_left_basis(work, rank, power_iters, oversample, generator)
+    raise ValueError(f"Unknown subspace method {method!r}; choose 'randomized' or 'exact'.")
+
+
+def compute_bases(
+    grad: torch.Tensor,
+    side: Side,
+    rank: int,
+    method: str = "randomized",
+    power_iters: int = 1,
+    oversample: int = 8,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(P, Q)` for `side`: P (m×r) for LEFT/BOTH, Q (n×r) for RIGHT/BOTH, in the gradient's dtype.
+
+    The decomposition itself always runs in fp32 (bf16/fp16 SVD is unsupported or inaccurate); the result is cast
+    back so that the per-step projections run in the gradient's dtype.
+
+    Raises:
+        torch.linalg.LinAlgError / RuntimeError: when the decomposition fails; callers keep the previous basis.
+    """
+    p = q = None
+    if side in (Side.LEFT, Side.BOTH):
+        p = left_basis(grad, rank, method, power_iters, oversample, generator).to(grad.dtype)
+    if side in (Side.RIGHT, Side.BOTH):
+        q = left_basis(grad.T, rank, method, power_iters, oversample, generator).to(grad.dtype)
+    return p, q
+
+
+def project(grad: torch.Tensor, side: Side, p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor:
+    """Low-rank gradient: Pᵀ G (LEFT), G Q (RIGHT) or Pᵀ G Q (BOTH)."""
+    if side == Side.LEFT:
+        return p.T @ grad
+    if side == Side.RIGHT:
+        return grad @ q
+    if side == Side.BOTH:
+        return p.T @ grad @ q
+    raise ValueError(f"Cannot project with side {side!r}.")
+
+
+def project_back(low_rank: torch.Tensor, side: Side, p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor:
+    """Full-size update from a low-rank one: P N (LEFT), N Qᵀ (RIGHT) or P N Qᵀ (BOTH)."""
+    if side == Side.LEFT:
+        return p @ low_rank
+    if side == Side.RIGHT:
+        return low_rank @ q.T
+    if side == Side.BOTH:
+        return p @ low_rank @ q.T
+    raise ValueError(f"Cannot project back with side {side!r}.")
+
+
+def add_projected_back_(
+    weight: torch.Tensor,
+    low_rank: torch.Tensor,
+    side: Side,
+    p: torch.Tensor | None,
+    q: torch.Tensor | None,
+    alpha: float,
+) -> None:
+    """weight += alpha · project_back(low_rank), fused into one `addmm_` (no m×n temporary) for one-sided sides."""
+    low_rank = low_rank.to(weight.dtype)
+    if side == Side.LEFT:
+        weight.addmm_(p, low_rank, alpha=alpha)
+    elif side == Side.RIGHT:
+        weight.addmm_(low_rank, q.T, alpha=alpha)
+    elif side == Side.BOTH:
+        weight.addmm_(p, low_rank @ q.T, alpha=alpha)
+    else:
+        raise ValueError(f"Cannot project back with side {side!r}.")
+
+
+def low_rank_shape(shape: tuple[int, int] | torch.Size, side: Side, rank: int) -> tuple[int, int]:
+    """Shape of the projected gradient of an m×n weight."""
+    m, n = shape
+    if side == Side.LEFT:
+        return (rank, n)
+    if side == Side.RIGHT:
+        return (m, rank)
+    if side == Side.BOTH:
+        return (rank, rank)
+    return (m, n)

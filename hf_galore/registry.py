@@ -1,0 +1,203 @@
+"""The optimizer registry: one [`OptimizerSpec`] per `optim=` name, and the param groups built for it.
+
+Adding an optimizer is: a config dataclass (`configs.py`), a thin optimizer subclass (`optim/`), one
+[`register_optimizer`] call here, tests, and a docs page. Nothing in this module imports transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, parse_optim_args
+from .errors import InvalidConfigError, UnknownOptimizerError
+from .optim import (
+    GaLoreAdafactor,
+    GaLoreAdafactorLayerwise,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreAdamW8bitLayerwise,
+    GaLoreAdamWLayerwise,
+)
+from .targeting import TargetSpec, log_resolution, resolve_target_modules
+from .utils.imports import require_bitsandbytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything needed to build one registered optimizer.
+
+    Attributes:
+        name: The `optim=` name.
+        method: The method family shown in `hf-galore list` (e.g. `"GaLore"`).
+        optimizer_cls: The `torch.optim.Optimizer` subclass.
+        config_classes: Dataclasses whose fields are the valid `optim_args` keys.
+        layerwise: Whether it updates parameters inside backward hooks.
+        adam_style: Whether it takes `betas`/`eps` from the Trainer's `adam_beta1/2` and `adam_epsilon`.
+        needs_bitsandbytes: Whether it needs the `bnb` extra.
+        summary: One line for `hf-galore list`.
+    """
+
+    name: str
+    method: str
+    optimizer_cls: type
+    config_classes: tuple[type, ...]
+    layerwise: bool = False
+    adam_style: bool = True
+    needs_bitsandbytes: bool = False
+    summary: str = ""
+
+
+REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add `spec` to the registry; a name can be registered once."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"An optimizer named {spec.name!r} is already registered.")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec registered as `name`.
+
+    Raises:
+        [`UnknownOptimizerError`]: listing our names and the closest match.
+    """
+    key = str(getattr(name, "value", name))
+    if key in REGISTRY:
+        return REGISTRY[key]
+    raise UnknownOptimizerError(unknown_name_message(key, list(REGISTRY)))
+
+
+def unknown_name_message(name: str, ours: list[str], others: Iterable[str] = ()) -> str:
+    """Error text for an unknown `optim=` name: our names, the closest match, then the rest."""
+    others = [o for o in others if o not in ours]
+    close = difflib.get_close_matches(name, ours + others, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    rest = f" transformers' own choices: {', '.join(others)}." if others else ""
+    return (
+        f"optim={name!r} is not a known optimizer.{hint} hf_galore provides: {', '.join(ours)}.{rest} "
+        "Make sure `import hf_galore` runs before TrainingArguments is built."
+    )
+
+
+def _galore_spec(name: str, cls: type, configs: tuple[type, ...], summary: str, **kwargs: Any) -> OptimizerSpec:
+    return register_optimizer(
+        OptimizerSpec(name=name, method="GaLore", optimizer_cls=cls, config_classes=configs, summary=summary, **kwargs)
+    )
+
+
+_galore_spec("galore_adamw", GaLoreAdamW, (GaLoreConfig,), "GaLore with fp32 Adam states of the projected gradient.")
+_galore_spec(
+    "galore_adamw_8bit",
+    GaLoreAdamW8bit,
+    (GaLoreConfig, Blockwise8bitConfig),
+    "GaLore with 8-bit blockwise Adam states (bitsandbytes).",
+    needs_bitsandbytes=True,
+)
+_galore_spec(
+    "galore_adafactor",
+    GaLoreAdafactor,
+    (GaLoreConfig, AdafactorConfig),
+    "GaLore with Adafactor's factored second moment.",
+    adam_style=False,
+)
+_galore_spec(
+    "galore_adamw_layerwise",
+    GaLoreAdamWLayerwise,
+    (GaLoreConfig,),
+    "galore_adamw, each weight updated in its backward hook and its gradient freed.",
+    layerwise=True,
+)
+_galore_spec(
+    "galore_adamw_8bit_layerwise",
+    GaLoreAdamW8bitLayerwise,
+    (GaLoreConfig, Blockwise8bitConfig),
+    "galore_adamw_8bit, each weight updated in its backward hook and its gradient freed.",
+    layerwise=True,
+    needs_bitsandbytes=True,
+)
+_galore_spec(
+    "galore_adafactor_layerwise",
+    GaLoreAdafactorLayerwise,
+    (GaLoreConfig, AdafactorConfig),
+    "galore_adafactor, each weight updated in its backward hook and its gradient freed.",
+    layerwise=True,
+    adam_style=False,
+)
+
+
+def build_param_groups(
+    model: nn.Module,
+    target_modules: TargetSpec | None,
+    weight_decay: float,
+    no_decay_names: set[str] | None = None,
+    low_rank_overrides: dict[str, Any] | None = None,
+    description: str = "hf_galore",
+) -> list[dict[str, Any]]:
+    """Param groups for a GaLore-family optimizer: projected weights, then plain decay / no-decay parameters.
+
+    Only `requires_grad` parameters are included. Projected weights get `weight_decay`; the others get it unless
+    their name is in `no_decay_names` (biases and norms, as the Trainer decides). Empty groups are dropped.
+    """
+    resolution = resolve_target_modules(model, target_modules)
+    log_resolution(resolution, description)
+    targeted = {id(w) for w in resolution.weights()}
+    no_decay_names = no_decay_names if no_decay_names is not None else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in targeted:
+            continue
+        (no_decay if name in no_decay_names else decay).append(param)
+    groups = [
+        {"params": resolution.weights(), "weight_decay": weight_decay, "low_rank": True, **(low_rank_overrides or {})},
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer_kwargs(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    target_modules: TargetSpec | None,
+    optim_args: str | dict[str, Any] | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    no_decay_names: set[str] | None = None,
+) -> tuple[type, dict[str, Any]]:
+    """`(optimizer class, constructor kwargs including "params")` for the registered optimizer `name`.
+
+    Raises:
+        [`UnknownOptimizerError`], [`InvalidConfigError`], [`NoTargetModulesError`], [`MissingDependencyError`].
+    """
+    spec = get_spec(name)
+    if spec.needs_bitsandbytes:
+        require_bitsandbytes(f"optim={spec.name!r}")
+    configs = parse_optim_args(optim_args, spec.config_classes, spec.name)
+    kwargs: dict[str, Any] = {"lr": lr}
+    for config in configs:
+        kwargs.update(config.to_dict())
+    if spec.adam_style:
+        if betas is not None:
+            kwargs["betas"] = tuple(betas)
+        if eps is not None:
+            kwargs["eps"] = eps
+    if lr is None or lr < 0:
+        raise InvalidConfigError(f"learning_rate must be ≥ 0, got {lr}.")
+    kwargs["params"] = build_param_groups(
+        model, target_modules, weight_decay, no_decay_names, description=f"optim={spec.name!r}"
+    )
+    return spec.optimizer_cls, kwargs
