@@ -27,6 +27,10 @@ class UnsupportedSetupError(HfGaloreError, RuntimeError):
     """A combination of settings (e.g. layer-wise + gradient accumulation) that is not supported yet."""
 
 
+class OptimizerMismatchError(HfGaloreError, RuntimeError):
+    """The Trainer built another optimizer than the one its `optim=` name registers (no silent fallback)."""
+
+
 class MissingDependencyError(HfGaloreError, ImportError):
     """An optional dependency needed by the chosen optimizer is not installed."""
 

@@ -23,7 +23,12 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import HfGaloreError, UnsupportedSetupError, UnsupportedTransformersVersionError
+from ..errors import (
+    HfGaloreError,
+    OptimizerMismatchError,
+    UnsupportedSetupError,
+    UnsupportedTransformersVersionError,
+)
 from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
 
@@ -199,7 +204,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
             expected = REGISTRY[name].optimizer_cls
             actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
             if not isinstance(actual, expected):
-                raise HfGaloreError(
+                raise OptimizerMismatchError(
                     f"optim={name!r} should have built {expected.__name__}, but the Trainer built "
                     f"{type(actual).__name__}. A Trainer subclass probably overrides optimizer creation; build the "
                     "optimizer with hf_galore.optimizer_cls_and_kwargs(args, model) instead."

@@ -1,0 +1,374 @@
+"""Optimizer steps against slow references, torch.optim.AdamW and transformers.Adafactor; state round-trips."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from hf_galore.errors import InvalidConfigError
+from hf_galore.optim import (
+    GaLoreAdafactor,
+    GaLoreAdafactorLayerwise,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreAdamW8bitLayerwise,
+    GaLoreAdamWLayerwise,
+)
+from hf_galore.optim._reference import ReferenceGaLoreAdafactor, ReferenceGaLoreAdamW
+from hf_galore.projection import subspace
+
+SHAPES = {"tall": (23, 11), "wide": (11, 23), "square": (16, 16)}
+PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
+
+
+def _pair(shape, dtype=torch.float32):
+    a = nn.Parameter(torch.randn(*shape, dtype=dtype))
+    b = nn.Parameter(a.detach().clone())
+    return a, b
+
+
+def _feed(params, grad):
+    for p in params:
+        p.grad = grad.clone()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_galore_adamw_matches_reference_over_refreshes(shape, proj_type, weight_decay):
+    # `full` makes Pᵀ G Q diagonal at a refresh step: its off-diagonal entries are fp32 round-off that Adam
+    # normalises to ±1, so a larger eps (and a slightly looser atol) keeps the comparison about the algorithm, not about round-off.
+    eps, atol = (1e-2, 2e-5) if proj_type == "full" else (1e-8, 1e-6)
+    kwargs = dict(lr=1e-2, weight_decay=weight_decay, eps=eps, rank=4, update_proj_gap=3, scale=0.5)
+    a, b = _pair(shape)
+    ours = GaLoreAdamW([{"params": [a], "low_rank": True}], proj_type=proj_type, svd="exact", **kwargs)
+    ref = ReferenceGaLoreAdamW([b], proj_type=proj_type, **kwargs)
+    for _ in range(8):  # refreshes at steps 0, 3, 6
+        _feed([a, b], torch.randn(*shape))
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+    assert ours.state[a]["refresh_count"] == 3
+
+
+def test_projected_adam_by_hand_with_refresh_every_step():
+    """Two steps of GaLore-Adam written out by hand: rank = min dim - 1, exact SVD, gap 1, scale 1."""
+    torch.manual_seed(3)
+    w0 = torch.randn(6, 4)
+    p = nn.Parameter(w0.clone())
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    opt = GaLoreAdamW([{"params": [p], "low_rank": True}], lr=lr, betas=(b1, b2), eps=eps, rank=3,
+                      update_proj_gap=1, scale=1.0, svd="exact")  # fmt: skip
+    g1, g2 = torch.randn(6, 4), torch.randn(6, 4)
+    w = w0.clone()
+    m = torch.zeros(6, 3)
+    v = torch.zeros(6, 3)
+    for t, g in enumerate((g1, g2), start=1):
+        _, _, vh = torch.linalg.svd(g)  # m > n: right projection onto the top-3 right singular vectors
+        q = vh[:3].T
+        q = q * torch.sign(q.gather(0, q.abs().argmax(0, keepdim=True)))
+        r = g @ q
+        m = b1 * m + (1 - b1) * r
+        v = b2 * v + (1 - b2) * r * r
+        n = (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
+        w = w - lr * n @ q.T
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_non_target_parameters_follow_torch_adamw_exactly(cls):
+    params = [_pair((5, 7)), _pair((7,)), _pair((3, 2, 4))]
+    ours = cls([a for a, _ in params], lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ref = torch.optim.AdamW([b for _, b in params], lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
+                            foreach=False)  # fmt: skip
+    for _ in range(6):
+        for a, b in params:
+            _feed([a, b], torch.randn_like(a))
+        ours.step()
+        ref.step()
+    for a, b in params:
+        assert torch.equal(a, b)
+
+
+def test_rank_at_least_min_dim_falls_back_to_adamw_with_one_warning():
+    a, b = _pair((2, 30))  # e.g. a 2-label classifier at rank 8
+    c, d = _pair((3, 30))
+    with pytest.warns(UserWarning, match=r"2 projected weight\(s\) have min\(m, n\) ≤ rank") as record:
+        ours = GaLoreAdamW([{"params": [a, c], "low_rank": True}], lr=1e-2, rank=8)
+    assert len([w for w in record if "≤ rank" in str(w.message)]) == 1
+    ref = torch.optim.AdamW([b, d], lr=1e-2, weight_decay=0.0, foreach=False)
+    for _ in range(4):
+        _feed([a, b], torch.randn(2, 30))
+        _feed([c, d], torch.randn(3, 30))
+        ours.step()
+        ref.step()
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert ours.state[a]["side"] == 0 and "proj_left" not in ours.state[a]
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_galore_adafactor_matches_reference(proj_type):
+    a, b = _pair((12, 20))
+    ours = GaLoreAdafactor([{"params": [a], "low_rank": True}], lr=1e-2, rank=4, update_proj_gap=3, scale=0.5,
+                           proj_type=proj_type, svd="exact")  # fmt: skip
+    ref = ReferenceGaLoreAdafactor([b], lr=1e-2, rank=4, update_proj_gap=3, scale=0.5, proj_type=proj_type)
+    for _ in range(7):
+        _feed([a, b], torch.randn(12, 20))
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(lr=1e-2, scale_parameter=False, relative_step=False),
+        dict(lr=1e-2, scale_parameter=True, relative_step=False, beta1=0.9, weight_decay=0.01),
+        dict(lr=None, scale_parameter=True, relative_step=True, warmup_init=True),
+    ],
+    ids=["fixed-lr", "scaled-momentum-wd", "relative-step"],
+)
+def test_non_target_parameters_follow_transformers_adafactor(options):
+    from transformers.optimization import Adafactor
+
+    params = [_pair((6, 9)), _pair((9,))]
+    ours = GaLoreAdafactor([a for a, _ in params], **options)
+    ref = Adafactor([b for _, b in params], **options)
+    for _ in range(5):
+        for a, b in params:
+            _feed([a, b], torch.randn_like(a))
+        ours.step()
+        ref.step()
+    for a, b in params:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_8bit_states_track_32bit_states_and_are_smaller():
+    a, b = _pair((64, 300))
+    ours = GaLoreAdamW8bit([{"params": [a], "low_rank": True}], lr=1e-2, rank=16, update_proj_gap=4)
+    ref = GaLoreAdamW([{"params": [b], "low_rank": True}], lr=1e-2, rank=16, update_proj_gap=4)
+    for _ in range(10):
+        _feed([a, b], torch.randn(64, 300))
+        ours.step()
+        ref.step()
+    state = ours.state[a]
+    assert state["exp_avg_q"].dtype == torch.uint8 and state["exp_avg_q"].shape == (16, 300)
+    assert state["exp_avg_absmax"].numel() == (16 * 300 + 255) // 256
+    assert (a - b).norm() / (b - b.detach().new_zeros(()).add(0)).norm() < 1e-3  # tiny relative deviation
+    assert not torch.equal(a, b)  # the states really are quantised
+
+    def state_bytes(opt):
+        return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+                   if isinstance(v, torch.Tensor) and not k.startswith("proj_"))  # fmt: skip
+
+    assert state_bytes(ours) < 0.3 * state_bytes(ref)
+
+
+def _train(cls, steps, grads, state_dict=None, start=0, **kwargs):
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 3))
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "low_rank": True},
+        {"params": [model[0].bias, model[2].bias]},
+    ]
+    opt = cls(groups, lr=1e-2, rank=2, update_proj_gap=3, **kwargs)
+    if state_dict is not None:
+        model.load_state_dict(state_dict["model"])
+        opt.load_state_dict(state_dict["optimizer"])
+    for step in range(start, steps):
+        x, y = grads[step]
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    return model, opt
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, GaLoreAdamWLayerwise,
+                                 GaLoreAdamW8bitLayerwise, GaLoreAdafactorLayerwise])  # fmt: skip
+@pytest.mark.parametrize("split", [4, 6], ids=["mid-period", "at-refresh"])
+def test_resume_from_weights_only_checkpoint_equals_uninterrupted(cls, split):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(10)]
+    kwargs = {"min_8bit_size": 0} if "8bit" in cls.__name__ else {}
+    full, _ = _train(cls, 10, batches, **kwargs)
+    half, opt = _train(cls, split, batches, **kwargs)
+    buffer = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    if hasattr(opt, "remove_hooks"):
+        opt.remove_hooks()
+    resumed, _ = _train(cls, 10, batches, state_dict=checkpoint, start=split, **kwargs)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_holds_only_tensors_and_numbers():
+    _, opt = _train(GaLoreAdamW8bit, 4, [(torch.randn(8, 20), torch.randint(0, 3, (8,)))] * 4, min_8bit_size=0)
+    for state in opt.state_dict()["state"].values():
+        for key, value in state.items():
+            assert isinstance(value, torch.Tensor | int | float), (key, type(value))
+
+
+def test_load_state_dict_keeps_state_dtypes_for_bf16_weights():
+    a = nn.Parameter(torch.randn(32, 300, dtype=torch.bfloat16))
+    opt = GaLoreAdamW8bit([{"params": [a], "low_rank": True}], lr=1e-2, rank=8, min_8bit_size=0)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = GaLoreAdamW8bit([{"params": [a], "low_rank": True}], lr=1e-2, rank=8, min_8bit_size=0)
+    fresh.load_state_dict(saved)
+    state = fresh.state[a]
+    assert state["exp_avg_q"].dtype == torch.uint8
+    assert state["exp_avg_absmax"].dtype == torch.float32
+    assert state["proj_left"].dtype == torch.bfloat16
+    for key, value in saved["state"][0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key
+
+    b = nn.Parameter(torch.randn(32, 300, dtype=torch.bfloat16))
+    opt32 = GaLoreAdamW([{"params": [b], "low_rank": True}], lr=1e-2, rank=8)
+    b.grad = torch.randn_like(b)
+    opt32.step()
+    fresh32 = GaLoreAdamW([{"params": [b], "low_rank": True}], lr=1e-2, rank=8)
+    fresh32.load_state_dict(opt32.state_dict())
+    assert fresh32.state[b]["exp_avg"].dtype == torch.float32  # torch alone would cast it to bf16
+
+
+def test_nan_gradient_at_first_refresh_skips_the_update_and_warns_once():
+    a = nn.Parameter(torch.randn(10, 20))
+    before = a.detach().clone()
+    opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=2)
+    bad = torch.randn(10, 20)
+    bad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="NaN/Inf gradient"):
+        a.grad = bad
+        opt.step()
+    assert torch.equal(a, before) and opt.state[a]["step"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second NaN does not warn again
+        opt.step()
+    a.grad = torch.randn(10, 20)
+    opt.step()
+    assert opt.state[a]["step"] == 1 and not torch.equal(a, before)
+
+
+def test_nan_or_failed_decomposition_at_a_later_refresh_keeps_the_basis(monkeypatch):
+    a = nn.Parameter(torch.randn(10, 20))
+    opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=1)
+    a.grad = torch.randn(10, 20)
+    opt.step()
+    basis = opt.state[a]["proj_left"].clone()
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr("hf_galore.optim.base.compute_bases", broken)
+    with pytest.warns(UserWarning, match="decomposition failed"):
+        a.grad = torch.randn(10, 20)
+        opt.step()
+    assert torch.equal(opt.state[a]["proj_left"], basis)
+    assert opt.state[a]["step"] == 2 and opt.state[a]["refresh_count"] == 1
+    assert torch.isfinite(a).all()
+
+
+def test_refresh_schedule_and_stagger():
+    weights = [nn.Parameter(torch.randn(8, 16)) for _ in range(4)]
+    opt = GaLoreAdamW([{"params": weights, "low_rank": True}], lr=1e-3, rank=2, update_proj_gap=8, stagger=True)
+    refreshed_at: dict[int, list[int]] = {i: [] for i in range(4)}
+    for step in range(20):
+        counts = [opt.state[w].get("refresh_count", 0) for w in weights]
+        for w in weights:
+            w.grad = torch.randn(8, 16)
+        opt.step()
+        for i, w in enumerate(weights):
+            if opt.state[w]["refresh_count"] != counts[i]:
+                refreshed_at[i].append(step)
+    assert refreshed_at == {0: [0, 8, 16], 1: [0, 2, 10, 18], 2: [0, 4, 12], 3: [0, 6, 14]}
+    plain = [nn.Parameter(torch.randn(8, 16)) for _ in range(2)]
+    opt = GaLoreAdamW([{"params": plain, "low_rank": True}], lr=1e-3, rank=2, update_proj_gap=8)
+    for _ in range(17):
+        for w in plain:
+            w.grad = torch.randn(8, 16)
+        opt.step()
+    assert [opt.state[w]["refresh_count"] for w in plain] == [3, 3]  # steps 0, 8, 16
+
+
+def test_bad_groups_and_hyperparameters_are_rejected():
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(InvalidConfigError, match="Unknown param-group key"):
+        GaLoreAdamW([{"params": [w], "rnak": 2}])
+    with pytest.raises(InvalidConfigError, match="2-D weights only"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.randn(4))], "low_rank": True}])
+    with pytest.raises(InvalidConfigError, match="betas"):
+        GaLoreAdamW([w], betas=(1.2, 0.9))
+    with pytest.raises(InvalidConfigError, match="proj_type"):
+        GaLoreAdamW([{"params": [w], "low_rank": True, "proj_type": "diag"}])
+    with pytest.raises(InvalidConfigError, match="unknown argument"):
+        GaLoreAdamW([w], momentum=0.9)
+    with pytest.raises(InvalidConfigError, match="block_size"):
+        GaLoreAdamW8bit([w], block_size=100)
+
+
+@pytest.mark.parametrize("pair", [(GaLoreAdamW, GaLoreAdamWLayerwise), (GaLoreAdafactor, GaLoreAdafactorLayerwise)])
+def test_layerwise_equals_step_after_backward_and_frees_gradients(pair):
+    eager_cls, layerwise_cls = pair
+    batches = [(torch.randn(8, 20), torch.randint(0, 3, (8,))) for _ in range(7)]
+    eager, _ = _train(eager_cls, 7, batches)
+    layerwise, _ = _train(layerwise_cls, 7, batches)
+    for p, q in zip(eager.parameters(), layerwise.parameters()):
+        assert torch.equal(p, q)
+    assert all(p.grad is None for p in layerwise.parameters())
+
+
+def test_layerwise_records_the_true_gradient_norm():
+    model = nn.Linear(10, 6)
+    opt = GaLoreAdamWLayerwise([{"params": [model.weight], "low_rank": True}, {"params": [model.bias]}], rank=2)
+    x = torch.randn(4, 10)
+    reference = nn.Linear(10, 6)
+    reference.load_state_dict(model.state_dict())
+    reference(x).square().sum().backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()]))
+    model(x).square().sum().backward()
+    opt.step()
+    torch.testing.assert_close(opt.last_grad_norm, expected)
+    opt.remove_hooks()
+    before = model.weight.detach().clone()
+    model(x).square().sum().backward()
+    assert torch.equal(model.weight, before) and model.weight.grad is not None
+
+
+def test_gradient_shape_is_untouched_and_second_backward_works():
+    model = nn.Linear(10, 6)
+    opt = GaLoreAdamW([{"params": [model.weight], "low_rank": True}, {"params": [model.bias]}], rank=2)
+    model(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    assert model.weight.grad.shape == model.weight.shape
+    opt.zero_grad(set_to_none=False)
+    model(torch.randn(3, 10)).sum().backward()
+    opt.step()
+
+
+def test_projection_runs_in_fp32_even_for_bf16_gradients(monkeypatch):
+    seen = []
+    original = subspace.left_basis
+
+    def spy(matrix, *args, **kwargs):
+        result = original(matrix, *args, **kwargs)
+        seen.append(result.dtype)
+        return result
+
+    monkeypatch.setattr(subspace, "left_basis", spy)
+    a = nn.Parameter(torch.randn(16, 40, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=4)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    assert seen == [torch.float32]
+    assert opt.state[a]["proj_left"].dtype == torch.bfloat16 and opt.state[a]["exp_avg"].dtype == torch.float32

@@ -1,0 +1,194 @@
+"""Registration into transformers: enum members, handlers, unregister, and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_roberta_config
+from trainer_utils import classification_dataset, make_trainer, training_args
+from transformers import RobertaForSequenceClassification, Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+import hf_galore
+from hf_galore import REGISTRY
+from hf_galore.errors import (
+    InvalidConfigError,
+    MissingDependencyError,
+    NoTargetModulesError,
+    UnsupportedSetupError,
+)
+from hf_galore.integrations import transformers as integration
+
+
+def _snapshot():
+    table = integration._handler_table()
+    return {
+        "member_names": list(OptimizerNames._member_names_),
+        "member_map": dict(OptimizerNames._member_map_),
+        "value_map": dict(OptimizerNames._value2member_map_),
+        "attrs": {k: v for k, v in vars(OptimizerNames).items() if not k.startswith("__")},
+        "table": dict(table) if table is not None else None,
+        "create_optimizer": Trainer.__dict__["create_optimizer"],
+        "get_cls": Trainer.__dict__["get_optimizer_cls_and_kwargs"],
+    }
+
+
+def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
+    assert hf_galore.is_registered()
+    hf_galore.unregister()
+    try:
+        pristine = _snapshot()
+        # Built-in galore names keep transformers' own handlers (which need galore-torch).
+        table = pristine["table"]
+        assert table is not None and table["galore_adamw"].__module__.startswith("transformers")
+        hf_galore.register()
+        hf_galore.register()  # idempotent
+        registered = _snapshot()
+        assert registered["table"]["galore_adamw"] is integration._handler
+        assert Trainer.__dict__["create_optimizer"] is not pristine["create_optimizer"]
+        hf_galore.unregister()
+        hf_galore.unregister()  # idempotent too
+        after = _snapshot()
+        assert after["member_names"] == pristine["member_names"]
+        assert after["member_map"] == pristine["member_map"]
+        assert after["value_map"] == pristine["value_map"]
+        assert after["attrs"].keys() == pristine["attrs"].keys()
+        assert after["table"] == pristine["table"]
+        assert all(after["table"][k] is pristine["table"][k] for k in pristine["table"])
+        assert after["create_optimizer"] is pristine["create_optimizer"]
+        assert after["get_cls"] is pristine["get_cls"]
+    finally:
+        hf_galore.register()
+
+
+def test_all_registered_names_are_valid_training_arguments(tmp_path):
+    for name in REGISTRY:
+        args = TrainingArguments(output_dir=str(tmp_path), optim=name, report_to=[])
+        assert args.optim == name and OptimizerNames(name).value == name
+
+
+def test_unknown_optim_name_lists_ours_and_a_close_match(tmp_path):
+    with pytest.raises(ValueError) as err:
+        TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_8bti")
+    message = str(err.value)
+    assert "Did you mean 'galore_adamw_8bit'" in message
+    for name in REGISTRY:
+        assert name in message
+    assert "adamw_torch" in message  # transformers' own choices are listed too
+
+
+def _roberta():
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(tiny_roberta_config())
+
+
+def test_unknown_optim_args_key_fails_before_training(tmp_path):
+    model = _roberta()
+    args = training_args(tmp_path, "galore_adamw", optim_args="rank=4, update_gap=10")
+    trainer = make_trainer(model, args, classification_dataset())
+    with pytest.raises(InvalidConfigError, match=r"'update_gap' \(did you mean 'update_proj_gap'\?\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_zero_target_matches_names_the_value_and_existing_modules(tmp_path):
+    args = training_args(tmp_path, "galore_adamw", optim_target_modules=["attn", "mlp"])
+    trainer = make_trainer(_roberta(), args, classification_dataset())
+    with pytest.raises(NoTargetModulesError) as err:
+        trainer.train()
+    assert "['attn', 'mlp']" in str(err.value) and "roberta.encoder.layer.0.attention.self.query" in str(err.value)
+
+
+def test_missing_target_modules_is_a_clear_error(tmp_path):
+    args = training_args(tmp_path, "galore_adamw", optim_target_modules=None)
+    with pytest.raises(NoTargetModulesError, match="all-linear"):
+        make_trainer(_roberta(), args, classification_dataset()).train()
+
+
+def test_missing_bitsandbytes_names_the_pip_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_galore.utils import imports
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    imports.is_bitsandbytes_available.cache_clear()
+    try:
+        args = training_args(tmp_path, "galore_adamw_8bit")
+        with pytest.raises(MissingDependencyError, match=r'pip install "hf_galore\[bnb\]"'):
+            make_trainer(_roberta(), args, classification_dataset()).train()
+    finally:
+        imports.is_bitsandbytes_available.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2"),
+        ({"max_grad_norm": 1.0}, "max_grad_norm=1.0"),
+    ],
+)
+def test_layerwise_unsupported_combinations_fail_before_the_first_step(tmp_path, overrides, fragment):
+    model = _roberta()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = training_args(tmp_path, "galore_adamw_layerwise", **overrides)
+    trainer = make_trainer(model, args, classification_dataset())
+    with pytest.raises(UnsupportedSetupError) as err:
+        trainer.train()
+    assert fragment in str(err.value) and "optim='galore_adamw'" in str(err.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_layerwise_fp16_is_rejected():
+    class Args:
+        gradient_accumulation_steps = 1
+        max_grad_norm = 0.0
+        fp16 = True
+        world_size = 1
+
+    with pytest.raises(UnsupportedSetupError, match="bf16"):
+        integration.check_supported_setup(Args(), "galore_adamw_8bit_layerwise")
+
+
+def test_deepspeed_and_fsdp_are_rejected_with_the_alternative():
+    class Args:
+        deepspeed = "ds_config.json"
+        fsdp = None
+
+    with pytest.raises(UnsupportedSetupError, match="DDP"):
+        integration.check_supported_setup(Args(), "galore_adamw")
+    Args.deepspeed, Args.fsdp = None, "full_shard"
+    with pytest.raises(UnsupportedSetupError, match="FSDP"):
+        integration.check_supported_setup(Args(), "galore_adamw")
+
+
+def test_weight_decay_split_and_adam_hyperparameters_reach_the_optimizer(tmp_path):
+    model = _roberta()
+    args = training_args(
+        tmp_path, "galore_adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.1
+    )
+    cls, kwargs = hf_galore.optimizer_cls_and_kwargs(args, model)
+    assert cls is hf_galore.GaLoreAdamW and kwargs["betas"] == (0.8, 0.95) and kwargs["eps"] == 1e-7
+    groups = kwargs["params"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    low_rank, decay, no_decay = groups
+    assert low_rank["low_rank"] and low_rank["weight_decay"] == 0.1
+    assert all(names[id(p)].endswith("weight") for p in low_rank["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert "classifier.out_proj.weight" in {names[id(p)] for p in decay["params"]}
+    counted = sum(len(g["params"]) for g in groups)
+    assert counted == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_frozen_parameters_are_left_out(tmp_path):
+    model = _roberta()
+    for p in model.roberta.embeddings.parameters():
+        p.requires_grad_(False)
+    model.roberta.encoder.layer[0].attention.self.query.weight.requires_grad_(False)
+    _, kwargs = hf_galore.optimizer_cls_and_kwargs(training_args(tmp_path, "galore_adamw"), model)
+    grouped = {id(p) for g in kwargs["params"] for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(kwargs["params"][0]["params"]) == 11

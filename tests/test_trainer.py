@@ -1,0 +1,130 @@
+"""The stock transformers Trainer with every registered optimizer: training, resume, logging, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config, tiny_roberta_config
+from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
+from transformers import LlamaForCausalLM, RobertaForSequenceClassification, Trainer
+
+from hf_galore import REGISTRY
+
+NAMES = sorted(REGISTRY)
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "roberta":
+        return RobertaForSequenceClassification(tiny_roberta_config()), classification_dataset()
+    return LlamaForCausalLM(tiny_llama_config()), lm_dataset()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_trains_through_the_stock_trainer(tmp_path, name, kind):
+    model, dataset = _model(kind)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(model, training_args(tmp_path, name), dataset)
+    loss_before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    loss_after = trainer.evaluate()["eval_loss"]
+
+    optimizer = trainer.optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+    assert type(optimizer) is REGISTRY[name].optimizer_cls
+    low_rank_groups = [g for g in optimizer.param_groups if g["low_rank"]]
+    assert len(low_rank_groups) == 1 and low_rank_groups[0]["rank"] == 4
+    assert len(low_rank_groups[0]["params"]) == (12 if kind == "roberta" else 14)
+    assert loss_after < loss_before
+    unmoved = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert unmoved == []
+    projected = [s for s in optimizer.state.values() if s.get("side", 0)]
+    assert len(projected) == len(low_rank_groups[0]["params"])
+    assert all(s["refresh_count"] == 6 for s in projected)  # steps 0, 4, ..., 20 of 24
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("checkpoint", [6, 8], ids=["mid-period", "at-refresh"])
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name, checkpoint):
+    args = dict(max_steps=12, save_strategy="steps", save_steps=checkpoint, logging_steps=1)
+    model, dataset = _model("roberta")
+    make_trainer(model, training_args(tmp_path / "full", name, **args), dataset).train()
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    resumed_model, _ = _model("roberta")
+    trainer = make_trainer(resumed_model, training_args(tmp_path / "full", name, **args), dataset)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{checkpoint}"))
+    for n, p in resumed_model.named_parameters():
+        assert torch.equal(p, uninterrupted[n]), n
+
+
+def test_optimizer_checkpoint_loads_with_weights_only(tmp_path):
+    model, dataset = _model("llama")
+    args = training_args(tmp_path, "galore_adamw_8bit", max_steps=4, save_strategy="steps", save_steps=4,
+                         optim_args="rank=4, min_8bit_size=0")  # fmt: skip
+    make_trainer(model, args, dataset).train()
+    state = torch.load(tmp_path / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    first = state["state"][0]
+    assert (first["exp_avg_q"].dtype == torch.uint8 and "proj_left" in first) or "proj_right" in first
+
+
+def test_layerwise_logs_applied_learning_rate_and_true_grad_norm(tmp_path):
+    model, dataset = _model("roberta")
+    args = training_args(tmp_path, "galore_adamw_layerwise", max_steps=8, logging_steps=1, warmup_steps=4)
+    trainer = make_trainer(model, args, dataset)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 8
+    assert all(entry["grad_norm"] > 0 for entry in logs)
+    # Warmup over 4 steps then linear decay to 0 at step 8, logged before each scheduler step.
+    expected = [0.0, 1.25e-3, 2.5e-3, 3.75e-3, 5e-3, 3.75e-3, 2.5e-3, 1.25e-3]
+    assert [entry["learning_rate"] for entry in logs] == pytest.approx(expected)
+
+
+def test_layerwise_grad_norm_equals_the_non_layerwise_norm(tmp_path):
+    norms = {}
+    for name in ("galore_adamw", "galore_adamw_layerwise"):
+        model, dataset = _model("roberta")
+        args = training_args(tmp_path / name, name, max_steps=3, logging_steps=1, max_grad_norm=0.0)
+        trainer = make_trainer(model, args, dataset)
+        trainer.train()
+        norms[name] = [e["grad_norm"] for e in trainer.state.log_history if "loss" in e]
+    assert norms["galore_adamw_layerwise"] == pytest.approx(norms["galore_adamw"], rel=1e-5)
+
+
+def test_no_patching_path_with_optimizer_cls_and_kwargs(tmp_path):
+    import hf_galore
+
+    model, dataset = _model("roberta")
+    args = training_args(tmp_path, "adamw_torch", max_steps=4)
+    trainer = make_trainer(
+        model, args, dataset, optimizer_cls_and_kwargs=hf_galore.optimizer_cls_and_kwargs(args, model, "galore_adamw")
+    )
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, hf_galore.GaLoreAdamW)
+
+
+def test_a_trainer_that_builds_another_optimizer_is_caught(tmp_path):
+    class SneakyTrainer(Trainer):
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            return torch.optim.AdamW, {"lr": args.learning_rate}
+
+    model, dataset = _model("roberta")
+    trainer = SneakyTrainer(model=model, args=training_args(tmp_path, "galore_adamw", max_steps=2),
+                            train_dataset=dataset)  # fmt: skip
+    with pytest.raises(RuntimeError, match="should have built GaLoreAdamW"):
+        trainer.train()
+
+
+def test_training_args_round_trip_through_pickle_and_cli(tmp_path):
+    import pickle
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    args = training_args(tmp_path, "galore_adamw_8bit_layerwise")
+    assert pickle.loads(pickle.dumps(args)).optim == "galore_adamw_8bit_layerwise"
+    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "galore_adafactor", "--optim_args", "rank=4"]
+    )
+    assert parsed.optim == "galore_adafactor"

@@ -1,0 +1,53 @@
+"""Helpers to run the stock Trainer on tiny synthetic tasks (offline, deterministic)."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+
+def classification_dataset(n: int = 96, length: int = 12, vocab: int = 99, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    labels = (ids[:, 1] > vocab // 2).long()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def lm_dataset(n: int = 64, length: int = 16, vocab: int = 99, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, vocab, (n, 1), generator=g)
+    steps = torch.randint(1, 4, (n, 1), generator=g)
+    ids = (starts + steps * torch.arange(length)) % vocab
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def training_args(output_dir, optim: str, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        optim=optim,
+        optim_target_modules="all-linear",
+        optim_args="rank=4, update_proj_gap=4, scale=1",
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        max_steps=24,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        weight_decay=0.01,
+        max_grad_norm=0.0 if optim.endswith("layerwise") else 1.0,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def make_trainer(model, args, dataset, **kwargs) -> Trainer:
+    return Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, **kwargs)
