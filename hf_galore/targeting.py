@@ -2,11 +2,12 @@
 
 * a string is a regular expression matched with `re.fullmatch` against each module's qualified name;
 * a list matches a module whose name equals an entry or ends with `"." + entry`;
-* `"all-linear"` (or `"all_linear"`) selects every `nn.Linear` except the output head / task classifier
-  (`lm_head`, `classifier.*`, `score`, `qa_outputs`, BERT's `cls.*`, and whatever `get_output_embeddings()` is).
+* `"all-linear"` (or `"all_linear"`) selects every `nn.Linear` except the output head / task classifier: any module
+  with `lm_head`, `classifier`, `classification_head`, `score`, `qa_outputs` or BERT's `cls` in its dotted name,
+  and whatever `get_output_embeddings()` returns.
 
 Only trainable `nn.Linear` weights are targeted. Quantized bitsandbytes Linears and PEFT's LoRA internals are
-`nn.Linear` subclasses but are never projected; matched non-Linear modules are reported once, never per module.
+`nn.Linear` subclasses but are never projected; matched non-Linear modules are collected in `TargetResolution.skipped` and logged in one aggregated line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 ALL_LINEAR = ("all-linear", "all_linear")
 
 #: Top-level or trailing module names of task heads that `all-linear` leaves out.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+HEAD_NAMES = ("lm_head", "classifier", "classification_head", "score", "qa_outputs", "cls")
 
 _PEFT_INTERNALS = re.compile(r"(^|\.)(lora_[A-Za-z_]+|base_layer|lora_magnitude_vector)(\.|$)")
 
@@ -57,8 +58,7 @@ class TargetResolution:
 def _is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> bool:
     if output_module is not None and module is output_module:
         return True
-    parts = name.split(".")
-    return parts[0] in HEAD_NAMES or parts[-1] in HEAD_NAMES
+    return any(part in HEAD_NAMES for part in name.split("."))
 
 
 def _skip_reason(name: str, module: nn.Module) -> str | None:
@@ -158,7 +158,7 @@ def summarize_names(names: Sequence[str]) -> str:
     """Compact description of module names: layer indices folded into `*` with counts (`layers.*.q_proj ×12`)."""
     counts: dict[str, int] = {}
     for name in names:
-        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        pattern = re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
         counts[pattern] = counts.get(pattern, 0) + 1
     return ", ".join(f"{pattern} ×{count}" if count > 1 else pattern for pattern, count in counts.items())
 

@@ -38,13 +38,16 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
     hf_galore.unregister()
     try:
         pristine = _snapshot()
-        # Built-in galore names keep transformers' own handlers (which need galore-torch).
         table = pristine["table"]
-        assert table is not None and table["galore_adamw"].__module__.startswith("transformers")
+        if table is not None:  # transformers >= 5.2: built-in galore names keep their own (galore-torch) handlers
+            assert table["galore_adamw"].__module__.startswith("transformers")
         hf_galore.register()
         hf_galore.register()  # idempotent
         registered = _snapshot()
-        assert registered["table"]["galore_adamw"] is integration._handler
+        if table is not None:
+            assert registered["table"]["galore_adamw"] is integration._handler
+        else:  # older transformers: the dispatch method is wrapped instead
+            assert registered["get_cls"] is not pristine["get_cls"]
         assert Trainer.__dict__["create_optimizer"] is not pristine["create_optimizer"]
         hf_galore.unregister()
         hf_galore.unregister()  # idempotent too
@@ -54,7 +57,7 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
         assert after["value_map"] == pristine["value_map"]
         assert after["attrs"].keys() == pristine["attrs"].keys()
         assert after["table"] == pristine["table"]
-        assert all(after["table"][k] is pristine["table"][k] for k in pristine["table"])
+        assert all(after["table"][k] is pristine["table"][k] for k in pristine["table"] or {})
         assert after["create_optimizer"] is pristine["create_optimizer"]
         assert after["get_cls"] is pristine["get_cls"]
     finally:

@@ -103,3 +103,17 @@ def test_no_match_error_lists_existing_modules():
 def test_summarize_folds_layer_indices():
     assert summarize_names(sorted(LLAMA_LINEARS))[:40].startswith("model.layers.*.")
     assert "×2" in summarize_names(sorted(LLAMA_LINEARS))
+
+
+def test_all_linear_excludes_nested_and_bart_style_heads():
+    model = nn.Module()
+    model.encoder = nn.Linear(8, 8)
+    model.model = nn.Module()
+    model.model.classifier = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    model.classification_head = nn.Module()
+    model.classification_head.dense = nn.Linear(8, 8)
+    assert resolve_target_modules(model, "all-linear").names == ["encoder"]
+
+
+def test_summarize_folds_consecutive_indices():
+    assert summarize_names(["blocks.0.1.conv", "blocks.1.0.conv"]) == "blocks.*.*.conv ×2"

@@ -13,8 +13,9 @@ class LayerwiseGradNormCallback(TrainerCallback):
     """Log the true gradient norm of layer-wise optimizers.
 
     The Trainer measures `grad_norm` after backward, when a layer-wise optimizer has already applied and freed every
-    gradient, so it would log 0.0. The optimizer keeps the real norm of each step; this callback writes it into the
-    logs (and the log history) in place of the Trainer's value. The Trainer integration adds it automatically.
+    gradient, so it would log 0.0 (transformers 5.x) or nothing (4.x, which only logs it when clipping). The
+    optimizer keeps the real norm of each step; this callback writes it into every training log (and the log
+    history). The Trainer integration adds it automatically.
     """
 
     def __init__(self, optimizer: Any) -> None:
@@ -22,11 +23,11 @@ class LayerwiseGradNormCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         norm = getattr(self.optimizer, "last_grad_norm", None)
-        if logs is None or "grad_norm" not in logs or norm is None:
+        if logs is None or "loss" not in logs or norm is None:
             return
         value = float(norm)
         logs["grad_norm"] = value
-        if state.log_history and state.log_history[-1].get("grad_norm") is not None:
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1]["grad_norm"] = value
 
 
