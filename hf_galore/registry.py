@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,13 @@ class OptimizerSpec:
         adam_style: Whether it takes `betas`/`eps` from the Trainer's `adam_beta1/2` and `adam_epsilon`.
         needs_bitsandbytes: Whether it needs the `bnb` extra.
         summary: One line for `hf-galore list`.
+        prepare_model: Optional in-place model surgery run before the param groups are built, i.e. before the
+            optimizer exists and before any DDP wrap (e.g. swapping Linears for quantized or factorized ones).
+            Called as `prepare_model(model, target_modules, configs)` with the parsed config instances.
+        build_groups: Optional replacement of [`build_param_groups`], called with the same keyword arguments plus
+            `configs`; for methods whose trainable set is not "projected Linears + the rest".
+        check_setup: Optional `check_setup(args)` raising [`UnsupportedSetupError`] for TrainingArguments the
+            method does not support yet; runs before anything else.
     """
 
     name: str
@@ -53,6 +60,9 @@ class OptimizerSpec:
     adam_style: bool = True
     needs_bitsandbytes: bool = False
     summary: str = ""
+    prepare_model: Callable[..., None] | None = None
+    build_groups: Callable[..., list[dict[str, Any]]] | None = None
+    check_setup: Callable[[Any], None] | None = None
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -197,7 +207,17 @@ def make_optimizer_kwargs(
             kwargs["eps"] = eps
     if lr is None or lr < 0:
         raise InvalidConfigError(f"learning_rate must be ≥ 0, got {lr}.")
-    kwargs["params"] = build_param_groups(
-        model, target_modules, weight_decay, no_decay_names, description=f"optim={spec.name!r}"
+    if spec.prepare_model is not None:
+        spec.prepare_model(model, target_modules, configs)
+    group_kwargs = dict(
+        model=model,
+        target_modules=target_modules,
+        weight_decay=weight_decay,
+        no_decay_names=no_decay_names,
+        description=f"optim={spec.name!r}",
     )
+    if spec.build_groups is not None:
+        kwargs["params"] = spec.build_groups(**group_kwargs, configs=configs)
+    else:
+        kwargs["params"] = build_param_groups(**group_kwargs)
     return spec.optimizer_cls, kwargs

@@ -106,6 +106,8 @@ def _training_args_world_size(args: Any) -> int:
 def check_supported_setup(args: Any, name: str) -> None:
     """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet."""
     spec = get_spec(name)
+    if spec.check_setup is not None:
+        spec.check_setup(args)
     if getattr(args, "deepspeed", None):
         raise UnsupportedSetupError(
             f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
