@@ -198,9 +198,25 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
-        if "proj_left" not in state and "proj_right" not in state:
+        """Whether the next update of this weight refreshes its basis (no basis yet, or a multiple of the gap)."""
+        if not self._has_basis(state):
             return True
         return (state["step"] - state["refresh_offset"]) % group["update_proj_gap"] == 0
+
+    # Basis storage. Subclasses that store bases differently (e.g. quantized) override these three methods.
+    def _has_basis(self, state: dict[str, Any]) -> bool:
+        return "proj_left" in state or "proj_right" in state
+
+    def _bases(self, state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(P, Q)` of this weight, as used for projection (P: m×r or None, Q: n×r or None)."""
+        return state.get("proj_left"), state.get("proj_right")
+
+    def _store_bases(self, state: dict[str, Any], p_basis: torch.Tensor | None, q_basis: torch.Tensor | None):
+        """Keep freshly computed bases (called after every successful refresh)."""
+        if p_basis is not None:
+            state["proj_left"] = p_basis
+        if q_basis is not None:
+            state["proj_right"] = q_basis
 
     def _refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: Side) -> bool:
         """Recompute the basis from `grad`; on a non-finite gradient or a failed decomposition keep the old one."""
@@ -224,37 +240,64 @@ class LowRankOptimizer(Optimizer):
                 "the update of that weight is skipped).",
             )
             return False
-        if p_basis is not None:
-            state["proj_left"] = p_basis
-        if q_basis is not None:
-            state["proj_right"] = q_basis
+        self._store_bases(state, p_basis, q_basis)
         state["refresh_count"] += 1
         return True
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """Update one parameter from its gradient (used by `step` and by the layer-wise hooks)."""
-        state = self.state[p] if self.state[p] else self._init_state(p, group)
-        grad = p.grad
+    def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return self.state[p] if self.state[p] else self._init_state(p, group)
+
+    def _prepare_gradient(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor | None:
+        """The gradient the inner optimizer sees: refreshes the basis when due and projects `grad` onto it.
+
+        Returns `grad` itself for non-projected parameters, and None when the weight has no usable basis (its first
+        refresh failed): its update is then skipped.
+        """
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        state = self._state_for(p, group)
         side = Side(state["side"])
         if side == Side.NONE:
-            state["step"] += 1
-            self._plain_update(p, grad, state, group)
-            return
+            return grad
         if self._refresh_due(state, group):
             refreshed = self._refresh(grad, state, group, side)
-            if not refreshed and "proj_left" not in state and "proj_right" not in state:
-                return  # no basis yet: skip this weight's update rather than crash
-        p_basis, q_basis = state.get("proj_left"), state.get("proj_right")
-        low = project(grad, side, p_basis, q_basis)
+            if not refreshed and not self._has_basis(state):
+                return None  # no basis yet: skip this weight's update rather than crash
+        return project(grad, side, *self._bases(state))
+
+    def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """One inner-optimizer update of `p` from its prepared (projected, for projected weights) gradient."""
+        state = self._state_for(p, group)
         state["step"] += 1
+        side = Side(state["side"])
+        if side == Side.NONE:
+            self._plain_update(p, grad, state, group)
+            return
+        p_basis, q_basis = self._bases(state)
         scale = group["scale"]
 
         def apply_back(update: torch.Tensor, alpha: float) -> None:
-            add_projected_back_(p, update, side, p_basis, q_basis, alpha * scale)
+            self._add_back_projected(p, update, side, p_basis, q_basis, alpha * scale)
 
-        self._low_rank_update(p, low, state, group, apply_back)
+        self._low_rank_update(p, grad, state, group, apply_back)
+
+    def _add_back_projected(
+        self,
+        p: torch.Tensor,
+        update: torch.Tensor,
+        side: Side,
+        p_basis: torch.Tensor | None,
+        q_basis: torch.Tensor | None,
+        alpha: float,
+    ) -> None:
+        """weight += alpha · back-projection of `update` (subclasses with non-float weights override this)."""
+        add_projected_back_(p, update, side, p_basis, q_basis, alpha)
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Update one parameter from its gradient (used by `step` and by the layer-wise hooks)."""
+        prepared = self._prepare_gradient(p, p.grad, group)
+        if prepared is not None:
+            self._apply_update(p, prepared, group)
 
     # ------------------------------------------------------------------------------------------------ inner
     def _init_inner_state(
