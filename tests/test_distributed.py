@@ -67,3 +67,28 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     (large,) = _run(tmp_path / "large", 1, "--optim", "galore_adamw", "--batch", "8")
     (accumulated,) = _run(tmp_path / "ga", 1, "--optim", "galore_adamw", "--batch", "2", "--ga", "4")
     assert_same_training(large, accumulated)
+
+
+def test_layerwise_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
+    (large,) = _run(tmp_path / "large", 1, "--optim", "galore_adamw", "--batch", "8")
+    (accumulated,) = _run(tmp_path / "ga", 1, "--optim", "galore_adamw_layerwise", "--batch", "2", "--ga", "4")
+    # Same trajectory; every weight stepped 10 times (not 40) and projected weights refreshed at steps 0, 4, 8.
+    assert_same_training(large, accumulated)
+    assert set(accumulated["optimizer_steps"].values()) == {10}
+
+
+def test_layerwise_clipping_equals_the_trainer_clipping(tmp_path):
+    (reference,) = _run(tmp_path / "ref", 1, "--optim", "galore_adamw", "--batch", "8", "--max-grad-norm", "0.05")
+    (layerwise,) = _run(tmp_path / "lw", 1, "--optim", "galore_adamw_layerwise", "--batch", "8", "--max-grad-norm",
+                        "0.05")  # fmt: skip
+    assert max(reference["grad_norms"]) > 0.05  # clipping really happens
+    assert layerwise["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)
+    assert_same_training(reference, layerwise)
+
+
+def test_layerwise_two_processes_with_accumulation_equal_one_process(tmp_path):
+    (single,) = _run(tmp_path / "single", 1, "--optim", "galore_adamw", "--batch", "8")
+    rank0, rank1 = _run(tmp_path / "ddp", 2, "--optim", "galore_adamw_layerwise", "--batch", "2", "--ga", "2")
+    assert_same_training(single, rank0)
+    assert rank0["checksums"] == rank1["checksums"]
+    assert all(torch.equal(rank0["params"][n], rank1["params"][n]) for n in rank0["params"])

@@ -372,3 +372,46 @@ def test_projection_runs_in_fp32_even_for_bf16_gradients(monkeypatch):
     opt.step()
     assert seen == [torch.float32]
     assert opt.state[a]["proj_left"].dtype == torch.bfloat16 and opt.state[a]["exp_avg"].dtype == torch.float32
+
+
+class _SharedInTwoCheckpoints(nn.Module):
+    """One Linear used in two reentrant-checkpointed segments: its grad hook fires once per segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(lambda t: torch.tanh(self.shared(t)), x, use_reentrant=True)
+        x = checkpoint(lambda t: torch.tanh(self.shared(t)), x, use_reentrant=True)
+        return self.head(x)
+
+
+def _run_shared(cls, deferred: bool, steps: int = 5):
+    torch.manual_seed(5)
+    model = _SharedInTwoCheckpoints()
+    groups = [{"params": [model.shared.weight, model.head.weight], "low_rank": True},
+              {"params": [model.shared.bias, model.head.bias]}]  # fmt: skip
+    kwargs = {"deferred_params": [model.shared.weight, model.shared.bias]} if deferred else {}
+    opt = cls(groups, lr=1e-2, rank=2, update_proj_gap=2, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, 12, generator=g, requires_grad=True)
+        model(x).square().mean().backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def test_weights_shared_across_checkpointed_segments_are_stepped_once():
+    eager, _ = _run_shared(GaLoreAdamW, deferred=False)
+    layerwise, opt = _run_shared(GaLoreAdamWLayerwise, deferred=True)
+    assert opt.state[layerwise.shared.weight]["step"] == 5
+    for p, q in zip(eager.parameters(), layerwise.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    # Without deferral the hook sees each segment's partial gradient and steps twice per backward.
+    _, naive = _run_shared(GaLoreAdamWLayerwise, deferred=False)
+    assert naive.state[naive.param_groups[0]["params"][0]]["step"] == 10

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM, RobertaForSequenceClassification, Tra
 
 from hf_galore import REGISTRY
 
-NAMES = sorted(REGISTRY)
+NAMES = sorted(n for n, spec in REGISTRY.items() if spec.method == "GaLore")  # WeLore: tests/test_welore.py
 
 
 def _model(kind: str):
@@ -130,3 +130,19 @@ def test_training_args_round_trip_through_pickle_and_cli(tmp_path):
         ["--output_dir", str(tmp_path), "--optim", "galore_adafactor", "--optim_args", "rank=4"]
     )
     assert parsed.optim == "galore_adafactor"
+
+
+def test_tied_embeddings_with_gradient_checkpointing_in_the_trainer(tmp_path):
+    results = {}
+    for name in ("galore_adamw", "galore_adamw_layerwise"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        args = training_args(tmp_path / name, name, max_steps=6, gradient_checkpointing=True, max_grad_norm=0.0,
+                             gradient_checkpointing_kwargs={"use_reentrant": True})  # fmt: skip
+        trainer = make_trainer(model, args, lm_dataset())
+        trainer.train()
+        assert trainer.optimizer.optimizer.state[model.lm_head.weight]["step"] == 6
+        results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in results["galore_adamw"].items():
+        torch.testing.assert_close(results["galore_adamw_layerwise"][n], p, rtol=1e-5, atol=1e-6)

@@ -121,20 +121,57 @@ def check_supported_setup(args: Any, name: str) -> None:
     if not spec.layerwise:
         return
     problems = []
-    if getattr(args, "gradient_accumulation_steps", 1) > 1:
-        problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (set it to 1)")
-    if (getattr(args, "max_grad_norm", 0) or 0) > 0:
-        problems.append(f"max_grad_norm={args.max_grad_norm} (set max_grad_norm=0: clipping needs every gradient)")
     if getattr(args, "fp16", False):
-        problems.append("fp16=True (use bf16=True: loss scaling needs the step to wait for the unscale)")
-    if _training_args_world_size(args) > 1:
-        problems.append(f"{_training_args_world_size(args)} processes (run on one process)")
+        problems.append("fp16=True (use bf16=True: loss scaling must unscale and inf-check every gradient first)")
+    if getattr(args, "n_gpu", 1) > 1 and _training_args_world_size(args) == 1:
+        problems.append(f"torch.nn.DataParallel over {args.n_gpu} GPUs (launch one process per GPU with accelerate)")
     if problems:
         base = name.removesuffix("_layerwise")
         raise UnsupportedSetupError(
-            f"optim={name!r} updates each weight inside backward and does not yet support: {'; '.join(problems)}. "
+            f"optim={name!r} updates each weight inside backward and does not support: {'; '.join(problems)}. "
             f"Change those settings, or use the non-layer-wise optim={base!r}, which supports them."
         )
+
+
+def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Constructor kwargs that connect a layer-wise optimizer to the Trainer's loop.
+
+    * `sync_gradients` reads accelerate's gradient state, which the Trainer sets on every micro-step;
+    * clipping moves into the optimizer (the Trainer's own pass runs after the hooks freed the gradients and would
+      clip only what DDP reduced), so `args.max_grad_norm` is handed over and set to 0 (the original value is
+      remembered on `args` for Trainers built again from the same arguments);
+    * under DDP the projected weights leave DDP's reducer (the hooks all-reduce their projected gradients) and the
+      other parameters stay with DDP;
+    * shared (tied) weights are updated in `step()`, since their hook may fire more than once per backward.
+    """
+    from accelerate.state import GradientState
+
+    max_grad_norm = getattr(args, "_hf_galore_max_grad_norm", None)
+    if max_grad_norm is None:
+        max_grad_norm = args.max_grad_norm or 0.0
+        object.__setattr__(args, "_hf_galore_max_grad_norm", max_grad_norm)
+    if max_grad_norm > 0:
+        logger.info(
+            "Layer-wise optimizer clips to max_grad_norm=%s itself; the Trainer's clipping is off.", max_grad_norm
+        )
+    args.max_grad_norm = 0.0
+    gradient_state = GradientState()
+    kwargs: dict[str, Any] = {
+        "max_grad_norm": max_grad_norm,
+        "sync_gradients": lambda: gradient_state.sync_gradients,
+    }
+    names_by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(param), []).append(name)
+    kwargs["deferred_params"] = [p for g in groups for p in g["params"] if len(names_by_id.get(id(p), [])) > 1]
+    if _training_args_world_size(args) > 1:
+        own = [p for g in groups if g.get("low_rank") for p in g["params"]]
+        own_ids = {id(p) for p in own}
+        ignored = {n for p in own for n in names_by_id[id(p)]}
+        already = set(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        model._ddp_params_and_buffers_to_ignore = sorted(already | ignored)
+        kwargs["ddp_params"] = [p for g in groups for p in g["params"] if id(p) not in own_ids]
+    return kwargs
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -159,7 +196,7 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
     """
     name = str(getattr(optim, "value", optim) if optim is not None else getattr(args.optim, "value", args.optim))
     check_supported_setup(args, name)
-    return make_optimizer_kwargs(
+    optimizer_cls, kwargs = make_optimizer_kwargs(
         name,
         model,
         lr=args.learning_rate,
@@ -170,6 +207,9 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
         eps=args.adam_epsilon,
         no_decay_names=_no_decay_names(model),
     )
+    if get_spec(name).layerwise:
+        kwargs.update(_layerwise_kwargs(args, model, kwargs["params"]))
+    return optimizer_cls, kwargs
 
 
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:

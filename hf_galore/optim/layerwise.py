@@ -1,90 +1,224 @@
-"""Layer-wise (per-parameter) stepping: each parameter is updated inside its post-accumulate-grad hook.
+"""Layer-wise (per-parameter) stepping: each parameter is handled inside its post-accumulate-grad hook.
 
-The full gradient of a weight is freed as soon as its update is applied, so the gradients of the whole model are
+The full gradient of a weight is freed as soon as the hook has used it, so the gradients of the whole model are
 never alive at once (how GaLore fits LLaMA-7B on a 24 GB card). Unlike the published implementations:
 
 * the layer-wise optimizer *is* the real optimizer (a subclass of it), so the Trainer's LR scheduler drives its
   param groups, the logged learning rate is the applied one, and `state_dict()` holds every per-parameter state,
   so Trainer checkpoints resume exactly;
-* `step()` is a no-op (the updates already happened during backward); `zero_grad()` has nothing left to clear.
+* **gradient accumulation** updates once per optimizer step, at the accumulation boundary (the hook reads the
+  Trainer's `sync_gradients` flag). Between refreshes a projected weight accumulates its *projected* gradient
+  (r×n instead of m×n) and frees the full one at every micro-step. On an optimizer step that refreshes the basis,
+  the full gradient is kept across that step's micro-steps, because the new basis must come from the whole
+  accumulated gradient (with `stagger=true` only a fraction of the weights refresh on any one step);
+* **clipping** (`max_grad_norm`): the hooks record each gradient's norm and keep the small projected gradients;
+  the updates run in `step()` once the global norm is known, scaled exactly as `clip_grad_norm_` would scale the
+  full gradients. The norm is exact on one process without accumulation and on refresh steps; with accumulation
+  or several processes it uses the norm of the (all-reduced) projected gradient for projected weights, a lower
+  bound, and warns once;
+* **data parallel**: projected weights are taken out of DDP's reducer (the Trainer integration sets
+  `_ddp_params_and_buffers_to_ignore` before the wrap) and the hook all-reduces their *projected* gradient at the
+  accumulation boundary, m/r less traffic than DDP's full-gradient all-reduce (the full gradient is all-reduced only
+  on refresh steps, so every rank derives the same basis). Other parameters stay with DDP and are updated in
+  `step()` after its reduction;
+* the true gradient norm of each step is kept in `last_grad_norm` (the Trainer's own norm pass runs after the hooks
+  freed the gradients).
 
-Gradient accumulation, gradient clipping, fp16 loss scaling and multi-process training need the update to wait for
-(or see) more than one parameter's gradient; they are rejected before training by the Trainer integration
-([`UnsupportedSetupError`]) until they are supported.
+Parameters listed in `deferred_params` (tied weights, whose hook can fire more than once per backward under
+activation checkpointing) keep their full gradient and are updated in `step()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ..projection.subspace import Side, project
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 
-class LayerwiseMixin:
-    """Turn a [`LowRankOptimizer`] subclass into a layer-wise one (mix in *before* the optimizer class)."""
+def _always_sync() -> bool:
+    return True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class LayerwiseMixin:
+    """Turn a [`LowRankOptimizer`] subclass into a layer-wise one (mix in *before* the optimizer class).
+
+    Args:
+        max_grad_norm (`float`, *optional*): Clip the global gradient norm to this value (0 or None: no clipping).
+        sync_gradients (`Callable[[], bool]`, *optional*): Returns False on micro-steps that only accumulate
+            (the Trainer integration passes accelerate's `GradientState().sync_gradients`). Default: always True.
+        ddp_params (`Iterable[torch.Tensor]`, *optional*): Parameters whose gradient DDP reduces; they are updated
+            in `step()` after the reduction. The other parameters are all-reduced by the hooks when
+            `torch.distributed` is initialized with more than one process.
+        deferred_params (`Iterable[torch.Tensor]`, *optional*): Parameters to update in `step()` from their full
+            gradient (e.g. tied weights).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_grad_norm: float | None = None,
+        sync_gradients: Callable[[], bool] | None = None,
+        ddp_params: Iterable[torch.Tensor] = (),
+        deferred_params: Iterable[torch.Tensor] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.max_grad_norm = max_grad_norm or 0.0
+        self._sync_gradients = sync_gradients or _always_sync
+        self._ddp_params = {id(p) for p in ddp_params}
+        self._deferred = {id(p) for p in deferred_params} | self._ddp_params
+        self._world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}  # type: ignore[attr-defined]
+        # Transient per-step buffers (empty between optimizer steps, so never part of a checkpoint).
+        self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._ready: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_sq_sum: torch.Tensor | None = None
+        self._norm_is_exact = True
         self.last_grad_norm: torch.Tensor | None = None
         self._hook_handles: list[Any] = []
-        for group_index, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
-                handle = p.register_post_accumulate_grad_hook(self._make_hook(group_index))
-                self._hook_handles.append(handle)
+                if self._world_size > 1 and id(p) not in self._ddp_params:
+                    dist.broadcast(p.data, src=0)  # DDP does not sync the weights it ignores
+                if id(p) not in self._deferred:
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
-    def _make_hook(self, group_index: int) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            if p.grad is None:
-                return
-            # Look the group up at call time: load_state_dict replaces the group dicts.
-            group = self.param_groups[group_index]  # type: ignore[attr-defined]
-            with torch.no_grad():
-                # The Trainer's own norm pass runs after backward, when the gradients are gone: keep the true
-                # norm of this step here (one read of a gradient that the update reads anyway).
-                sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
-                self._grad_sq_sum = sq if self._grad_sq_sum is None else self._grad_sq_sum + sq.to(self._grad_sq_sum)
-                self._step_param(p, group)  # type: ignore[attr-defined]
-            p.grad = None
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        # Looked up at call time: load_state_dict replaces the group dicts.
+        return self.param_groups[self._group_index[id(p)]]  # type: ignore[attr-defined]
 
-        return hook
+    def _add_norm(self, sq: torch.Tensor) -> None:
+        self._grad_sq_sum = sq if self._grad_sq_sum is None else self._grad_sq_sum + sq.to(self._grad_sq_sum)
+
+    def _all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size > 1:
+            dist.all_reduce(tensor)
+            tensor.div_(self._world_size)
+        return tensor
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Close the step: the parameters were already updated by the hooks during backward.
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        group = self._group_of(p)
+        state = self._state_for(p, group)  # type: ignore[attr-defined]
+        sync = self._sync_gradients()
+        side = Side(state["side"])
+        if side == Side.NONE:
+            if not sync:
+                return  # autograd keeps accumulating the full gradient
+            grad = self._all_reduce_mean(p.grad)
+            self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+            self._finish(p, grad, group)
+            return
+        if self._refresh_due(state, group):  # type: ignore[attr-defined]
+            if not sync:
+                return  # the refresh needs the whole accumulated gradient: keep it
+            grad = self._all_reduce_mean(p.grad)
+            self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+            prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
+            p.grad = None
+            if prepared is not None:
+                self._finish(p, prepared, group)
+            return
+        low = project(p.grad, side, *self._bases(state))  # type: ignore[attr-defined]
+        if not sync:
+            self._norm_is_exact = False
+        accumulated = self._low_rank_grads.pop(p, None)
+        if accumulated is not None:
+            low = accumulated.add_(low)
+        if not sync:
+            self._low_rank_grads[p] = low
+            p.grad = None
+            return
+        if self._world_size > 1:
+            self._norm_is_exact = False
+            low = self._all_reduce_mean(low)
+            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+        elif accumulated is not None:
+            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+        else:
+            self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
+        p.grad = None
+        self._finish(p, low, group)
 
-        Records the global gradient norm of the step in `last_grad_norm` (a 0-d tensor). A `closure` is run (and its
-        loss returned) before, so its backward performs the updates.
+    def _finish(self, p: torch.Tensor, prepared: torch.Tensor, group: dict[str, Any]) -> None:
+        """Apply now, or (with clipping) once the global norm is known in `step()`."""
+        if self.max_grad_norm > 0:
+            self._ready.append((p, prepared))
+            if p.grad is not None:
+                p.grad = None
+            return
+        self._apply_update(p, prepared, group)  # type: ignore[attr-defined]
+        p.grad = None
+
+    # ------------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Finish the optimizer step: update deferred parameters, apply clipped updates, record the gradient norm.
+
+        A `closure` is run first (and its loss returned), so its backward runs the hooks.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._grad_sq_sum is not None:
-            self.last_grad_norm = self._grad_sq_sum.sqrt()
-            self._grad_sq_sum = None
+        if not self._sync_gradients():
+            return loss
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                if id(p) in self._deferred and p.grad is not None:
+                    # DDP has reduced these gradients already; deferred (tied) ones are complete now.
+                    grad = p.grad if id(p) in self._ddp_params else self._all_reduce_mean(p.grad)
+                    self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+                    prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
+                    if prepared is not None:
+                        self._ready.append((p, prepared))
+        norm = self._grad_sq_sum.sqrt() if self._grad_sq_sum is not None else None
+        coefficient = None
+        if self.max_grad_norm > 0 and norm is not None:
+            if not self._norm_is_exact:
+                self._warn_once(  # type: ignore[attr-defined]
+                    "approximate_norm",
+                    "Layer-wise clipping with gradient accumulation or several processes measures projected "
+                    "weights by the norm of their accumulated, all-reduced projected gradient (a lower bound of the "
+                    "full gradient's norm, exact on refresh steps); the full gradients are never kept.",
+                )
+            coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        for p, prepared in self._ready:
+            if coefficient is not None:
+                prepared = prepared * coefficient.to(prepared)
+            self._apply_update(p, prepared, self._group_of(p))  # type: ignore[attr-defined]
+            p.grad = None
+        self._ready.clear()
+        self.last_grad_norm = norm
+        self._grad_sq_sum = None
+        self._norm_is_exact = True
         return loss
 
     def remove_hooks(self) -> None:
-        """Detach the per-parameter hooks (the optimizer then no longer updates anything)."""
+        """Detach the per-parameter hooks (the optimizer then only updates deferred parameters in `step()`)."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
 
 
 class GaLoreAdamWLayerwise(LayerwiseMixin, GaLoreAdamW):
-    """[`GaLoreAdamW`] stepping each parameter inside its post-accumulate-grad hook."""
+    """[`GaLoreAdamW`] stepping each parameter from its post-accumulate-grad hook."""
 
 
 class GaLoreAdamW8bitLayerwise(LayerwiseMixin, GaLoreAdamW8bit):
-    """[`GaLoreAdamW8bit`] stepping each parameter inside its post-accumulate-grad hook."""
+    """[`GaLoreAdamW8bit`] stepping each parameter from its post-accumulate-grad hook."""
 
 
 class GaLoreAdafactorLayerwise(LayerwiseMixin, GaLoreAdafactor):
-    """[`GaLoreAdafactor`] stepping each parameter inside its post-accumulate-grad hook."""
+    """[`GaLoreAdafactor`] stepping each parameter from its post-accumulate-grad hook."""
 
 
 def is_layerwise(optimizer: torch.optim.Optimizer) -> bool:
