@@ -92,3 +92,23 @@ def test_layerwise_two_processes_with_accumulation_equal_one_process(tmp_path):
     assert_same_training(single, rank0)
     assert rank0["checksums"] == rank1["checksums"]
     assert all(torch.equal(rank0["params"][n], rank1["params"][n]) for n in rank0["params"])
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise"])
+def test_checkpoints_resume_on_another_number_of_processes(tmp_path, optim):
+    common = ("--optim", optim, "--save-steps", "6")
+    (reference,) = _run(tmp_path / "one", 1, *common, "--batch", "8")
+    _run(tmp_path / "two", 2, *common, "--batch", "4")
+    # two processes -> one process
+    (resumed_on_one,) = _run(tmp_path / "two_to_one", 1, *common, "--batch", "8", "--resume",
+                             str(tmp_path / "two" / "checkpoint-6"))  # fmt: skip
+    # one process -> two processes
+    resumed_on_two, _ = _run(tmp_path / "one_to_two", 2, *common, "--batch", "4", "--resume",
+                             str(tmp_path / "one" / "checkpoint-6"))  # fmt: skip
+    for resumed in (resumed_on_one, resumed_on_two):
+        # The resumed log history starts with the checkpoint's six entries.
+        assert resumed["losses"][6:] == pytest.approx(reference["losses"][6:], rel=1e-5)
+        for name, value in reference["params"].items():
+            if ZERO_GRADIENT not in name:
+                error = (resumed["params"][name] - value).norm() / value.norm()
+                assert error <= 1e-5, (name, float(error))

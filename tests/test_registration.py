@@ -160,6 +160,18 @@ def test_deepspeed_and_fsdp_are_rejected_with_the_alternative():
         integration.check_supported_setup(Args(), "galore_adamw")
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerate_launch_configs_for_fsdp_or_deepspeed_fail_before_training(tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")
+
+    class Args:
+        deepspeed = None
+        fsdp = None
+
+    with pytest.raises(UnsupportedSetupError, match="accelerate launch --num_processes N"):
+        integration.check_supported_setup(Args(), "galore_adamw_8bit_layerwise")
+
+
 def test_weight_decay_split_and_adam_hyperparameters_reach_the_optimizer(tmp_path):
     model = _roberta()
     args = training_args(

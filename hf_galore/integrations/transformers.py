@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 from torch import nn
@@ -103,20 +104,26 @@ def _training_args_world_size(args: Any) -> int:
         return 1
 
 
+def _env_flag(name: str) -> bool:
+    """accelerate passes its launch config (FSDP, DeepSpeed) to the processes through environment variables."""
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def check_supported_setup(args: Any, name: str) -> None:
     """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet."""
     spec = get_spec(name)
     if spec.check_setup is not None:
         spec.check_setup(args)
-    if getattr(args, "deepspeed", None):
+    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise UnsupportedSetupError(
             f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
             "no weight matrices to project. Use plain DDP (`accelerate launch --num_processes N`) instead."
         )
-    if getattr(args, "fsdp", None):
+    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
         raise UnsupportedSetupError(
-            f"optim={name!r} does not support FSDP yet (FSDP1 flattens parameters). Use plain DDP "
-            "(`accelerate launch --num_processes N`) or a single GPU."
+            f"optim={name!r} does not support FSDP yet: FSDP1 hands the optimizer flattened shards, and FSDP2 "
+            "(DTensor shards) is not implemented (see docs/how_to/accelerate.md). Use DDP "
+            "(`accelerate launch --num_processes N`, no FSDP config) or a single GPU."
         )
     if not spec.layerwise:
         return
