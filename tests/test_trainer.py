@@ -146,3 +146,23 @@ def test_tied_embeddings_with_gradient_checkpointing_in_the_trainer(tmp_path):
         results[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for n, p in results["galore_adamw"].items():
         torch.testing.assert_close(results["galore_adamw_layerwise"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_layerwise_honours_lr_scheduler_kwargs_and_logs_the_applied_rate(tmp_path):
+    from transformers import get_scheduler
+
+    model, dataset = _model("roberta")
+    args = training_args(tmp_path, "galore_adamw_layerwise", max_steps=10, logging_steps=1, warmup_steps=2,
+                         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})  # fmt: skip
+    trainer = make_trainer(model, args, dataset)
+    trainer.train()
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler("cosine_with_min_lr", reference, num_warmup_steps=2, num_training_steps=10,
+                              scheduler_specific_kwargs={"min_lr_rate": 0.1})  # fmt: skip
+    expected = []
+    for _ in range(10):
+        expected.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    logged = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == pytest.approx(expected)
+    assert min(logged[2:]) >= 0.1 * args.learning_rate * 0.999

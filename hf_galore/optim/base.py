@@ -211,7 +211,13 @@ class LowRankOptimizer(Optimizer):
         """`(P, Q)` of this weight, as used for projection (P: m×r or None, Q: n×r or None)."""
         return state.get("proj_left"), state.get("proj_right")
 
-    def _store_bases(self, state: dict[str, Any], p_basis: torch.Tensor | None, q_basis: torch.Tensor | None):
+    def _store_bases(
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        p_basis: torch.Tensor | None,
+        q_basis: torch.Tensor | None,
+    ) -> None:
         """Keep freshly computed bases (called after every successful refresh)."""
         if p_basis is not None:
             state["proj_left"] = p_basis
@@ -240,7 +246,7 @@ class LowRankOptimizer(Optimizer):
                 "the update of that weight is skipped).",
             )
             return False
-        self._store_bases(state, p_basis, q_basis)
+        self._store_bases(state, group, p_basis, q_basis)
         state["refresh_count"] += 1
         return True
 
