@@ -38,7 +38,14 @@ MODELS: dict[str, dict[str, Any]] = {
                      "num_attention_heads": 12, "vocab_size": 50265},
 }  # fmt: skip
 
-METHODS = ["adamw", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise"]
+METHODS = [
+    "adamw",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "q_galore_adamw_8bit",
+]
 
 
 def _build_model(name: str, device: str, dtype: Any):
@@ -63,8 +70,13 @@ def _build_optimizer(method: str, model: Any, rank: int, gap: int, device: str):
     if method == "adamw":
         fused = device.startswith("cuda")
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
-    groups = hf_galore.build_param_groups(model, "all-linear", weight_decay=0.0)
-    cls = hf_galore.get_spec(method).optimizer_cls
+    spec = hf_galore.get_spec(method)
+    if spec.prepare_model is not None:  # model surgery first (Q-GaLore's INT8 Linears), default knobs
+        spec.prepare_model(model, "all-linear", [])
+        groups = spec.build_groups(model, "all-linear", weight_decay=0.0, configs=[])
+    else:
+        groups = hf_galore.build_param_groups(model, "all-linear", weight_decay=0.0)
+    cls = spec.optimizer_cls
     return cls(groups, lr=1e-4, rank=rank, update_proj_gap=gap, scale=0.25)
 
 
@@ -107,8 +119,9 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     state_bytes = sum(
         v.numel() * v.element_size()
         for s in optimizer.state.values()
-        for v in s.values()
-        if isinstance(v, torch.Tensor)
+        for k, v in s.items()
+        # Q-GaLore's state references the model's INT8 weights (its master copy): they are weights, not state.
+        if isinstance(v, torch.Tensor) and k not in ("weight_q", "weight_scales", "weight_zeros")
     )
     result = {
         "method": args.single,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, parse_optim_args
+from . import q_galore, welore
+from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, QGaLoreConfig, WeLoreConfig, parse_optim_args
 from .errors import (
     HfGaloreError,
     InvalidConfigError,
@@ -28,7 +29,10 @@ from .errors import (
     UnsupportedSetupError,
     UnsupportedTransformersVersionError,
 )
+from .integrations.callbacks import WeLoreCallback
 from .integrations.transformers import is_registered, optimizer_cls_and_kwargs, register, unregister
+from .modules.int8_linear import Int8Linear
+from .modules.low_rank_linear import LowRankLinear
 from .optim import (
     GaLoreAdafactor,
     GaLoreAdafactorLayerwise,
@@ -38,6 +42,7 @@ from .optim import (
     GaLoreAdamWLayerwise,
     LowRankOptimizer,
 )
+from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
 from .registry import REGISTRY, OptimizerSpec, build_param_groups, get_spec, register_optimizer
 from .targeting import TargetResolution, resolve_target_modules
 
@@ -53,26 +58,35 @@ __all__ = [
     "GaLoreAdamWLayerwise",
     "GaLoreConfig",
     "HfGaloreError",
+    "Int8Linear",
     "InvalidConfigError",
+    "LowRankLinear",
     "LowRankOptimizer",
     "MissingDependencyError",
     "NoTargetModulesError",
     "OptimizerMismatchError",
     "OptimizerSpec",
+    "QGaLoreAdamW8bit",
+    "QGaLoreAdamW8bitLayerwise",
+    "QGaLoreConfig",
     "TargetResolution",
     "UnknownOptimizerError",
     "UnsupportedSetupError",
     "UnsupportedTransformersVersionError",
+    "WeLoreCallback",
+    "WeLoreConfig",
     "__version__",
     "build_param_groups",
     "get_spec",
     "is_registered",
     "optimizer_cls_and_kwargs",
     "parse_optim_args",
+    "q_galore",
     "register",
     "register_optimizer",
     "resolve_target_modules",
     "unregister",
+    "welore",
 ]
 
 register()

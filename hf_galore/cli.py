@@ -7,6 +7,8 @@ Commands:
 * `hf-galore check-targets MODEL_DIR_OR_CONFIG --targets T [T ...] [--include-heads]`: a dry run of
   `optim_target_modules` resolution on a model built from its `config.json` on the meta device (no weights are
   loaded and no memory is allocated), printing the projected modules with their weight shapes and the skipped ones.
+* `hf-galore welore analyze|compress|merge`: WeLore's spectrum report and LRC/N-LRC split, factorized compression
+  of a local model directory, and merging a factorized checkpoint back to dense.
 
 Each command is one `_add_<command>_parser(subparsers)` function registered in `_COMMANDS`; it sets `func` on its
 parser to a handler `(args) -> exit code`. Exit codes: 0 on success, 2 on a usage error or an [`HfGaloreError`]
@@ -321,6 +323,140 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# hf-galore welore analyze | compress | merge
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_dense_model(path: str) -> Any:
+    """The model of a local directory, with weights, as `config.architectures[0]` (else `AutoModel`)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    return (model_cls or transformers.AutoModel).from_pretrained(path)
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    """Copy tokenizer and other non-weight files, so the output directory is usable on its own."""
+    import shutil
+
+    skip = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}
+    for entry in Path(src).iterdir():
+        if entry.is_file() and entry.name not in skip and not entry.name.startswith("model-"):
+            shutil.copy2(entry, Path(dst) / entry.name)
+
+
+def _welore_config(args: argparse.Namespace) -> Any:
+    from .configs import WeLoreConfig
+
+    return WeLoreConfig(target_compression=args.target_compression, min_reduction=args.min_reduction)
+
+
+def _run_welore_analyze(args: argparse.Namespace) -> int:
+    from . import welore
+
+    plan = welore.analyze(_load_dense_model(args.model), _welore_config(args), _targets_value(args.targets))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    rows = [
+        [
+            m.name,
+            "x".join(str(d) for d in m.shape),
+            f"{m.stable_rank:.1f}",
+            f"{m.kept_rank}/{m.full_rank}",
+            f"{m.reduction:.1%}",
+            "LRC" if m.lrc else "N-LRC",
+            f"{m.dense_params:,} -> {m.params_after:,}",
+        ]
+        for m in plan.matrices
+    ]
+    headers = ["NAME", "SHAPE", "STABLE RANK", "KEPT RANK", "REDUCTION", "SPLIT", "PARAMETERS"]
+    print("\n".join([*_format_table(headers, rows), "", plan.summary()]))
+    return 0
+
+
+def _run_welore_compress(args: argparse.Namespace) -> int:
+    from . import welore
+
+    model = _load_dense_model(args.model)
+    plan = welore.compress(model, _welore_config(args), _targets_value(args.targets))
+    model.save_pretrained(args.out)
+    _copy_side_files(args.model, args.out)
+    print(plan.summary())
+    print(f"Factorized checkpoint written to {args.out}; load it with hf_galore.welore.from_pretrained({args.out!r}).")
+    return 0
+
+
+def _run_welore_merge(args: argparse.Namespace) -> int:
+    from . import welore
+
+    model = welore.merge(welore.from_pretrained(args.model))
+    model.save_pretrained(args.out)
+    _copy_side_files(args.model, args.out)
+    print(f"Dense checkpoint written to {args.out}; it loads with plain transformers from_pretrained.")
+    return 0
+
+
+def _welore_handler(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (HfGaloreError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+
+    return handler
+
+
+def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "welore",
+        help="WeLore: analyze weight spectra, compress a model to low-rank factors, merge them back.",
+        description="WeLore one-shot compression (arXiv:2407.11239): one global threshold on min-max normalised "
+        "singular values, solved to remove --target-compression of the targeted weights' parameters.",
+    )
+    commands = parser.add_subparsers(dest="welore_command", metavar="SUBCOMMAND", required=True)
+
+    def add_split_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--target-compression", type=float, default=0.5, help="Fraction of parameters to remove.")
+        sub.add_argument(
+            "--min-reduction", type=float, default=0.5, help="Rank reduction above which a weight is LRC."
+        )
+        sub.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T", help="As optim_target_modules.")
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="Per-matrix spectrum summary, the LRC/N-LRC split, parameter and memory savings.",
+        description="Load MODEL_DIR and report, without changing it, the split WeLore would make.",
+    )
+    analyze.add_argument("model", metavar="MODEL_DIR", help="A local model directory (config.json + weights).")
+    add_split_options(analyze)
+    analyze.add_argument("--json", action="store_true", help="Print the full report as JSON.")
+    analyze.set_defaults(func=_welore_handler(_run_welore_analyze))
+
+    compress = commands.add_parser(
+        "compress",
+        help="Write a factorized (smaller) checkpoint of MODEL_DIR to OUT.",
+        description="Compress MODEL_DIR and save it to OUT; the config records the factor ranks.",
+    )
+    compress.add_argument("model", metavar="MODEL_DIR", help="A local dense model directory.")
+    compress.add_argument("out", metavar="OUT", help="Output directory of the factorized checkpoint.")
+    add_split_options(compress)
+    compress.set_defaults(func=_welore_handler(_run_welore_compress))
+
+    merge = commands.add_parser(
+        "merge",
+        help="Merge a factorized checkpoint back into a dense one (loadable without hf_galore).",
+        description="Load the WeLore checkpoint OUT, replace each factor pair by its product, save to DENSE_OUT.",
+    )
+    merge.add_argument("model", metavar="OUT", help="A factorized checkpoint written by compress or save_model.")
+    merge.add_argument("out", metavar="DENSE_OUT", help="Output directory of the dense checkpoint.")
+    merge.set_defaults(func=_welore_handler(_run_welore_merge))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -328,6 +464,7 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_list_parser,
     _add_check_targets_parser,
+    _add_welore_parser,
 )
 
 

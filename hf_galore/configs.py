@@ -255,3 +255,128 @@ def parse_optim_args(
                 values[key] = _convert(value, hints[key], key) if isinstance(value, str) else value
         configs.append(cls(**values))
     return configs
+
+
+@dataclass
+class WeLoreConfig(_OptionsMixin):
+    """Configuration of WeLore's one-shot weight compression and LRC fine-tuning (Jaiswal et al., 2024,
+    arXiv:2407.11239).
+
+    A single global threshold τ on the min–max normalised singular values of every targeted weight is solved so
+    that the targeted weights lose `target_compression` of their parameters. Weights whose rank reduction exceeds
+    `min_reduction` (and whose two factors are smaller than the dense weight) become Low-Rank Components (LRC, two
+    trainable factors); the others are Non-Low-Rank Components (N-LRC), kept dense and frozen.
+
+    These keys configure the model surgery, not the optimizer: `welore_adamw` is AdamW over whatever the split
+    leaves trainable.
+
+    Args:
+        target_compression (`float`, defaults to 0.5):
+            Fraction of the targeted weights' parameters to remove, in (0, 1). Measured in parameters (a rank-k
+            factor pair of an m×n weight holds k(m+n) values), not in ranks; the rank view is reported too.
+        min_reduction (`float`, defaults to 0.5):
+            A weight is an LRC when its rank reduction (pruned ranks / min(m, n)) exceeds this, in [0, 1). 0.5 is the
+            paper's fine-tuning setting (a square matrix's two factors start to save memory there). A weight whose
+            factors would not be smaller than the dense matrix always stays N-LRC, whatever this value.
+        train_norms (`bool`, defaults to `False`):
+            Also train LayerNorm/RMSNorm weights (the paper's continual fine-tuning does; frozen here unless asked).
+        train_biases (`bool`, defaults to `False`):
+            Also train biases outside the heads, including those of N-LRC Linears (BitFit-style).
+        train_embeddings (`bool`, defaults to `False`):
+            Also train the input/position/token-type embeddings.
+        train_heads (`bool`, defaults to `False`):
+            Also train the output head / task classifier (`lm_head`, `classifier.*`, `score`, ...). Set it when the
+            head is freshly initialised for a new task. Heads are never compressed.
+    """
+
+    section: ClassVar[str] = "WeLore split"
+    #: The keys describe model surgery: [`make_optimizer_kwargs`] must not pass them to the optimizer.
+    optimizer_kwargs: ClassVar[bool] = False
+
+    target_compression: float = field(
+        default=0.5, metadata={"help": "Fraction of the targeted weights' parameters to remove, in (0, 1)."}
+    )
+    min_reduction: float = field(
+        default=0.5, metadata={"help": "Rank-reduction ratio above which a weight becomes a trainable LRC."}
+    )
+    train_norms: bool = field(default=False, metadata={"help": "Also train LayerNorm/RMSNorm weights."})
+    train_biases: bool = field(default=False, metadata={"help": "Also train biases outside the heads."})
+    train_embeddings: bool = field(default=False, metadata={"help": "Also train the embeddings."})
+    train_heads: bool = field(default=False, metadata={"help": "Also train the output head / classifier."})
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.target_compression, (int, float)) and 0.0 < self.target_compression < 1.0,
+            f"target_compression must be in the open interval (0, 1), got {self.target_compression!r}. "
+            "It is the fraction of the targeted weights' parameters to remove, e.g. target_compression=0.5.",
+        )
+        _check(
+            isinstance(self.min_reduction, (int, float)) and 0.0 <= self.min_reduction < 1.0,
+            f"min_reduction must be in [0, 1), got {self.min_reduction!r}. It is the rank-reduction ratio above "
+            "which a weight becomes a trainable LRC, e.g. min_reduction=0.5 (the paper's value).",
+        )
+
+
+@dataclass
+class QGaLoreConfig(_OptionsMixin):
+    """Configuration of Q-GaLore (Zhang et al., 2024, arXiv:2407.08296): GaLore with INT8 weights, INT4 bases and
+    a lazy, layer-adaptive subspace refresh.
+
+    The defaults are the paper's (`--proj_bits 4 --proj_group_size 256 --weight_bits 8 --weight_group_size 256
+    --cos_threshold 0.4 --gamma_proj 2 --queue_size 5`), plus a cap on the refresh gap that the published code lacks.
+
+    Args:
+        proj_bits (`int`, defaults to 4):
+            Bits of the stored projection bases, 4 (packed two per byte) or 8. The bases are dequantized for each
+            projection; the gradients and the SVD stay in full precision.
+        proj_group_size (`int`, defaults to 256):
+            Elements of a basis sharing one fp32 scale and zero.
+        weight_bits (`int`, defaults to 8):
+            Bits of the targeted Linear weights (only 8 is supported).
+        weight_group_size (`int`, defaults to 256):
+            Elements (row-major) of an INT8 weight sharing one fp32 scale and zero.
+        stochastic_round (`bool`, defaults to `True`):
+            Requantize updated INT8 weights with stochastic rounding (unbiased, so updates smaller than a
+            quantization step are not lost); `false` rounds to nearest.
+        cos_threshold (`float`, defaults to 0.4):
+            A weight's refresh gap grows when the mean |cosine similarity| between the leading singular vectors of
+            successive bases, over the last `queue_size` refreshes, is at least this, in [0, 1].
+        gamma_proj (`float`, defaults to 2.0):
+            Factor by which a stable weight's refresh gap grows (≥ 1; 1 disables the lazy refresh).
+        queue_size (`int`, defaults to 5):
+            Number of successive similarities averaged before the gap may grow; the queue restarts after a growth,
+            so every growth needs `queue_size` fresh confirmations.
+        max_proj_gap (`int`, *optional*):
+            Upper bound of a weight's refresh gap; `None` means 16 × `update_proj_gap`.
+        sr_seed (`int`, defaults to 0):
+            Seed of the stochastic rounding, mixed with the step and the weight's index, so every data-parallel rank
+            rounds identically and a resumed run reproduces an uninterrupted one.
+    """
+
+    section: ClassVar[str] = "Q-GaLore quantization"
+
+    proj_bits: int = field(default=4, metadata={"help": "Bits of the stored projection bases (4 packed, or 8)."})
+    proj_group_size: int = field(default=256, metadata={"help": "Elements per scale/zero of the bases."})
+    weight_bits: int = field(default=8, metadata={"help": "Bits of the targeted Linear weights (8)."})
+    weight_group_size: int = field(default=256, metadata={"help": "Elements per scale/zero of the INT8 weights."})
+    stochastic_round: bool = field(default=True, metadata={"help": "Stochastic rounding of the INT8 weight update."})
+    cos_threshold: float = field(default=0.4, metadata={"help": "Mean |cos| above which the refresh gap grows."})
+    gamma_proj: float = field(default=2.0, metadata={"help": "Growth factor of a stable weight's refresh gap."})
+    queue_size: int = field(default=5, metadata={"help": "Similarities averaged before the gap may grow."})
+    max_proj_gap: int | None = field(default=None, metadata={"help": "Cap of the refresh gap (none: 16×gap)."})
+    sr_seed: int = field(default=0, metadata={"help": "Seed of the stochastic rounding."})
+
+    def __post_init__(self) -> None:
+        _check(self.proj_bits in (4, 8), f"proj_bits={self.proj_bits} is not valid; choose 4 or 8.")
+        _check(
+            self.weight_bits == 8, f"weight_bits={self.weight_bits} is not supported; only 8 is (set weight_bits=8)."
+        )
+        for name in ("proj_group_size", "weight_group_size", "queue_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be a positive integer, got {value}.")
+        _check(0.0 <= self.cos_threshold <= 1.0, f"cos_threshold must be in [0, 1], got {self.cos_threshold}.")
+        _check(self.gamma_proj >= 1.0, f"gamma_proj must be ≥ 1 (1 disables lazy refresh), got {self.gamma_proj}.")
+        _check(
+            self.max_proj_gap is None or self.max_proj_gap >= 1,
+            f"max_proj_gap must be ≥ 1 or none, got {self.max_proj_gap}.",
+        )

@@ -146,6 +146,74 @@ _galore_spec(
 )
 
 
+def _register_welore() -> None:
+    """`welore_adamw` / `welore_adamw_8bit`: the WeLore LRC/N-LRC split as model preparation, then plain AdamW (our
+    GaLore optimizers with no low-rank group are exactly AdamW / 8-bit AdamW) over what the split leaves trainable.
+    """
+    from .configs import WeLoreConfig
+    from .welore import registry_build_groups, registry_prepare_model
+
+    welore = dict(method="WeLore", prepare_model=registry_prepare_model, build_groups=registry_build_groups)
+    register_optimizer(
+        OptimizerSpec(
+            name="welore_adamw",
+            optimizer_cls=GaLoreAdamW,
+            config_classes=(WeLoreConfig,),
+            summary="WeLore: compress to low-rank factors (LRC) and train only them, with fp32 AdamW states.",
+            **welore,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="welore_adamw_8bit",
+            optimizer_cls=GaLoreAdamW8bit,
+            config_classes=(WeLoreConfig, Blockwise8bitConfig),
+            summary="WeLore: compress to low-rank factors (LRC) and train only them, with 8-bit AdamW states.",
+            needs_bitsandbytes=True,
+            **welore,
+        )
+    )
+
+
+_register_welore()
+
+
+def _register_q_galore() -> None:
+    """`q_galore_adamw_8bit` (+ `_layerwise`): target Linears become INT8 (model preparation), then Q-GaLore."""
+    from .configs import QGaLoreConfig
+    from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
+    from .q_galore import build_groups, check_setup, prepare_model
+
+    q_galore = dict(
+        method="Q-GaLore",
+        config_classes=(GaLoreConfig, Blockwise8bitConfig, QGaLoreConfig),
+        needs_bitsandbytes=True,
+        prepare_model=prepare_model,
+        build_groups=build_groups,
+        check_setup=check_setup,
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="q_galore_adamw_8bit",
+            optimizer_cls=QGaLoreAdamW8bit,
+            summary="Q-GaLore: INT8 target weights (stochastic rounding), INT4 bases, lazy refresh, 8-bit states.",
+            **q_galore,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="q_galore_adamw_8bit_layerwise",
+            optimizer_cls=QGaLoreAdamW8bitLayerwise,
+            summary="q_galore_adamw_8bit, each weight updated in its backward hook and its gradient freed.",
+            layerwise=True,
+            **q_galore,
+        )
+    )
+
+
+_register_q_galore()
+
+
 def build_param_groups(
     model: nn.Module,
     target_modules: TargetSpec | None,
@@ -199,7 +267,8 @@ def make_optimizer_kwargs(
     configs = parse_optim_args(optim_args, spec.config_classes, spec.name)
     kwargs: dict[str, Any] = {"lr": lr}
     for config in configs:
-        kwargs.update(config.to_dict())
+        if getattr(config, "optimizer_kwargs", True):  # False for model-surgery configs (WeLoreConfig)
+            kwargs.update(config.to_dict())
     if spec.adam_style:
         if betas is not None:
             kwargs["betas"] = tuple(betas)

@@ -126,7 +126,7 @@ def test_list_shows_every_optimizer_and_its_knobs(capsys):
         assert ('pip install "hf_galore[bnb]"' in block) == ("8bit" in name), name
 
     overview = {line.split()[0]: line.split() for line in out.split("\n\n")[1].splitlines()[1:]}
-    assert set(overview) == EXPECTED_NAMES
+    assert set(overview) >= EXPECTED_NAMES
     assert overview["galore_adamw_layerwise"][-2:] == ["yes", "no"]
     assert overview["galore_adamw_8bit"][-2:] == ["no", "yes"]
     assert overview["galore_adafactor"][2] == "hf_galore.GaLoreAdafactor"
@@ -136,7 +136,8 @@ def test_list_json_matches_registry(capsys):
     assert main(["list", "--json"]) == 0
     infos = json.loads(capsys.readouterr().out)
     by_name = {info["name"]: info for info in infos}
-    assert set(by_name) == EXPECTED_NAMES == set(hf_galore.REGISTRY)
+    assert EXPECTED_NAMES == {n for n, s in hf_galore.REGISTRY.items() if s.method == "GaLore"} <= set(by_name)
+    assert set(by_name) == set(hf_galore.REGISTRY)
 
     adamw = by_name["galore_adamw"]
     assert adamw["optimizer_class"] == "hf_galore.GaLoreAdamW"

@@ -29,6 +29,7 @@ def _snapshot():
         "attrs": {k: v for k, v in vars(OptimizerNames).items() if not k.startswith("__")},
         "table": dict(table) if table is not None else None,
         "create_optimizer": Trainer.__dict__["create_optimizer"],
+        "init": Trainer.__dict__["__init__"],
         "get_cls": Trainer.__dict__["get_optimizer_cls_and_kwargs"],
     }
 
@@ -59,6 +60,7 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
         assert after["table"] == pristine["table"]
         assert all(after["table"][k] is pristine["table"][k] for k in pristine["table"] or {})
         assert after["create_optimizer"] is pristine["create_optimizer"]
+        assert after["init"] is pristine["init"]
         assert after["get_cls"] is pristine["get_cls"]
     finally:
         hf_galore.register()
@@ -146,6 +148,9 @@ def test_layerwise_fp16_is_rejected():
 
     with pytest.raises(UnsupportedSetupError, match="bf16"):
         integration.check_supported_setup(Args(), "galore_adamw_8bit_layerwise")
+    Args.fp16, Args.mixed_precision = False, "fp16"  # fp16 set only by the accelerate launch config
+    with pytest.raises(UnsupportedSetupError, match="bf16"):
+        integration.check_supported_setup(Args(), "galore_adamw_layerwise")
 
 
 def test_deepspeed_and_fsdp_are_rejected_with_the_alternative():

@@ -39,3 +39,57 @@ def attach_layerwise_callbacks(trainer: Any) -> None:
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [c for c in callbacks if not isinstance(c, LayerwiseGradNormCallback)]
     callbacks.insert(0, LayerwiseGradNormCallback(optimizer))
+
+
+class WeLoreCallback(TrainerCallback):
+    """Run the WeLore LRC/N-LRC split when the Trainer is created (`on_init_end`).
+
+    `on_init_end` fires at the end of `Trainer.__init__`: before `train(resume_from_checkpoint=...)` loads a
+    checkpoint into the model, before the optimizer is created and before any DDP/accelerate wrap. Splitting there
+    is what makes resuming work (the checkpoint's factor weights find matching modules), and it works with any
+    optimizer: frozen N-LRCs simply have `requires_grad=False`. With `optim="welore_adamw"` the optimizer's own
+    model preparation sees the model is already split and does not split again.
+
+    Args:
+        config ([`WeLoreConfig`], `dict` or `str`, *optional*): Split settings. Defaults to the WeLore keys of
+            `args.optim_args` when `args.optim` is a `welore_*` name, else `WeLoreConfig()`.
+        target_modules (`str` or `list[str]`, *optional*): Which Linears to consider; defaults to
+            `args.optim_target_modules`, else `"all-linear"`.
+
+    Example:
+        ```python
+        >>> args = TrainingArguments("out", optim="welore_adamw", optim_args="target_compression=0.5")
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[WeLoreCallback()])
+        >>> trainer.callback_handler.callbacks[-1].plan.summary()  # the split that was made
+        ```
+    """
+
+    def __init__(self, config: Any = None, target_modules: Any = None) -> None:
+        self.config = config
+        self.target_modules = target_modules
+        self.plan: Any = None
+
+    def _config(self, args: Any) -> Any:
+        from ..configs import WeLoreConfig, parse_optim_args
+        from ..registry import REGISTRY
+        from ..welore import WELORE_OPTIMIZERS, _resolve_config
+
+        if self.config is not None:
+            return _resolve_config(self.config)
+        name = str(getattr(args.optim, "value", args.optim))
+        if name in WELORE_OPTIMIZERS:
+            configs = parse_optim_args(args.optim_args, REGISTRY[name].config_classes, name)
+            return next(c for c in configs if isinstance(c, WeLoreConfig))
+        return WeLoreConfig()
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from ..welore import prepare_for_training
+
+        if model is None:
+            from ..errors import InvalidConfigError
+
+            raise InvalidConfigError(
+                "WeLoreCallback needs the Trainer's model, got None; pass model=... to the Trainer."
+            )
+        targets = self.target_modules or getattr(args, "optim_target_modules", None) or "all-linear"
+        self.plan = prepare_for_training(model, self._config(args), targets)

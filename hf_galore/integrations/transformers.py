@@ -9,9 +9,10 @@ on version strings:
    place, the Trainer holds a reference to it), on older versions by wrapping `Trainer.get_optimizer_cls_and_kwargs`;
 3. makes an unknown `optim=` name fail with our names and the closest match;
 4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
-   fallback to AdamW).
+   fallback to AdamW), and `Trainer.__init__` to run a method's model surgery (WeLore split, Q-GaLore INT8 Linears)
+   before a checkpoint can be loaded into the model.
 
-[`unregister`] undoes all four exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
+[`unregister`] undoes all of it exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
 `Trainer(optimizer_cls_and_kwargs=...)`.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from ..configs import parse_optim_args
 from ..errors import (
     HfGaloreError,
     OptimizerMismatchError,
@@ -49,6 +51,7 @@ class _Registration:
         self.had_own_missing = False
         self.original_get_cls_and_kwargs: Any = None
         self.original_create_optimizer: Any = None
+        self.original_init: Any = None
 
 
 _STATE = _Registration()
@@ -128,7 +131,9 @@ def check_supported_setup(args: Any, name: str) -> None:
     if not spec.layerwise:
         return
     problems = []
-    if getattr(args, "fp16", False):
+    # fp16 may come from TrainingArguments or only from the accelerate launch config (then `args.fp16` stays False).
+    fp16 = getattr(args, "fp16", False) or getattr(args, "mixed_precision", None) == "fp16"
+    if fp16 or os.environ.get("ACCELERATE_MIXED_PRECISION", "") == "fp16":
         problems.append("fp16=True (use bf16=True: loss scaling must unscale and inf-check every gradient first)")
     if getattr(args, "n_gpu", 1) > 1 and _training_args_world_size(args) == 1:
         problems.append(f"torch.nn.DataParallel over {args.n_gpu} GPUs (launch one process per GPU with accelerate)")
@@ -244,6 +249,31 @@ def _wrap_get_cls_and_kwargs(original: Any) -> Any:
     return staticmethod(get_optimizer_cls_and_kwargs)
 
 
+def prepare_model_for(args: Any, model: nn.Module | None) -> None:
+    """Run the model surgery of the optimizer named by `args.optim`, if it has one (idempotent).
+
+    Called at the end of `Trainer.__init__`, so the surgery (WeLore's split, Q-GaLore's INT8 Linears) happens before
+    `train(resume_from_checkpoint=...)` loads the checkpoint's weights into the model, before the optimizer exists
+    and before any DDP wrap. The optimizer handler calls it again and finds the model already prepared.
+    """
+    name = str(getattr(args.optim, "value", args.optim))
+    spec = REGISTRY.get(name)
+    if spec is None or spec.prepare_model is None or model is None:
+        return
+    configs = parse_optim_args(args.optim_args, spec.config_classes, name)
+    spec.prepare_model(model, args.optim_target_modules, configs)
+
+
+def _wrap_init(original: Any) -> Any:
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if getattr(self, "optimizer_cls_and_kwargs", None) is None and getattr(self, "optimizer", None) is None:
+            prepare_model_for(self.args, self.model)
+
+    return __init__
+
+
 def _wrap_create_optimizer(original: Any) -> Any:
     @functools.wraps(original)
     def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -299,6 +329,8 @@ def register() -> None:
     names._missing_ = classmethod(_missing)
     _STATE.original_create_optimizer = Trainer.__dict__["create_optimizer"]
     Trainer.create_optimizer = _wrap_create_optimizer(_STATE.original_create_optimizer)
+    _STATE.original_init = Trainer.__dict__["__init__"]
+    Trainer.__init__ = _wrap_init(_STATE.original_init)
     _STATE.active = True
     logger.debug("hf_galore registered optimizers: %s", ", ".join(REGISTRY))
 
@@ -311,6 +343,7 @@ def unregister() -> None:
 
     names = _optimizer_names()
     Trainer.create_optimizer = _STATE.original_create_optimizer
+    Trainer.__init__ = _STATE.original_init
     if _STATE.had_own_missing:
         names._missing_ = _STATE.missing_hook
     else:
