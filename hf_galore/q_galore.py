@@ -126,19 +126,9 @@ def build_groups(
         )
     carriers = [m.grad_carrier for _, m in int8 if m.grad_carrier.requires_grad]
     logger.info("%s: %d INT8 weights projected (%s)", description, len(carriers), ", ".join(n for n, _ in int8))
-    targeted = {id(c) for c in carriers}
-    no_decay_names = no_decay_names or set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in targeted:
-            continue
-        (no_decay if name in no_decay_names else decay).append(param)
-    groups = [
-        {"params": carriers, "weight_decay": weight_decay, "low_rank": True},
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    from .registry import group_parameters
+
+    return group_parameters(model, carriers, weight_decay, (no_decay_names or set()).__contains__)
 
 
 def _world_size(args: Any) -> int:

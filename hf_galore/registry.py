@@ -214,6 +214,63 @@ def _register_q_galore() -> None:
 _register_q_galore()
 
 
+def _register_flora() -> None:
+    """`flora_adafactor`, `flora_adamw` (+ `_layerwise`, which also accumulate gradients compressed)."""
+    from .configs import FloraAdafactorConfig, FloraConfig
+    from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
+
+    entries = [
+        ("flora_adafactor", FloraAdafactor, False, "FLoRA: Adafactor with momentum compressed by seeded projections."),
+        ("flora_adamw", FloraAdamW, False, "FLoRA: compressed momentum, factored second moment, AdamW lr semantics."),
+        ("flora_adafactor_layerwise", FloraAdafactorLayerwise, True,
+         "flora_adafactor in backward hooks; gradient accumulation compressed to m×r."),
+        ("flora_adamw_layerwise", FloraAdamWLayerwise, True,
+         "flora_adamw in backward hooks; gradient accumulation compressed to m×r."),
+    ]  # fmt: skip
+    for name, cls, layerwise, summary in entries:
+        adafactor = "adafactor" in name
+        register_optimizer(
+            OptimizerSpec(
+                name=name,
+                method="FLoRA",
+                optimizer_cls=cls,
+                config_classes=(FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig,),
+                layerwise=layerwise,
+                adam_style=not adafactor,
+                summary=summary,
+            )
+        )
+
+
+_register_flora()
+
+
+def group_parameters(
+    model: nn.Module,
+    projected: list[nn.Parameter],
+    weight_decay: float,
+    is_no_decay: Callable[[str], bool],
+    low_rank_overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """`[projected (low_rank=True), plain decay, plain no-decay]` over the trainable parameters of `model`.
+
+    Projected parameters get `weight_decay`; every other `requires_grad` parameter gets it unless `is_no_decay(name)`.
+    Empty groups are dropped. Shared by every method's group builder.
+    """
+    projected_ids = {id(p) for p in projected}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in projected_ids:
+            continue
+        (no_decay if is_no_decay(name) else decay).append(param)
+    groups = [
+        {"params": list(projected), "weight_decay": weight_decay, "low_rank": True, **(low_rank_overrides or {})},
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_param_groups(
     model: nn.Module,
     target_modules: TargetSpec | None,
@@ -229,19 +286,8 @@ def build_param_groups(
     """
     resolution = resolve_target_modules(model, target_modules)
     log_resolution(resolution, description)
-    targeted = {id(w) for w in resolution.weights()}
     no_decay_names = no_decay_names if no_decay_names is not None else set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in targeted:
-            continue
-        (no_decay if name in no_decay_names else decay).append(param)
-    groups = [
-        {"params": resolution.weights(), "weight_decay": weight_decay, "low_rank": True, **(low_rank_overrides or {})},
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    return group_parameters(model, resolution.weights(), weight_decay, no_decay_names.__contains__, low_rank_overrides)
 
 
 def make_optimizer_kwargs(

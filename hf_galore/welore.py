@@ -853,13 +853,9 @@ def registry_build_groups(
 
     The Trainer computes its no-decay names before the split, so the factors' new bias names are matched by suffix.
     """
+    from .registry import group_parameters
+
     no_decay_names = no_decay_names or set()
-    decay, no_decay, count = [], [], 0
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        count += param.numel()
-        (no_decay if name in no_decay_names or name.endswith("bias") else decay).append(param)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s: training %d parameters (LRC factors and opted-in tensors).", description, count)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return group_parameters(model, [], weight_decay, lambda name: name in no_decay_names or name.endswith("bias"))

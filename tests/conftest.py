@@ -13,6 +13,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hf_galore  # noqa: F401  (registers the optimizers)
 from hf_galore.utils.logging import reset_warnings
 
+#: The Linear modules of `tiny_roberta_config()` / `tiny_llama_config()` models that "all-linear" selects.
+ROBERTA_ENCODER_LINEARS = {
+    f"roberta.encoder.layer.{i}.{suffix}"
+    for i in range(2)
+    for suffix in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
+}
+LLAMA_LINEARS = {
+    f"model.layers.{i}.{suffix}"
+    for i in range(2)
+    for suffix in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+}
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset():
@@ -71,3 +98,20 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config())
+
+
+@pytest.fixture
+def decomposition_dtypes(monkeypatch):
+    """The dtypes in which GaLore's subspace decompositions run, recorded for the duration of a test."""
+    from hf_galore.projection import subspace
+
+    seen: list[torch.dtype] = []
+    original = subspace.left_basis
+
+    def spy(matrix, *args, **kwargs):
+        result = original(matrix, *args, **kwargs)
+        seen.append(result.dtype)
+        return result
+
+    monkeypatch.setattr(subspace, "left_basis", spy)
+    return seen

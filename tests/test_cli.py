@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig, RobertaConfig
+from conftest import LLAMA_LINEARS, ROBERTA_ENCODER_LINEARS, tiny_llama_config, tiny_roberta_config
 
 import hf_galore
 from hf_galore.cli import main
@@ -23,33 +23,7 @@ EXPECTED_NAMES = {
     "galore_adafactor_layerwise",
 }
 
-ROBERTA_ENCODER_LINEARS = {
-    f"roberta.encoder.layer.{i}.{suffix}"
-    for i in range(2)
-    for suffix in (
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    )
-}
 ROBERTA_HEADS = {"classifier.dense", "classifier.out_proj"}
-
-LLAMA_LINEARS = {
-    f"model.layers.{i}.{suffix}"
-    for i in range(2)
-    for suffix in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-}
 
 
 def _section(output: str, title: str) -> dict[str, str]:
@@ -73,31 +47,13 @@ def _projected(output: str) -> dict[str, str]:
 
 @pytest.fixture
 def roberta_dir(tmp_path: Path) -> Path:
-    config = RobertaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        architectures=["RobertaForSequenceClassification"],
-        num_labels=2,
-    )
-    config.save_pretrained(tmp_path)
+    tiny_roberta_config().save_pretrained(tmp_path)
     return tmp_path
 
 
 @pytest.fixture
 def llama_dir(tmp_path: Path) -> Path:
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        architectures=["LlamaForCausalLM"],
-    )
-    config.save_pretrained(tmp_path)
+    tiny_llama_config().save_pretrained(tmp_path)
     return tmp_path
 
 

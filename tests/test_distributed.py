@@ -112,3 +112,13 @@ def test_checkpoints_resume_on_another_number_of_processes(tmp_path, optim):
             if ZERO_GRADIENT not in name:
                 error = (resumed["params"][name] - value).norm() / value.norm()
                 assert error <= 1e-5, (name, float(error))
+
+
+def test_flora_compressed_accumulation_on_two_processes_equals_one_process(tmp_path):
+    # The accumulation projection is seeded from (weight seed, step): every rank compresses with the same matrix, so
+    # all-reducing the r×n accumulators equals compressing the one-process sum.
+    common = ("--optim", "flora_adamw_layerwise", "--optim-args", "rank=4, kappa=3", "--ga", "2")
+    (single,) = _run(tmp_path / "single", 1, *common, "--batch", "4")
+    rank0, rank1 = _run(tmp_path / "ddp", 2, *common, "--batch", "2")
+    assert_same_training(single, rank0)
+    assert rank0["checksums"] == rank1["checksums"]

@@ -5,42 +5,17 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import LLAMA_LINEARS, ROBERTA_ENCODER_LINEARS
 from torch import nn
 
 from hf_galore.errors import NoTargetModulesError
 from hf_galore.targeting import log_resolution, resolve_target_modules, summarize_names
 
-ROBERTA_ENCODER = {
-    f"roberta.encoder.layer.{i}.{suffix}"
-    for i in range(2)
-    for suffix in (
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    )
-}
-LLAMA_LINEARS = {
-    f"model.layers.{i}.{suffix}"
-    for i in range(2)
-    for suffix in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-}
-
 
 def test_all_linear_excludes_the_classifier_head(tiny_roberta):
-    assert set(resolve_target_modules(tiny_roberta, "all-linear").names) == ROBERTA_ENCODER
+    assert set(resolve_target_modules(tiny_roberta, "all-linear").names) == ROBERTA_ENCODER_LINEARS
     with_heads = set(resolve_target_modules(tiny_roberta, "all_linear", include_heads=True).names)
-    assert with_heads == ROBERTA_ENCODER | {"classifier.dense", "classifier.out_proj"}
+    assert with_heads == ROBERTA_ENCODER_LINEARS | {"classifier.dense", "classifier.out_proj"}
 
 
 def test_all_linear_excludes_lm_head(tiny_llama):
@@ -57,7 +32,7 @@ def test_string_is_a_fullmatch_regex(tiny_llama):
 
 def test_list_is_exact_name_or_dot_suffix(tiny_roberta):
     names = resolve_target_modules(tiny_roberta, ["query", "attention.output.dense"]).names
-    assert set(names) == {n for n in ROBERTA_ENCODER if n.endswith(("query", "attention.output.dense"))}
+    assert set(names) == {n for n in ROBERTA_ENCODER_LINEARS if n.endswith(("query", "attention.output.dense"))}
     # "output.dense" as a suffix matches both the attention output and the FFN output, like PEFT.
     assert len(resolve_target_modules(tiny_roberta, ["output.dense"]).names) == 4
     # No substring matching: "quer" is not a suffix after a dot.

@@ -134,3 +134,69 @@ class ReferenceGaLoreAdafactor:
             update_rms = math.sqrt(float((update * update).mean()))
             update = update / max(1.0, update_rms / self.clip)
             w.copy_(w - self.lr * self.scale * reference_project_back(update, side, st["P"], st["Q"]))
+
+
+# ---------------------------------------------------------------------------------------------------- FLoRA
+def reference_gaussian(seed: int, dim: int, rank: int) -> torch.Tensor:
+    """dim×rank matrix of N(0, 1/rank) entries drawn from a CPU generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, rank, generator=gen) / math.sqrt(rank)
+
+
+def reference_up(low: torch.Tensor, side: str, proj: torch.Tensor) -> torch.Tensor:
+    """Decompression: P C (left) or C Pᵀ (right)."""
+    return torch.matmul(proj, low) if side == "left" else torch.matmul(low, proj.T)
+
+
+def reference_down(full: torch.Tensor, side: str, proj: torch.Tensor) -> torch.Tensor:
+    """Compression: Pᵀ G (left) or G P (right)."""
+    return torch.matmul(proj.T, full) if side == "left" else torch.matmul(full, proj)
+
+
+class ReferenceFlora:
+    """FLoRA for one weight, straight from the paper: full-size factored second moment, compressed momentum with
+    resampling and transfer M ← down_new(up_old(M)) every `kappa` steps, decoupled weight decay, fixed lr.
+
+    `kind="adafactor"`: U = G/√V̂ (β2ₜ = 1 − t^decay), applied = β1·up(M) + (1−β1)·U, M updated with down(U), the
+    applied update RMS-clipped. `kind="adamw"`: row/col EMAs with β2, m = β1·up(M) + (1−β1)·G, bias-corrected
+    Adam step with eps outside the square root. `projection(k)` returns the k-th momentum projection (dim×r).
+    """
+
+    def __init__(self, weight, lr, side, projection, kind="adafactor", beta1=0.9, beta2=0.999, eps=1e-8, kappa=4,
+                 weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8, eps1=1e-30):  # fmt: skip
+        self.w, self.lr, self.side, self.projection, self.kind = weight, lr, side, projection, kind
+        self.beta1, self.beta2, self.eps, self.kappa, self.wd = beta1, beta2, eps, kappa, weight_decay
+        self.clip, self.decay, self.eps1 = clip_threshold, decay_rate, eps1
+        m, n = weight.shape
+        r = projection(0).shape[1]
+        self.M = torch.zeros(r, n) if side == "left" else torch.zeros(m, r)
+        self.row, self.col = torch.zeros(m), torch.zeros(n)
+        self.t, self.k = 0, 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        g = grad.float()
+        self.t += 1
+        sq = g * g + self.eps1
+        b2 = 1.0 - self.t**self.decay if self.kind == "adafactor" else self.beta2
+        self.row = b2 * self.row + (1 - b2) * sq.mean(dim=1)
+        self.col = b2 * self.col + (1 - b2) * sq.mean(dim=0)
+        v_hat = torch.outer(self.row, self.col) / self.row.mean()
+        fresh = g / torch.sqrt(v_hat) if self.kind == "adafactor" else g
+        P = self.projection(self.k)
+        applied = self.beta1 * reference_up(self.M, self.side, P) + (1 - self.beta1) * fresh
+        if self.t % self.kappa == 0:
+            self.k += 1
+            P_new = self.projection(self.k)
+            self.M = reference_down(reference_up(self.M, self.side, P), self.side, P_new)
+            P = P_new
+        self.M = self.beta1 * self.M + (1 - self.beta1) * reference_down(fresh, self.side, P)
+        w = self.w
+        if self.kind == "adafactor":
+            applied_rms = math.sqrt(float((applied * applied).mean()))
+            applied = applied / max(1.0, applied_rms / self.clip)
+            w.copy_(w - self.lr * self.wd * w - self.lr * applied)
+        else:
+            bc1, bc2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
+            denom = torch.sqrt(v_hat / bc2) + self.eps
+            w.copy_(w * (1 - self.lr * self.wd) - (self.lr / bc1) * applied / denom)

@@ -117,7 +117,7 @@ class LayerwiseMixin:
             self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
             self._finish(p, grad, group)
             return
-        if self._refresh_due(state, group):  # type: ignore[attr-defined]
+        if self._keeps_full_gradient(p, state, group, sync):
             if not sync:
                 return  # the refresh needs the whole accumulated gradient: keep it
             grad = self._all_reduce_mean(p.grad)
@@ -127,7 +127,7 @@ class LayerwiseMixin:
             if prepared is not None:
                 self._finish(p, prepared, group)
             return
-        low = project(p.grad, side, *self._bases(state))  # type: ignore[attr-defined]
+        low = self._compress_gradient(p, p.grad, state)
         if not sync:
             self._norm_is_exact = False
         accumulated = self._low_rank_grads.pop(p, None)
@@ -147,6 +147,18 @@ class LayerwiseMixin:
             self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
         p.grad = None
         self._finish(p, low, group)
+
+    # Two overridable decisions of the hook (FLoRA overrides both; GaLore keeps these defaults).
+    def _keeps_full_gradient(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], sync: bool) -> bool:
+        """Whether this micro-step keeps (or uses) the full gradient instead of the compressed accumulator.
+
+        GaLore: on steps that refresh the basis, whose SVD needs the whole accumulated gradient.
+        """
+        return self._refresh_due(state, group)  # type: ignore[attr-defined]
+
+    def _compress_gradient(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """The small tensor accumulated (and all-reduced) between optimizer steps; GaLore: the projected gradient."""
+        return project(grad, Side(state["side"]), *self._bases(state))  # type: ignore[attr-defined]
 
     def _finish(self, p: torch.Tensor, prepared: torch.Tensor, group: dict[str, Any]) -> None:
         """Apply now, or (with clipping) once the global norm is known in `step()`."""
@@ -186,9 +198,10 @@ class LayerwiseMixin:
             if not self._norm_is_exact:
                 self._warn_once(  # type: ignore[attr-defined]
                     "approximate_norm",
-                    "Layer-wise clipping with gradient accumulation or several processes measures projected "
-                    "weights by the norm of their accumulated, all-reduced projected gradient (a lower bound of the "
-                    "full gradient's norm, exact on refresh steps); the full gradients are never kept.",
+                    "Layer-wise clipping with gradient accumulation or several processes measures compressed "
+                    "weights by the norm of their accumulated, all-reduced compressed gradient (for GaLore's "
+                    "orthonormal bases a lower bound of the full gradient's norm, exact on refresh steps; for FLoRA's "
+                    "random projections an estimate); the full gradients are never kept.",
                 )
             coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         for p, prepared in self._ready:

@@ -1,0 +1,283 @@
+"""FLoRA optimizers (Hao et al., 2024, arXiv:2402.03293): compressed momentum through seeded random projections.
+
+For each weight of a `low_rank=True` group (an m×n weight, rank r < min(m, n)):
+
+* the **second moment** is Adafactor's factored row/column estimate of the *full* gradient (m + n numbers); it is
+  never projected, because a random projection of a non-negative statistic is not non-negative;
+* the **first moment** M is kept compressed (r×n or m×r) through a Gaussian projection P (N(0, 1/r) entries,
+  E[P Pᵀ] = I) regenerated from an int seed. The applied momentum is β·up(M) + (1−β)·(fresh term), the fresh term
+  entering uncompressed; every `kappa` steps P is resampled and M is transferred, M ← down_new(up_old(M));
+* with the **layer-wise** names and gradient accumulation, the micro-step gradients of these weights are
+  accumulated compressed (by the [`LayerwiseMixin`] hooks, through its `_compress_gradient` hook) with a projection
+  that is fixed within one accumulation window and resampled for the next, and decompressed once at the boundary.
+
+Every other parameter gets the plain inner update of the parent class (`transformers.Adafactor` /
+`torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `step`,
+`resample_count` (the κ phase is `step % kappa`), `rows`, `cols`, `side`; no projection is ever stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InvalidConfigError
+from ..projection.random import compress, decompress, gaussian_projection, projected_dim, transfer
+from ..projection.subspace import Side, choose_side, low_rank_shape
+from .base import _mix_seed, bias_corrections, rms
+from .galore import GaLoreAdafactor, GaLoreAdamW
+from .layerwise import LayerwiseMixin
+
+#: Independent seed streams of one weight: the momentum projection (indexed by resampling count) and the
+#: accumulation projection (indexed by optimizer step).
+MOMENTUM_STREAM = 1
+ACCUMULATION_STREAM = 2
+
+#: GaLore knobs of the shared base class that mean nothing for FLoRA; passing one is an error, not a silent no-op.
+_GALORE_ONLY = ("update_proj_gap", "scale", "svd", "power_iters", "oversample", "stagger")
+_FLORA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+#: Adafactor's regulariser of the squared gradient, also used by FloraAdamW's factored second moment so that an
+#: all-zero row cannot divide by zero.
+_EPS_SQUARE = 1e-30
+
+
+class _FloraMixin:
+    """The FLoRA machinery shared by [`FloraAdafactor`] and [`FloraAdamW`] (mixed in before the inner optimizer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        galore_only = [k for k in kwargs if k in _GALORE_ONLY]
+        if galore_only:
+            raise InvalidConfigError(
+                f"{type(self).__name__} got GaLore-only argument(s) {galore_only}, which FLoRA does not use. "
+                "FLoRA's knobs are rank, kappa, proj_type and seed; remove the others."
+            )
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
+        super()._validate_hyperparameters(hp)  # type: ignore[misc]
+        kappa = hp["kappa"]
+        if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1:
+            raise InvalidConfigError(
+                f"Invalid kappa {kappa!r}: it must be a positive integer (optimizer steps between resamplings of "
+                "the momentum projection). Set e.g. kappa=1000."
+            )
+        if hp["proj_type"] not in _FLORA_PROJ_TYPES:
+            raise InvalidConfigError(
+                f"proj_type={hp['proj_type']!r} is not valid for FLoRA (its projections are one-sided); choose "
+                f"one of {', '.join(_FLORA_PROJ_TYPES)}."
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]  # type: ignore[attr-defined]
+        if not group["low_rank"]:
+            return
+        for p in group["params"]:
+            if group["rank"] > min(p.shape):
+                raise InvalidConfigError(
+                    f"FLoRA rank={group['rank']} exceeds the smaller dimension of a targeted weight of shape "
+                    f"{tuple(p.shape)}: a random projection cannot have more columns than the dimension it "
+                    f"compresses. Lower rank to at most {min(p.shape)}, or leave that module out of "
+                    "optim_target_modules."
+                )
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]  # type: ignore[attr-defined]
+        state["step"] = 0
+        side = choose_side(p.shape, group["proj_type"], group["rank"]) if group["low_rank"] else Side.NONE
+        state["side"] = int(side)
+        if side == Side.NONE:
+            self._init_inner_state(state, tuple(p.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
+            return state
+        state["seed"] = _mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
+        state["resample_count"] = 0
+        state["rows"], state["cols"] = (int(d) for d in p.shape)
+        kwargs = {"dtype": torch.float32, "device": p.device}
+        if self._uses_momentum(group):
+            state["exp_avg"] = torch.zeros(low_rank_shape(p.shape, side, group["rank"]), **kwargs)
+        state["exp_avg_sq_row"] = torch.zeros(p.shape[0], **kwargs)
+        state["exp_avg_sq_col"] = torch.zeros(p.shape[1], **kwargs)
+        return state
+
+    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ projections
+    def projection(self, state: dict[str, Any], stream: int, index: int, rank: int) -> torch.Tensor:
+        """The fp32 projection of one weight for `stream` ([`MOMENTUM_STREAM`] or [`ACCUMULATION_STREAM`]) and
+        `index` (resampling count or optimizer step), regenerated from its seed on the weight's device."""
+        side = Side(state["side"])
+        dim = projected_dim((state["rows"], state["cols"]), side)
+        device = state["exp_avg_sq_row"].device
+        return gaussian_projection(_mix_seed(state["seed"], stream, index), dim, rank, device=device)
+
+    def _accumulation_projection(self, state: dict[str, Any], rank: int) -> torch.Tensor:
+        # Indexed by the step being accumulated: fixed within one window, fresh for the next.
+        return self.projection(state, ACCUMULATION_STREAM, state["step"], rank)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _prepare_gradient(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """FLoRA's update reads the full gradient (only the statistics are compressed)."""
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        self._state_for(p, group)  # type: ignore[attr-defined]
+        return grad
+
+    def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """One update from a full gradient, or from a compressed accumulator handed over by the layer-wise hooks
+        (recognised by its shape, which differs from the weight's since rank < min(m, n))."""
+        state = self._state_for(p, group)  # type: ignore[attr-defined]
+        side = Side(state["side"])
+        if side == Side.NONE:
+            state["step"] += 1
+            self._plain_update(p, grad, state, group)  # type: ignore[attr-defined]
+            return
+        grad = grad.float()
+        if grad.shape != p.shape:
+            grad = decompress(grad, side, self._accumulation_projection(state, group["rank"]))
+        state["step"] += 1
+        self._flora_update(p, grad, state, group)
+
+    def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        raise NotImplementedError
+
+    def _compressed_momentum(
+        self, state: dict[str, Any], group: dict[str, Any], fresh: torch.Tensor, beta: float
+    ) -> torch.Tensor:
+        """β·up(M) + (1−β)·fresh (returned, full size); then resample on κ boundaries and M ← β·M + (1−β)·down(fresh).
+
+        The fresh term enters the applied momentum uncompressed (no projection noise on the newest information);
+        only the history is compressed.
+        """
+        side, rank, exp_avg = Side(state["side"]), group["rank"], state["exp_avg"]
+        old = self.projection(state, MOMENTUM_STREAM, state["resample_count"], rank)
+        applied = decompress(exp_avg, side, old).mul_(beta).add_(fresh, alpha=1 - beta)
+        current = old
+        if state["step"] % group["kappa"] == 0:
+            state["resample_count"] += 1
+            current = self.projection(state, MOMENTUM_STREAM, state["resample_count"], rank)
+            exp_avg.copy_(transfer(exp_avg, side, old, current))
+        exp_avg.mul_(beta).add_(compress(fresh, side, current), alpha=1 - beta)
+        return applied
+
+
+class _FloraLayerwiseMixin(LayerwiseMixin):
+    """Compressed gradient accumulation for FLoRA weights in the layer-wise hooks."""
+
+    def _keeps_full_gradient(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], sync: bool) -> bool:
+        # A window of one micro-step (no accumulation, or nothing accumulated yet at the boundary) uses the exact
+        # full gradient; otherwise every micro-step is compressed, so no full gradient outlives its backward.
+        return sync and p not in self._low_rank_grads
+
+    def _compress_gradient(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        group = self._group_of(p)
+        projection = self._accumulation_projection(state, group["rank"])  # type: ignore[attr-defined]
+        # Projected in the gradient's dtype (no m×n fp32 copy), accumulated in fp32.
+        return compress(grad, Side(state["side"]), projection.to(grad.dtype)).float()
+
+
+class FloraAdafactor(_FloraMixin, GaLoreAdafactor):
+    """Adafactor with FLoRA's compressed first moment (the paper's optimizer).
+
+    For a targeted weight with gradient G: the factored second moment V̂ of G (Adafactor, β2ₜ = 1 − t^decay_rate),
+    U = G / √V̂, applied = β1·up(M) + (1 − β1)·U, M ← β1·M + (1 − β1)·down(U) (with resampling and transfer every
+    `kappa` steps), applied /= max(1, RMS(applied)/clip_threshold), then W ← W − lr·wd·W − lr·applied, where lr is
+    Adafactor's step size (`lr`, times RMS(W) with `scale_parameter`, or the relative step). Other parameters follow
+    `transformers.Adafactor`.
+
+    Args:
+        params (`Iterable`): Parameters or param groups; `low_rank=True` groups hold the 2-D weights to compress.
+        lr (`float`, defaults to 1e-3): Learning rate (ignored when `relative_step=True`).
+        beta1 (`float`, *optional*, defaults to 0.9): Momentum coefficient; `None` or 0 keeps no first moment.
+        kappa (`int`, defaults to 1000): Steps between resamplings of the momentum projection.
+        rank (`int`, defaults to 128): Rank of the projections (≤ min(m, n) of every targeted weight).
+        proj_type (`str`, defaults to `"std"`): Compressed side (`std`, `reverse_std`, `left`, `right`).
+        seed (`int`, defaults to 0): Base seed of the projections.
+        **kwargs: Adafactor knobs (`eps`, `clip_threshold`, `decay_rate`, `scale_parameter`, `relative_step`,
+            `warmup_init`, `weight_decay`), see [`AdafactorConfig`].
+
+    Example:
+        ```python
+        >>> groups = [{"params": other_params}, {"params": linear_weights, "low_rank": True}]
+        >>> optimizer = FloraAdafactor(groups, lr=1e-3, rank=64, kappa=1000)
+        ```
+    """
+
+    inner_defaults: ClassVar[dict[str, Any]] = {**GaLoreAdafactor.inner_defaults, "beta1": 0.9, "kappa": 1000}
+
+    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+        return bool(group["beta1"])
+
+    def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        p32 = p if p.dtype == torch.float32 else p.float()
+        step_size = self._step_size(group, state["step"], p32)
+        # Adafactor's factored normalisation without its clipping: FLoRA clips the applied (momentum) update.
+        update = self._normalized_update(grad32, state, {**group, "clip_threshold": math.inf})
+        if "exp_avg" in state:
+            update = self._compressed_momentum(state, group, update, group["beta1"])
+        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        if group["weight_decay"] != 0:
+            p32.add_(p32, alpha=-group["weight_decay"] * step_size)
+        p32.add_(update, alpha=-step_size)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+class FloraAdamW(_FloraMixin, GaLoreAdamW):
+    """AdamW-like FLoRA: compressed first moment, Adafactor-factored second moment, AdamW's lr semantics.
+
+    For a targeted weight with gradient G: row/column EMAs (β2) of G² give the factored V̂; m = β1·up(M) + (1−β1)·G,
+    M ← β1·M + (1 − β1)·down(G) (resampled and transferred every `kappa` steps); then W ← W·(1 − lr·wd) −
+    lr/(1 − β1ᵗ) · m / (√(V̂/(1 − β2ᵗ)) + eps). The second moment is never projected (a projected v can go negative).
+    Other parameters follow `torch.optim.AdamW` exactly.
+
+    Args:
+        params (`Iterable`): Parameters or param groups; `low_rank=True` groups hold the 2-D weights to compress.
+        lr (`float`, defaults to 1e-3): Learning rate.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Moment coefficients; β1 = 0 keeps no momentum.
+        eps (`float`, defaults to 1e-8): Term added to the denominator.
+        weight_decay (`float`, defaults to 0.0): Decoupled weight decay.
+        kappa (`int`, defaults to 1000): Steps between resamplings of the momentum projection.
+        **kwargs: `rank`, `proj_type`, `seed`, see [`FloraConfig`].
+
+    Example:
+        ```python
+        >>> groups = [{"params": other_params}, {"params": linear_weights, "low_rank": True}]
+        >>> optimizer = FloraAdamW(groups, lr=1e-3, rank=64, kappa=1000)
+        ```
+    """
+
+    inner_defaults: ClassVar[dict[str, Any]] = {**GaLoreAdamW.inner_defaults, "kappa": 1000}
+
+    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+        return group["betas"][0] > 0
+
+    def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        beta1, beta2 = group["betas"]
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        square = grad32.square().add_(_EPS_SQUARE)
+        row.mul_(beta2).add_(square.mean(dim=-1), alpha=1 - beta2)
+        col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
+        bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, state["step"])
+        second = torch.outer(row / row.mean(), col)
+        denom = second.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
+        momentum = self._compressed_momentum(state, group, grad32, beta1) if "exp_avg" in state else grad32
+        p32 = p if p.dtype == torch.float32 else p.float()
+        if group["weight_decay"] != 0:
+            p32.mul_(1 - group["lr"] * group["weight_decay"])
+        p32.addcdiv_(momentum, denom, value=-group["lr"] / bias_correction1)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+class FloraAdafactorLayerwise(_FloraLayerwiseMixin, FloraAdafactor):
+    """[`FloraAdafactor`] stepping each weight in its backward hook, accumulating compressed gradients."""
+
+
+class FloraAdamWLayerwise(_FloraLayerwiseMixin, FloraAdamW):
+    """[`FloraAdamW`] stepping each weight in its backward hook, accumulating compressed gradients."""

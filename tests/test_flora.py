@@ -1,0 +1,307 @@
+"""FLoRA: seeded random projections, the optimizers against a slow reference, compressed gradient accumulation in
+the layer-wise hooks, and the stock Trainer (training with GA, exact resume, errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config, tiny_roberta_config
+from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
+from transformers import LlamaForCausalLM, RobertaForSequenceClassification
+
+from hf_galore import REGISTRY
+from hf_galore.configs import FloraConfig
+from hf_galore.errors import InvalidConfigError
+from hf_galore.optim._reference import ReferenceFlora
+from hf_galore.optim.base import _mix_seed
+from hf_galore.optim.flora import (
+    ACCUMULATION_STREAM,
+    MOMENTUM_STREAM,
+    FloraAdafactor,
+    FloraAdafactorLayerwise,
+    FloraAdamW,
+    FloraAdamWLayerwise,
+)
+from hf_galore.projection.random import compress, decompress, gaussian_projection, transfer
+from hf_galore.projection.subspace import Side
+
+FLORA_NAMES = sorted(n for n, spec in REGISTRY.items() if spec.method == "FLoRA")
+
+
+# ------------------------------------------------------------------------------------------------ projections
+def test_projection_is_isotropic_in_expectation():
+    dim, rank, draws = 8, 4, 3000
+    mean = sum(gaussian_projection(s, dim, rank) @ gaussian_projection(s, dim, rank).T for s in range(draws)) / draws
+    # Entry std of the mean ≈ sqrt(2/(r·draws)) ≈ 0.013: 0.08 is > 6σ, while one draw is far from I.
+    assert (mean - torch.eye(dim)).abs().max() < 0.08
+    single = gaussian_projection(0, dim, rank)
+    assert (single @ single.T - torch.eye(dim)).abs().max() > 0.3
+    assert gaussian_projection(0, 1000, 10).var().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_same_seed_same_matrix_and_distinct_seeds_differ():
+    a, b = gaussian_projection(123, 7, 3), gaussian_projection(123, 7, 3)
+    assert torch.equal(a, b) and a.shape == (7, 3) and a.dtype == torch.float32
+    assert not torch.equal(a, gaussian_projection(124, 7, 3))
+    # The seed sequence is a pure function of ints (same on every process and after a resume).
+    assert [_mix_seed(5, MOMENTUM_STREAM, k) for k in range(3)] == [_mix_seed(5, MOMENTUM_STREAM, k) for k in range(3)]
+    assert len({_mix_seed(5, s, k) for s in (MOMENTUM_STREAM, ACCUMULATION_STREAM) for k in range(50)}) == 100
+    assert gaussian_projection(1, 4, 2, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_decompressed_gradient_is_unbiased_over_seeds():
+    torch.manual_seed(0)
+    grad = torch.randn(6, 40)
+    draws = 4000
+
+    def mean_estimate(scale: float) -> torch.Tensor:
+        total = torch.zeros_like(grad)
+        for s in range(draws):
+            proj = gaussian_projection(s, 6, 2) * scale
+            total += decompress(compress(grad, Side.LEFT, proj), Side.LEFT, proj)
+        return total / draws
+
+    rel = lambda est: float((est - grad).norm() / grad.norm())  # noqa: E731
+    # Expected relative error of the mean ≈ sqrt((m+1)/(r·draws)) ≈ 0.03; one draw is ≈ 1.9 off; a 10% bias in the
+    # projection's variance (scale² = 1.1) gives ≥ 0.1: the tolerance separates them.
+    assert rel(mean_estimate(1.0)) < 0.07
+    assert rel(mean_estimate(1.1**0.5)) > 0.08
+    proj = gaussian_projection(0, 6, 2)
+    assert rel(decompress(compress(grad, Side.LEFT, proj), Side.LEFT, proj)) > 0.5
+
+
+def test_full_rank_orthogonal_compression_equals_plain_accumulation():
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 9, dtype=torch.float64) for _ in range(4)]
+    for side, dim in ((Side.LEFT, 5), (Side.RIGHT, 9)):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+        accumulator = sum(compress(g, side, q) for g in grads)
+        torch.testing.assert_close(decompress(accumulator, side, q), sum(grads))
+
+
+def test_transfer_equals_up_then_down():
+    low = torch.randn(3, 11)
+    old, new = gaussian_projection(1, 7, 3), gaussian_projection(2, 7, 3)
+    torch.testing.assert_close(
+        transfer(low, Side.LEFT, old, new), compress(decompress(low, Side.LEFT, old), Side.LEFT, new)
+    )
+    low = torch.randn(11, 3)
+    torch.testing.assert_close(
+        transfer(low, Side.RIGHT, old, new), compress(decompress(low, Side.RIGHT, old), Side.RIGHT, new)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)], ids=["left", "right"])
+@pytest.mark.parametrize("cls,kind", [(FloraAdafactor, "adafactor"), (FloraAdamW, "adamw")])
+def test_optimizer_matches_the_slow_reference(cls, kind, shape):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape))
+    ref_weight = weight.detach().clone()
+    optimizer = cls([{"params": [weight], "low_rank": True}], lr=0.01, rank=3, kappa=3, weight_decay=0.1)
+    side = "left" if shape[0] < shape[1] else "right"
+    dim = min(shape)
+    grads = [torch.randn(shape) for _ in range(10)]
+    reference = None
+    for g in grads:
+        weight.grad = g.clone()
+        optimizer.step()
+        if reference is None:  # the weight's seed exists once its state does
+            seed = optimizer.state[weight]["seed"]
+            reference = ReferenceFlora(ref_weight, 0.01, side, lambda k, seed=seed: gaussian_projection(
+                _mix_seed(seed, MOMENTUM_STREAM, k), dim, 3), kind=kind, kappa=3, weight_decay=0.1)  # fmt: skip
+        reference.step(g)
+        torch.testing.assert_close(weight.detach(), ref_weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(optimizer.state[weight]["exp_avg"], reference.M, rtol=1e-5, atol=1e-6)
+    state = optimizer.state[weight]
+    assert state["resample_count"] == 3 and state["step"] == 10  # resampled at steps 3, 6, 9
+    assert state["exp_avg"].shape == ((3, 20) if side == "left" else (20, 3))
+    assert all(isinstance(v, (int, torch.Tensor)) for v in state.values())
+
+
+@pytest.mark.parametrize("cls", [FloraAdafactor, FloraAdamW])
+def test_second_moment_stays_non_negative_across_resamplings(cls):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 30))
+    optimizer = cls([{"params": [weight], "low_rank": True}], lr=1e-2, rank=2, kappa=1)
+    for _ in range(6):
+        weight.grad = torch.randn(8, 30)
+        optimizer.step()
+        state = optimizer.state[weight]
+        assert (state["exp_avg_sq_row"] > 0).all() and (state["exp_avg_sq_col"] > 0).all()
+        assert state["exp_avg_sq_row"].shape == (8,) and state["exp_avg_sq_col"].shape == (30,)
+    assert torch.isfinite(weight).all() and state["resample_count"] == 6
+
+
+def test_momentum_transfer_equals_the_reference_formula():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(5, 12))
+    optimizer = FloraAdamW([{"params": [weight], "low_rank": True}], lr=1e-3, rank=2, kappa=2)
+    weight.grad = torch.randn(5, 12)
+    optimizer.step()
+    state = optimizer.state[weight]
+    before = state["exp_avg"].clone()
+    grad = torch.randn(5, 12)
+    weight.grad = grad.clone()
+    optimizer.step()  # step 2: resample, transfer, then add the fresh gradient
+    old = gaussian_projection(_mix_seed(state["seed"], MOMENTUM_STREAM, 0), 5, 2)
+    new = gaussian_projection(_mix_seed(state["seed"], MOMENTUM_STREAM, 1), 5, 2)
+    expected = 0.9 * (new.T @ (old @ before)) + 0.1 * (new.T @ grad)
+    torch.testing.assert_close(state["exp_avg"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_target_parameters_follow_torch_adamw_exactly():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    b.data.copy_(a.data)
+    ours = FloraAdamW([a], lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(4, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ compressed GA
+def _layerwise(cls, weight, flag, **kwargs):
+    return cls([{"params": [weight], "low_rank": True}], lr=1e-2, rank=2, kappa=5, sync_gradients=lambda: flag[0],
+               **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [FloraAdamWLayerwise, FloraAdafactorLayerwise])
+def test_layerwise_accumulates_compressed_and_matches_the_decompressed_sum(cls):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    weight = torch.nn.Parameter(torch.randn(6, 16))  # m < n: left, accumulator r×n
+    twin = torch.nn.Parameter(weight.detach().clone())
+    flag = [False]
+    optimizer = _layerwise(cls, weight, flag)
+    plain = (FloraAdamW if cls is FloraAdamWLayerwise else FloraAdafactor)(
+        [{"params": [twin], "low_rank": True}], lr=1e-2, rank=2, kappa=5
+    )
+    micro = [torch.randn(6, 4) for _ in range(3)]
+    for i, upstream in enumerate(micro):
+        flag[0] = i == len(micro) - 1
+        (weight @ x.T).backward(upstream)
+        if not flag[0]:
+            assert weight.grad is None  # the full gradient is freed at every micro-step
+            accumulator = optimizer._low_rank_grads[weight]
+            assert accumulator.shape == (2, 16) and accumulator.dtype == torch.float32
+            assert accumulator.numel() * 4 == 2 * 16 * 4  # r×n fp32 bytes, not m×n
+    optimizer.step()
+    assert not optimizer._low_rank_grads
+    state = optimizer.state[weight]
+    assert state["step"] == 1
+    # The same update from the decompressed accumulated gradient on the non-layer-wise optimizer.
+    proj = gaussian_projection(_mix_seed(state["seed"], ACCUMULATION_STREAM, 0), 6, 2)
+    total = sum(compress(u @ x, Side.LEFT, proj) for u in micro)
+    twin.grad = decompress(total, Side.LEFT, proj)
+    plain.step()
+    torch.testing.assert_close(weight.detach(), twin.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_layerwise_without_accumulation_uses_the_exact_gradient():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(12, 5))  # m ≥ n: right, accumulator m×r
+    twin = torch.nn.Parameter(weight.detach().clone())
+    optimizer = _layerwise(FloraAdamWLayerwise, weight, [True])
+    plain = FloraAdamW([{"params": [twin], "low_rank": True}], lr=1e-2, rank=2, kappa=5)
+    for _ in range(3):
+        g = torch.randn(12, 5)
+        weight.grad = None
+        (weight * g).sum().backward()
+        optimizer.step()
+        twin.grad = g
+        plain.step()
+    assert torch.equal(weight.detach(), twin.detach())
+    assert optimizer.state[weight]["exp_avg"].shape == (12, 2)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_bad_input_raises_clear_errors():
+    weight = torch.nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(InvalidConfigError, match=r"rank=5 exceeds.*\(4, 6\).*at most 4"):
+        FloraAdamW([{"params": [weight], "low_rank": True}], rank=5)
+    with pytest.raises(InvalidConfigError, match="kappa"):
+        FloraAdamW([weight], kappa=0)
+    with pytest.raises(InvalidConfigError, match=r"kappa must be a positive integer.*got -1"):
+        FloraConfig(kappa=-1)
+    with pytest.raises(InvalidConfigError, match="rank must be a positive integer, got 0"):
+        FloraConfig(rank=0)
+    with pytest.raises(InvalidConfigError, match="proj_type='full' is not valid for FLoRA"):
+        FloraConfig(proj_type="full")
+    with pytest.raises(InvalidConfigError, match="GaLore-only"):
+        FloraAdafactor([weight], update_proj_gap=10)
+
+
+def test_bad_optim_args_fail_in_the_trainer(tmp_path):
+    model, dataset = _model("roberta")
+    args = training_args(tmp_path, "flora_adamw", optim_args="rank=4, kappa=0")
+    with pytest.raises(InvalidConfigError, match="kappa"):
+        make_trainer(model, args, dataset).train()
+    args = training_args(tmp_path, "flora_adamw", optim_args="rank=64")
+    with pytest.raises(InvalidConfigError, match="exceeds the smaller dimension"):
+        make_trainer(model, args, dataset).train()
+
+
+# ------------------------------------------------------------------------------------------------ Trainer
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "roberta":
+        return RobertaForSequenceClassification(tiny_roberta_config()), classification_dataset()
+    return LlamaForCausalLM(tiny_llama_config()), lm_dataset()
+
+
+def _args(path, name, **overrides):
+    values = dict(optim_args="rank=4, kappa=3", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                  max_steps=12, learning_rate=1e-2)  # fmt: skip
+    values.update(overrides)
+    return training_args(path, name, **values)
+
+
+@pytest.mark.parametrize("name", FLORA_NAMES)
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_trainer_with_gradient_accumulation_trains(tmp_path, name, kind, monkeypatch):
+    from hf_galore.optim.flora import _FloraLayerwiseMixin
+
+    compressed_shapes = set()
+    original = _FloraLayerwiseMixin._compress_gradient
+
+    def spy(self, p, grad, state):
+        low = original(self, p, grad, state)
+        compressed_shapes.add((tuple(p.shape), tuple(low.shape)))
+        return low
+
+    monkeypatch.setattr(_FloraLayerwiseMixin, "_compress_gradient", spy)
+    model, dataset = _model(kind)
+    trainer = make_trainer(model, _args(tmp_path, name), dataset)
+    loss_before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < loss_before
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer) is REGISTRY[name].optimizer_cls
+    compressed = [s for s in optimizer.state.values() if s.get("side", 0)]
+    assert len(compressed) == (12 if kind == "roberta" else 14)
+    assert all(s["step"] == 12 and s["resample_count"] == 4 for s in compressed)
+    if REGISTRY[name].layerwise:  # micro-step gradients were accumulated as r×n / m×r inside the Trainer
+        assert compressed_shapes and all(min(low) == 4 and max(low) == max(full) for full, low in compressed_shapes)
+    else:  # the non-layer-wise names leave accumulation to the Trainer (full-size p.grad)
+        assert not compressed_shapes
+
+
+@pytest.mark.parametrize("name", ["flora_adamw", "flora_adafactor_layerwise"])
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name):
+    args = dict(max_steps=8, save_strategy="steps", save_steps=5, logging_steps=1)
+    model, dataset = _model("roberta")
+    make_trainer(model, _args(tmp_path / "full", name, **args), dataset).train()
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    resumed_model, _ = _model("roberta")
+    trainer = make_trainer(resumed_model, _args(tmp_path / "full", name, **args), dataset)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
+    for n, p in resumed_model.named_parameters():
+        assert torch.equal(p, uninterrupted[n]), n
+    state = torch.load(tmp_path / "full" / "checkpoint-5" / "optimizer.pt", weights_only=True)
+    assert any("resample_count" in s for s in state["state"].values())
