@@ -18,7 +18,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import q_galore, welore
-from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, QGaLoreConfig, WeLoreConfig, parse_optim_args
+from .configs import (
+    AdafactorConfig,
+    Blockwise8bitConfig,
+    FloraConfig,
+    GaLoreConfig,
+    QGaLoreConfig,
+    WeLoreConfig,
+    parse_optim_args,
+)
 from .errors import (
     HfGaloreError,
     InvalidConfigError,
@@ -42,6 +50,7 @@ from .optim import (
     GaLoreAdamWLayerwise,
     LowRankOptimizer,
 )
+from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
 from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
 from .registry import REGISTRY, OptimizerSpec, build_param_groups, get_spec, register_optimizer
 from .targeting import TargetResolution, resolve_target_modules
@@ -50,6 +59,11 @@ __all__ = [
     "REGISTRY",
     "AdafactorConfig",
     "Blockwise8bitConfig",
+    "FloraAdafactor",
+    "FloraAdafactorLayerwise",
+    "FloraAdamW",
+    "FloraAdamWLayerwise",
+    "FloraConfig",
     "GaLoreAdafactor",
     "GaLoreAdafactorLayerwise",
     "GaLoreAdamW",
