@@ -142,15 +142,13 @@ def check_setup(args: Any) -> None:
     """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
     name = str(getattr(args.optim, "value", args.optim))
     problems = []
-    if getattr(args, "gradient_accumulation_steps", 1) > 1:
-        problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (set it to 1)")
     if _world_size(args) > 1:
         problems.append(f"{_world_size(args)} processes (run on one process)")
     if problems:
         raise UnsupportedSetupError(
-            f"optim={name!r} does not support yet: {'; '.join(problems)}. Q-GaLore's INT8 weight update under "
-            "gradient accumulation and data parallelism lands with the distributed machinery; until then raise "
-            "per_device_train_batch_size instead of accumulating, or use galore_adamw_8bit for multi-GPU runs."
+            f"optim={name!r} does not support yet: {'; '.join(problems)}. Q-GaLore's INT8 gradient carriers are "
+            "not yet tested under DDP; train on one process (gradient accumulation works), or use "
+            "galore_adamw_8bit for multi-GPU runs."
         )
 
 

@@ -209,10 +209,14 @@ def test_config_validation_and_unsupported_setups(tmp_path):
         QGaLoreConfig(gamma_proj=0.5)
     with pytest.raises(InvalidConfigError, match="max_proj_gap=2"):
         _lazy_optimizer(update_proj_gap=4, max_proj_gap=2)
-    model = RobertaForSequenceClassification(tiny_roberta_config())
-    args = training_args(tmp_path, "q_galore_adamw_8bit", gradient_accumulation_steps=2, max_steps=2)
-    with pytest.raises(UnsupportedSetupError, match="gradient_accumulation_steps=2"):
-        make_trainer(model, args, classification_dataset()).train()
+    from hf_galore.q_galore import check_setup
+
+    class TwoProcesses:
+        optim = "q_galore_adamw_8bit"
+        world_size = 2
+
+    with pytest.raises(UnsupportedSetupError, match="2 processes"):
+        check_setup(TwoProcesses())
     assert {"q_galore_adamw_8bit", "q_galore_adamw_8bit_layerwise"} <= set(REGISTRY)
 
 
