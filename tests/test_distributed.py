@@ -132,3 +132,14 @@ def test_q_galore_gradient_accumulation_equals_the_large_batch(tmp_path, optim):
     # 8-bit states and stochastically rounded INT8 weights: a last-bit difference can cross a code (see above).
     assert_same_training(large, accumulated, rtol=1e-3)
     assert set(accumulated["optimizer_steps"].values()) == {10}
+
+
+def test_welore_two_processes_equal_one_process(tmp_path):
+    # Every rank splits the same pretrained weights at Trainer init (deterministic SVD), so the factor shapes agree
+    # and DDP's broadcast at wrap time starts every rank from rank 0's factors.
+    common = ("--optim", "welore_adamw", "--optim-args", "target_compression=0.5, min_reduction=0.5")
+    (single,) = _run(tmp_path / "single", 1, *common, "--batch", "8")
+    rank0, rank1 = _run(tmp_path / "ddp", 2, *common, "--batch", "4")
+    assert_same_training(single, rank0)
+    assert rank0["checksums"] == rank1["checksums"]
+    assert any(name.endswith(".down.weight") for name in rank0["params"])  # the split really happened
