@@ -130,8 +130,30 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
         "first_step_s": step_times[0],
         "optimizer_state_bytes": state_bytes,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        **_predicted(args),
     }
     return result
+
+
+def _predicted(args: argparse.Namespace) -> dict[str, Any]:
+    """hf_galore.memory's prediction for this run, printed next to the measurement (None when not estimable)."""
+    from transformers import LlamaConfig, RobertaConfig
+
+    from hf_galore.memory import estimate_memory
+
+    spec = dict(MODELS[args.model])
+    family = spec.pop("family")
+    if family == "llama":
+        config = LlamaConfig(**spec, max_position_embeddings=2048, architectures=["LlamaForCausalLM"])
+    else:
+        config = RobertaConfig(**spec, max_position_embeddings=514, architectures=["RobertaForMaskedLM"])
+    optim = "adamw_torch" if args.single == "adamw" else args.single
+    try:
+        estimate = estimate_memory(config, optim, rank=args.rank, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    except Exception as exc:  # noqa: BLE001 - a method the estimator does not model must not break the benchmark
+        print(f"no memory prediction for {optim}: {exc}", file=sys.stderr)
+        return {"predicted_state_bytes": None, "predicted_peak_bytes": None}
+    return {"predicted_state_bytes": estimate.state_bytes, "predicted_peak_bytes": estimate.total_peak}
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -152,15 +174,21 @@ def _environment(device: str) -> dict[str, Any]:
 def _table(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["method"] == "adamw"), None)
     lines = [
-        "| method | median step (ms) | × AdamW | first step incl. refresh (ms) | optimizer state (MiB) | peak (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| method | median step (ms) | × AdamW | first step incl. refresh (ms) | optimizer state (MiB) "
+        "| predicted state (MiB) | peak (MiB) | predicted peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def mib(value: int | None) -> str:
+        return f"{value / 2**20:.1f}" if value is not None else "-"
+
     for r in results:
         ratio = f"{r['median_step_s'] / base['median_step_s']:.2f}" if base else "-"
         peak = f"{r['peak_allocated_bytes'] / 2**20:.0f}" if r["peak_allocated_bytes"] else "-"
         lines.append(
             f"| {r['method']} | {r['median_step_s'] * 1e3:.1f} | {ratio} | {r['first_step_s'] * 1e3:.0f} | "
-            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {peak} |"
+            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {mib(r.get('predicted_state_bytes'))} | {peak} | "
+            f"{mib(r.get('predicted_peak_bytes')) if r['peak_allocated_bytes'] else '-'} |"
         )
     return "\n".join(lines)
 

@@ -7,6 +7,8 @@ Commands:
 * `hf-galore check-targets MODEL_DIR_OR_CONFIG --targets T [T ...] [--include-heads]`: a dry run of
   `optim_target_modules` resolution on a model built from its `config.json` on the meta device (no weights are
   loaded and no memory is allocated), printing the projected modules with their weight shapes and the skipped ones.
+* `hf-galore estimate-memory --model CONFIG --optim NAME [--rank R --batch B --seq S ...] [--json]`: predicted bytes
+  of weights, gradients, optimizer states, bases, refresh workspace and (roughly) activations, see `hf_galore.memory`.
 * `hf-galore welore analyze|compress|merge`: WeLore's spectrum report and LRC/N-LRC split, factorized compression
   of a local model directory, and merging a factorized checkpoint back to dense.
 
@@ -457,6 +459,58 @@ def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# hf-galore estimate-memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _run_estimate_memory(args: argparse.Namespace) -> int:
+    from .memory import estimate_memory
+
+    try:
+        estimate = estimate_memory(
+            args.model,
+            args.optim,
+            rank=args.rank,
+            batch=args.batch,
+            seq=args.seq,
+            layerwise=True if args.layerwise else None,
+            grad_checkpointing=args.grad_checkpointing,
+            dtype=args.dtype,
+            optim_args=args.optim_args,
+            target_modules=_targets_value(args.targets),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
+    except (OSError, ValueError, HfGaloreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
+    return 0
+
+
+def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "estimate-memory",
+        help="Estimate weights/gradients/optimizer-state/activation memory of one training step (no weights).",
+        description="Build the model of --model on the meta device and count, from its parameter shapes and the "
+        "optimizer's storage rules, the bytes of weights, gradients, optimizer states, projection bases and the "
+        "refresh workspace; activations are a rough transformer formula.",
+    )
+    parser.add_argument("--model", required=True, metavar="CONFIG_DIR_OR_JSON", help="config.json or its folder.")
+    parser.add_argument("--optim", required=True, help="A registered optim= name, or adamw_torch / adamw_8bit.")
+    parser.add_argument("--rank", type=int, default=None, help="Projection rank (default: optim_args or 128).")
+    parser.add_argument("--batch", type=int, default=1, help="Per-device batch size.")
+    parser.add_argument("--seq", type=int, default=512, help="Sequence length.")
+    parser.add_argument("--layerwise", action="store_true", help="Use the optimizer's layer-wise form.")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="Activations with gradient checkpointing.")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-steps per step.")
+    parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="fp32", help="Weight/gradient dtype.")
+    parser.add_argument("--optim-args", default=None, help='As TrainingArguments.optim_args, e.g. "proj_type=full".')
+    parser.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T", help="optim_target_modules.")
+    parser.add_argument("--json", action="store_true", help="Print the estimate as JSON instead of a table.")
+    parser.set_defaults(func=_run_estimate_memory)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -465,6 +519,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_list_parser,
     _add_check_targets_parser,
     _add_welore_parser,
+    _add_estimate_memory_parser,
 )
 
 

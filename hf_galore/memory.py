@@ -1,0 +1,520 @@
+"""Memory estimator: bytes of weights, gradients, optimizer states, projection bases, refresh workspace and
+activations of one training step, for any GaLore-family `optim=` name and the plain AdamW baselines.
+
+The model is built from its config on the meta device, so nothing is allocated. Everything but the activations is
+*counted* from the parameter shapes with the optimizers' own rules (the same [`choose_side`] / [`low_rank_shape`],
+the same config defaults, the same 8-bit and INT4/INT8 storage formats), so the optimizer-state prediction equals
+the bytes that `optimizer.state` holds after the first step. The activations are a rough transformer formula.
+
+Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected weight):
+
+* **weights**: every unique parameter at `e` bytes per element. Q-GaLore's targeted Linears hold instead m·n uint8
+  codes plus fp32 scale and zero per `weight_group_size` elements, and a one-element gradient carrier.
+* **gradients**: non-layer-wise, one gradient per trainable parameter (dense m·n for Q-GaLore's carriers), in the
+  parameter's dtype. Layer-wise, each gradient is consumed and freed in its own backward hook, so at most one full
+  gradient is alive at a time (the largest), plus the full gradients of tied weights (updated in `step()`), plus,
+  with gradient accumulation, one projected accumulator (r×n or m×r, gradient dtype) per projected weight.
+* **optimizer states** (everything in `optimizer.state` but the bases): `galore_adamw` two fp32 moments of the
+  projected shape (param dtype for non-projected parameters); 8-bit names two uint8 codes + one fp32 absmax per
+  `block_size` elements each, fp32 below `min_8bit_size` elements; Adafactor fp32 row + column statistics (the
+  full vector for 1-D tensors) + `exp_avg` when `beta1` is set; Q-GaLore adds the fp32 leading singular vector per
+  side and the fp32 `cos_queue`. `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter;
+  `adamw_8bit` (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
+* **projection bases**: P (m×r) and/or Q (n×r) in the gradient dtype; Q-GaLore stores them packed (INT4: half a
+  byte per element, INT8: one) with fp32 scale and zero per `proj_group_size` elements.
+* **refresh transient**: the workspace of the largest single refresh (bases are computed one weight at a time): for
+  the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
+  the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
+  already fp32.
+* **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
+  al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
+  and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
+  is recomputed at a time.
+* **peak**: weights + states + bases + gradients + max(activations, refresh transient); for layer-wise names the
+  refresh runs inside backward while activations are alive, so both are added. This is an upper-end estimate:
+  activations are freed while gradients appear, and allocator fragmentation is not modelled.
+
+Example:
+    ```python
+    >>> from hf_galore.memory import estimate_memory
+    >>> est = estimate_memory("./llama-60m/config.json", "galore_adamw", rank=128, batch=8, seq=256, dtype="bf16")
+    >>> print(est.table())
+    ```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configs import (
+    AdafactorConfig,
+    Blockwise8bitConfig,
+    GaLoreConfig,
+    QGaLoreConfig,
+    parse_optim_args,
+    split_optim_args,
+)
+from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from .projection.quant import num_groups
+from .projection.subspace import Side, choose_side, low_rank_shape
+from .registry import REGISTRY, get_spec
+from .targeting import TargetSpec, resolve_target_modules
+
+#: Plain optimizers the estimator knows, as transformers names them (for comparison with the GaLore family).
+BASELINES = ("adamw_torch", "adamw_8bit")
+
+#: dtype spellings accepted by [`estimate_memory`] and the CLI.
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+#: Methods whose state depends on more than shapes (WeLore's split needs the weights' spectra) or is still moving.
+_UNSUPPORTED_METHODS = {
+    "WeLore": "its LRC/N-LRC split depends on the weights' singular values, which a meta-device model does not have; "
+    "run `hf-galore welore analyze MODEL_DIR` for WeLore's memory report instead",
+    "FLoRA": "FLoRA's state rules are not modelled yet; compare with galore_adafactor, which has the same factored "
+    "second moment",
+}
+
+_BNB_QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' signed and unsigned dynamic maps, shared by every 8-bit parameter
+
+
+def _nbytes(numel: int, dtype: torch.dtype) -> int:
+    return int(numel) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one training step, per category (see the module docstring for the rules).
+
+    Attributes:
+        optim: The `optim=` name estimated.
+        model: The model class.
+        dtype: The weights' dtype.
+        rank, batch, seq: The rank (None for the baselines) and the batch shape.
+        layerwise: Whether the layer-wise gradient rule was used.
+        grad_checkpointing: Whether activations assume gradient checkpointing.
+        num_parameters: Unique parameter elements (Q-GaLore's carriers counted at their m·n).
+        num_projected: Projected weights (with min(m, n) > rank).
+        weights, gradients, optimizer_states, projection_bases, refresh_transient, activations: Bytes.
+        notes: Caveats of this estimate.
+    """
+
+    optim: str
+    model: str
+    dtype: str
+    rank: int | None
+    batch: int
+    seq: int
+    layerwise: bool
+    grad_checkpointing: bool
+    num_parameters: int
+    num_projected: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    projection_bases: int
+    refresh_transient: int
+    activations: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held by `optimizer.state` after the first step: moments + bases (Q-GaLore's references to the
+        model's INT8 weights excluded: they are counted as weights)."""
+        return self.optimizer_states + self.projection_bases
+
+    @property
+    def total_peak(self) -> int:
+        """Estimated peak bytes of a training step (see the module docstring)."""
+        resident = self.weights + self.state_bytes + self.gradients
+        if self.layerwise:
+            return resident + self.activations + self.refresh_transient
+        return resident + max(self.activations, self.refresh_transient)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The estimate as a JSON-serialisable dict, including `state_bytes` and `total_peak`."""
+        return {**dataclasses.asdict(self), "state_bytes": self.state_bytes, "total_peak": self.total_peak}
+
+    def table(self) -> str:
+        """A plain-text table of the categories in MiB and bytes."""
+        rank = "" if self.rank is None else f" rank={self.rank}"
+        header = (
+            f"{self.model} optim={self.optim}{rank} dtype={self.dtype} batch={self.batch}x{self.seq}"
+            f"{' layer-wise' if self.layerwise else ''}{' grad-checkpointing' if self.grad_checkpointing else ''}"
+        )
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("projection bases", self.projection_bases),
+            ("refresh transient", self.refresh_transient),
+            ("activations (approx.)", self.activations),
+            ("total peak (approx.)", self.total_peak),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [
+            header,
+            f"parameters: {self.num_parameters:,}   projected weights: {self.num_projected}",
+            "",
+            f"{'category'.ljust(width)}  {'MiB':>12}  {'bytes':>16}",
+        ]
+        lines += [f"{name.ljust(width)}  {value / 2**20:>12.2f}  {value:>16,}" for name, value in rows]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def _build_model(model_or_config: Any) -> nn.Module:
+    """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory)."""
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    if isinstance(model_or_config, (str, bytes)) or hasattr(model_or_config, "__fspath__"):
+        from .cli import build_meta_model
+
+        return build_meta_model(str(model_or_config))
+    from transformers import PretrainedConfig
+
+    if isinstance(model_or_config, PretrainedConfig):
+        import transformers
+
+        architectures = getattr(model_or_config, "architectures", None) or []
+        model_cls = getattr(transformers, architectures[0], None) if architectures else None
+        with torch.device("meta"):
+            if model_cls is None:
+                return transformers.AutoModel.from_config(model_or_config)
+            return model_cls._from_config(model_or_config)
+    raise InvalidConfigError(
+        f"model_or_config={type(model_or_config).__name__} is not supported; pass an nn.Module, a transformers "
+        "PretrainedConfig, or the path of a config.json (or of a directory holding one)."
+    )
+
+
+def _unique_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _tied_ids(model: nn.Module) -> set[int]:
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {pid for pid, count in counts.items() if count > 1}
+
+
+# ----------------------------------------------------------------------------------------------------------- states
+def _adamw8bit_state(numel: int, block: int, min_8bit: int) -> int:
+    """Two 8-bit moments of `numel` elements (fp32 below `min_8bit`)."""
+    if numel < min_8bit:
+        return 2 * numel * 4
+    return 2 * (numel + 4 * math.ceil(numel / block))
+
+
+def _adafactor_state(shape: tuple[int, ...], beta1: float | None) -> int:
+    numel = math.prod(shape)
+    second = (math.prod(shape[:-1]) + shape[-1]) if len(shape) >= 2 else numel
+    return 4 * (second + (numel if beta1 is not None else 0))
+
+
+def _refresh_workspace(shape: tuple[int, int], side: Side, galore: GaLoreConfig, grad_dtype: torch.dtype) -> int:
+    """fp32 workspace of one weight's refresh (the sides of `full` are computed one after the other)."""
+    m, n = shape
+    copy = 0 if grad_dtype == torch.float32 else 4 * m * n  # `left_basis` works on an fp32 copy
+    if galore.svd == "exact":
+        work = 4 * min(m, n) * (m + n + 1)
+    else:
+        work = 4 * 2 * (m + n) * min(galore.rank + galore.oversample, m, n)
+    return copy + work
+
+
+def _resolve_name(optim: str, layerwise: bool | None) -> str:
+    name = str(getattr(optim, "value", optim))
+    if name not in REGISTRY and name not in BASELINES:
+        choices = [*REGISTRY, *BASELINES]
+        close = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownOptimizerError(
+            f"optim={name!r} is not known to the memory estimator.{hint} Choices: {', '.join(choices)}. Fix the "
+            "--optim / optim value."
+        )
+    if layerwise is None or name in BASELINES:
+        if layerwise and name in BASELINES:
+            raise InvalidConfigError(
+                f"layerwise=True is not available for optim={name!r}; drop --layerwise, or estimate a GaLore name "
+                "with a layer-wise form, e.g. galore_adamw_layerwise."
+            )
+        return name
+    base = name.removesuffix("_layerwise")
+    target = f"{base}_layerwise" if layerwise else base
+    if target not in REGISTRY:
+        raise InvalidConfigError(
+            f"optim={name!r} has no {'layer-wise' if layerwise else 'non-layer-wise'} form ({target!r} is not "
+            f"registered); leave layerwise unset or pick one of: {', '.join(REGISTRY)}."
+        )
+    return target
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in DTYPES:
+        return DTYPES[str(dtype)]
+    raise InvalidConfigError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}.")
+
+
+def _activations(model: nn.Module, batch: int, seq: int, elem: int, grad_checkpointing: bool) -> tuple[int, str]:
+    """Rough activation bytes of one forward pass kept for backward, and a note when the config lacks fields."""
+    config = getattr(model, "config", None)
+
+    def get(*names: str) -> int | None:
+        for attr in names:
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    if None in (hidden, heads, layers):
+        return 0, "activations not estimated: the config has no hidden_size / num_attention_heads / num_hidden_layers"
+    tokens = batch * seq
+    per_layer = tokens * hidden * (34 + 5 * heads * seq / hidden) * elem / 2
+    if grad_checkpointing:
+        body = layers * tokens * hidden * elem + per_layer  # layer inputs + one layer being recomputed
+    else:
+        body = layers * per_layer
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_features = getattr(head, "out_features", None) or get("num_labels") or 0
+    logits = tokens * out_features * (elem + 4)  # logits in `dtype` + the fp32 upcast of the loss
+    return int(body + logits), ""
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def estimate_memory(
+    model_or_config: Any,
+    optim: str,
+    rank: int | None = None,
+    batch: int = 1,
+    seq: int = 512,
+    layerwise: bool | None = None,
+    grad_checkpointing: bool = False,
+    dtype: str | torch.dtype = "fp32",
+    optim_args: str | dict[str, Any] | None = None,
+    target_modules: TargetSpec = "all-linear",
+    gradient_accumulation_steps: int = 1,
+) -> MemoryEstimate:
+    """Estimate the memory of one training step with `optim`, without allocating the model.
+
+    Args:
+        model_or_config (`nn.Module`, `PretrainedConfig` or `str`): A model (only shapes are read; a meta-device
+            model is fine), a config, or a `config.json` path / a directory holding one; configs are built on the
+            meta device as `config.architectures[0]`.
+        optim (`str`): A registered GaLore-family name or one of the baselines `adamw_torch`, `adamw_8bit`.
+        rank (`int`, *optional*): Projection rank; overrides `rank` in `optim_args` (default: the config's 128).
+        batch (`int`, defaults to 1), seq (`int`, defaults to 512): Per-device batch size and sequence length.
+        layerwise (`bool`, *optional*): Force the layer-wise (`True`) or regular (`False`) form of `optim`; `None`
+            follows the name.
+        grad_checkpointing (`bool`, defaults to `False`): Activations under gradient checkpointing.
+        dtype (`str` or `torch.dtype`, defaults to `"fp32"`): dtype of the weights and gradients (`bf16`, `fp32`,
+            `fp16`).
+        optim_args (`str` or `dict`, *optional*): As `TrainingArguments.optim_args` (e.g. `"rank=8, proj_type=full"`).
+        target_modules (`str` or `list[str]`, defaults to `"all-linear"`): As `optim_target_modules`.
+        gradient_accumulation_steps (`int`, defaults to 1): Adds the layer-wise projected accumulators when > 1.
+
+    Returns:
+        [`MemoryEstimate`]
+
+    Raises:
+        [`UnknownOptimizerError`]: `optim` is neither registered nor a baseline (the message lists the choices).
+        [`UnsupportedSetupError`]: a WeLore or FLoRA name (not modelled yet).
+        [`InvalidConfigError`], [`NoTargetModulesError`]: bad `optim_args`, `dtype` or targets.
+    """
+    for label, value in (("batch", batch), ("seq", seq), ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(f"{label} must be a positive integer, got {value!r}.")
+    name = _resolve_name(optim, layerwise)
+    weight_dtype = _dtype(dtype)
+    elem = _nbytes(1, weight_dtype)
+    model = _build_model(model_or_config)
+    notes: list[str] = []
+    params = _unique_trainable(model)
+    tied = _tied_ids(model)
+
+    args: dict[str, Any] = split_optim_args(optim_args)
+    if rank is not None:
+        args["rank"] = rank
+
+    if name in BASELINES:
+        return _estimate_baseline(model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing)
+
+    spec = get_spec(name)
+    if spec.method in _UNSUPPORTED_METHODS:
+        raise UnsupportedSetupError(
+            f"estimate_memory does not support optim={name!r} yet: {_UNSUPPORTED_METHODS[spec.method]}. Supported: "
+            f"{', '.join(n for n, s in REGISTRY.items() if s.method not in _UNSUPPORTED_METHODS)}, "
+            f"{', '.join(BASELINES)}."
+        )
+    configs = parse_optim_args(args, spec.config_classes, name)
+    galore = next(c for c in configs if isinstance(c, GaLoreConfig))
+    blockwise = next((c for c in configs if isinstance(c, Blockwise8bitConfig)), None)
+    adafactor = next((c for c in configs if isinstance(c, AdafactorConfig)), None)
+    q_cfg = next((c for c in configs if isinstance(c, QGaLoreConfig)), None)
+
+    resolution = resolve_target_modules(model, target_modules)
+    projected_ids = {id(m.weight) for _, m in resolution.modules}
+    if q_cfg is not None:
+        tied_targets = [n for n, m in resolution.modules if id(m.weight) in tied]
+        if tied_targets:
+            raise InvalidConfigError(
+                f"Q-GaLore cannot quantize {tied_targets}: their weights are tied to another module. Leave them out "
+                'of target_modules ("all-linear" already excludes output heads).'
+            )
+
+    def moments(shape: tuple[int, ...], param_elem: int, low_rank: bool) -> int:
+        numel = math.prod(shape)
+        if adafactor is not None:
+            return _adafactor_state(shape, adafactor.beta1)
+        if blockwise is not None:
+            return _adamw8bit_state(numel, blockwise.block_size, blockwise.min_8bit_size)
+        return 2 * numel * (4 if low_rank else param_elem)
+
+    weights = gradients = states = bases = refresh = accumulators = 0
+    largest_grad = tied_grads = 0
+    num_params = num_projected = 0
+    for _, p in model.named_parameters():
+        shape = tuple(p.shape)
+        numel = math.prod(shape)
+        num_params += numel
+        is_target = id(p) in projected_ids and p.requires_grad
+        if q_cfg is not None and is_target:
+            # INT8 codes + fp32 scale/zero per group; the carrier parameter stores one element.
+            weights += numel + 8 * num_groups(numel, q_cfg.weight_group_size) + elem
+        else:
+            weights += numel * elem
+        if not p.requires_grad:
+            continue
+        grad = numel * elem
+        gradients += grad
+        if id(p) in tied:
+            tied_grads += grad
+        else:
+            largest_grad = max(largest_grad, grad)
+        side = choose_side(shape, galore.proj_type, galore.rank) if is_target else Side.NONE
+        if side == Side.NONE:
+            states += moments(shape, elem, low_rank=False)
+            continue
+        num_projected += 1
+        low_shape = low_rank_shape(shape, side, galore.rank)
+        states += moments(low_shape, elem, low_rank=True)
+        accumulators += math.prod(low_shape) * elem
+        refresh = max(refresh, _refresh_workspace(shape, side, galore, weight_dtype))
+        m, n = shape
+        basis_shapes = [(m, galore.rank)] * (side in (Side.LEFT, Side.BOTH))
+        basis_shapes += [(n, galore.rank)] * (side in (Side.RIGHT, Side.BOTH))
+        for rows, cols in basis_shapes:
+            if q_cfg is None:
+                bases += rows * cols * elem
+            else:
+                basis_numel = rows * cols
+                packed = math.ceil(basis_numel / 2) if q_cfg.proj_bits == 4 else basis_numel
+                bases += packed + 8 * num_groups(basis_numel, q_cfg.proj_group_size)
+                states += 4 * rows  # fp32 leading singular vector of this side
+        if q_cfg is not None:
+            states += 4 * q_cfg.queue_size  # fp32 cos_queue
+
+    if spec.layerwise:
+        gradients = largest_grad + tied_grads
+        if gradient_accumulation_steps > 1:
+            gradients += accumulators
+            notes.append("layer-wise with accumulation: refresh steps keep full gradients of refreshing weights")
+    elif gradient_accumulation_steps > 1:
+        notes.append("gradient accumulation does not change the non-layer-wise gradient bytes")
+    if num_projected == 0:
+        notes.append(f"no targeted weight has min(m, n) > rank={galore.rank}: nothing is projected")
+    activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
+    notes += [note] if note else []
+    notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
+    return MemoryEstimate(
+        optim=name,
+        model=type(model).__name__,
+        dtype=str(weight_dtype).removeprefix("torch."),
+        rank=galore.rank,
+        batch=batch,
+        seq=seq,
+        layerwise=spec.layerwise,
+        grad_checkpointing=grad_checkpointing,
+        num_parameters=num_params,
+        num_projected=num_projected,
+        weights=weights,
+        gradients=gradients,
+        optimizer_states=states,
+        projection_bases=bases,
+        refresh_transient=refresh,
+        activations=activations,
+        notes=notes,
+    )
+
+
+def _estimate_baseline(
+    model: nn.Module,
+    name: str,
+    params: list[tuple[str, nn.Parameter]],
+    weight_dtype: torch.dtype,
+    elem: int,
+    args: dict[str, Any],
+    batch: int,
+    seq: int,
+    grad_checkpointing: bool,
+) -> MemoryEstimate:
+    """`adamw_torch` (two moments in param dtype + a 4-byte `step` tensor) or bitsandbytes' `adamw_8bit`."""
+    args = {k: v for k, v in args.items() if k != "rank"}  # a rank means nothing to a full-rank optimizer
+    allowed = {"adamw_torch": (), "adamw_8bit": (Blockwise8bitConfig,)}[name]
+    if name == "adamw_8bit" and "block_size" in args:
+        raise InvalidConfigError(
+            "optim_args key 'block_size' is fixed at 256 by bitsandbytes' AdamW8bit; remove it (min_8bit_size is valid)."
+        )
+    configs = parse_optim_args(args, allowed, name)
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    states = 0
+    for _, p in params:
+        if name == "adamw_torch":
+            states += 2 * p.numel() * elem + 4
+        else:
+            states += _adamw8bit_state(p.numel(), 256, configs[0].min_8bit_size)
+    if name == "adamw_8bit" and any(p.numel() >= configs[0].min_8bit_size for _, p in params):
+        states += _BNB_QMAP_BYTES
+    gradients = sum(p.numel() for _, p in params) * elem
+    activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
+    notes = [note] if note else []
+    notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
+    return MemoryEstimate(
+        optim=name,
+        model=type(model).__name__,
+        dtype=str(weight_dtype).removeprefix("torch."),
+        rank=None,
+        batch=batch,
+        seq=seq,
+        layerwise=False,
+        grad_checkpointing=grad_checkpointing,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_projected=0,
+        weights=weights,
+        gradients=gradients,
+        optimizer_states=states,
+        projection_bases=0,
+        refresh_transient=0,
+        activations=activations,
+        notes=notes,
+    )

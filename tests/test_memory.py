@@ -1,0 +1,179 @@
+"""The memory estimator: predicted optimizer-state and weight bytes equal what one real step allocates."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_llama_config, tiny_roberta_config
+from transformers import LlamaForCausalLM, RobertaForSequenceClassification, TrainingArguments
+
+import hf_galore
+from hf_galore.cli import main
+from hf_galore.errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from hf_galore.memory import MemoryEstimate, estimate_memory
+from hf_galore.modules.int8_linear import Int8Linear
+from hf_galore.utils.imports import is_bitsandbytes_available
+
+needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason="needs bitsandbytes")
+WEIGHT_REFS = ("weight_q", "weight_scales", "weight_zeros")  # Q-GaLore's references to the model's INT8 weights
+
+MODELS = {
+    "llama": (tiny_llama_config, LlamaForCausalLM),
+    "roberta": (tiny_roberta_config, RobertaForSequenceClassification),
+}
+
+CASES = [
+    ("adamw_torch", None),
+    ("galore_adamw", "rank=4"),
+    ("galore_adamw", "rank=4, proj_type=full"),
+    pytest.param("galore_adamw_8bit", "rank=4, min_8bit_size=0", marks=needs_bnb),
+    pytest.param("galore_adamw_8bit", "rank=4", marks=needs_bnb),
+    ("galore_adafactor", "rank=4"),
+    ("galore_adafactor", "rank=4, beta1=0.9"),
+    ("galore_adamw_layerwise", "rank=4, svd=exact"),
+    pytest.param(
+        "q_galore_adamw_8bit", "rank=4, min_8bit_size=0, proj_group_size=16, weight_group_size=16", marks=needs_bnb
+    ),
+]
+
+
+def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in `optimizer.state_dict()["state"]` (shared tensors once, INT8 weight refs excluded)."""
+    seen, total = set(), 0
+    for state in optimizer.state_dict()["state"].values():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or key in WEIGHT_REFS:
+                continue
+            ident = (value.untyped_storage().data_ptr(), value.dtype, value.numel())
+            if ident not in seen:
+                seen.add(ident)
+                total += value.numel() * value.element_size()
+    return total
+
+
+def measured_weight_bytes(model: torch.nn.Module) -> int:
+    """Storage bytes of the unique parameters (a carrier's one element) plus Q-GaLore's INT8 weight buffers."""
+    total = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            total += module.qweight.numel() + 4 * (module.weight_scales.numel() + module.weight_zeros.numel())
+    return total
+
+
+def one_real_step(model_key: str, optim: str, optim_args: str | None, dtype: torch.dtype):
+    config_fn, model_cls = MODELS[model_key]
+    torch.manual_seed(0)
+    model = model_cls(config_fn()).to(dtype)
+    if optim == "adamw_torch":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        args = TrainingArguments(
+            "unused", optim_target_modules="all-linear", optim_args=optim_args, use_cpu=True, report_to=[]
+        )
+        optimizer_cls, kwargs = hf_galore.optimizer_cls_and_kwargs(args, model, optim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = optimizer_cls(**kwargs)
+    ids = torch.randint(0, 99, (2, 8))
+    labels = ids if model_key == "llama" else torch.tensor([0, 1])
+    model(input_ids=ids, labels=labels).loss.backward()
+    optimizer.step()  # layer-wise optimizers already stepped in their hooks; this is then a no-op for them
+    return model, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize(("optim", "optim_args"), CASES)
+def test_predicted_state_and_weight_bytes_equal_the_measured_ones(model_key, optim, optim_args, dtype):
+    model, optimizer = one_real_step(model_key, optim, optim_args, dtype)
+    estimate = estimate_memory(MODELS[model_key][0](), optim, optim_args=optim_args, dtype=dtype, batch=2, seq=8)
+    assert estimate.state_bytes == measured_state_bytes(optimizer)
+    assert estimate.weights == measured_weight_bytes(model)
+
+
+def test_estimate_builds_nothing_and_counts_parameters():
+    estimate = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, batch=2, seq=8)
+    model = LlamaForCausalLM(tiny_llama_config())
+    assert estimate.num_parameters == sum(p.numel() for p in model.parameters())
+    assert estimate.num_projected == 14
+    assert estimate.gradients == estimate.weights  # fp32, everything trainable, not layer-wise
+    assert estimate.activations > 0
+    assert estimate.total_peak >= estimate.weights + estimate.state_bytes + estimate.gradients
+    assert "optimizer states" in estimate.table() and "approx" in estimate.table()
+
+
+def test_layerwise_keeps_one_gradient_and_accumulators():
+    plain = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4)
+    layerwise = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, layerwise=True)
+    assert layerwise.optim == "galore_adamw_layerwise" and layerwise.layerwise
+    largest = max(p.numel() for p in LlamaForCausalLM(tiny_llama_config()).parameters()) * 4
+    assert layerwise.gradients == largest < plain.gradients
+    accumulating = estimate_memory(
+        tiny_llama_config(), "galore_adamw_layerwise", rank=4, gradient_accumulation_steps=4
+    )
+    assert accumulating.gradients > layerwise.gradients
+    assert layerwise.state_bytes == plain.state_bytes
+
+
+def test_randomized_refresh_workspace_is_smaller_than_exact_svd():
+    config = tiny_llama_config(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=8)
+    randomized = estimate_memory(config, "galore_adamw", rank=8)
+    exact = estimate_memory(config, "galore_adamw", rank=8, optim_args="svd=exact")
+    assert randomized.refresh_transient == 4 * 2 * (256 + 688) * 16
+    assert exact.refresh_transient == 4 * 256 * (256 + 688 + 1)
+
+
+def test_gradient_checkpointing_lowers_activations():
+    full = estimate_memory(tiny_llama_config(), "adamw_torch", batch=4, seq=32)
+    checkpointed = estimate_memory(tiny_llama_config(), "adamw_torch", batch=4, seq=32, grad_checkpointing=True)
+    assert checkpointed.activations < full.activations
+
+
+def test_adamw_8bit_baseline_counts_bitsandbytes_blocks():
+    config = tiny_llama_config(hidden_size=128, intermediate_size=256)
+    estimate = estimate_memory(config, "adamw_8bit")
+    model = LlamaForCausalLM(config)
+    expected = 2 * 256 * 4
+    for p in model.parameters():
+        n = p.numel()
+        expected += 8 * n if n < 4096 else 2 * (n + 4 * math.ceil(n / 256))
+    assert estimate.state_bytes == expected
+
+
+def test_bad_inputs_name_the_value_and_the_choices():
+    with pytest.raises(UnknownOptimizerError, match=r"galore_adamx.*galore_adamw.*adamw_torch"):
+        estimate_memory(tiny_llama_config(), "galore_adamx")
+    with pytest.raises(UnsupportedSetupError, match=r"welore_adamw.*welore analyze"):
+        estimate_memory(tiny_llama_config(), "welore_adamw")
+    with pytest.raises(InvalidConfigError, match="dtype='int3'"):
+        estimate_memory(tiny_llama_config(), "galore_adamw", dtype="int3")
+    with pytest.raises(InvalidConfigError, match=r"layerwise=True.*adamw_torch"):
+        estimate_memory(tiny_llama_config(), "adamw_torch", layerwise=True)
+    with pytest.raises(InvalidConfigError, match="ranq"):
+        estimate_memory(tiny_llama_config(), "galore_adamw", optim_args="ranq=4")
+
+
+def test_cli_estimate_memory(tmp_path, capsys):
+    tiny_llama_config().save_pretrained(tmp_path)
+    argv = ["estimate-memory", "--model", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--batch", "2"]
+    assert main([*argv, "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer states" in out and "LlamaForCausalLM" in out
+    assert main([*argv, "--seq", "8", "--json", "--dtype", "bf16", "--layerwise"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = estimate_memory(tiny_llama_config(), "galore_adamw_layerwise", rank=4, batch=2, seq=8, dtype="bf16")
+    assert data["state_bytes"] == expected.state_bytes and data["optim"] == "galore_adamw_layerwise"
+    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "nope"]) == 2
+    assert "Choices:" in capsys.readouterr().err
+
+
+def test_memory_estimate_to_dict_round_trip():
+    estimate = estimate_memory(tiny_roberta_config(), "galore_adafactor", rank=4)
+    data = estimate.to_dict()
+    assert data["total_peak"] == estimate.total_peak
+    fields = {k: v for k, v in data.items() if k not in ("state_bytes", "total_peak")}
+    assert MemoryEstimate(**fields) == estimate
