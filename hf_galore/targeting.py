@@ -135,10 +135,19 @@ def resolve_target_modules(
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         examples = ", ".join(linear_names[:6]) or "(the model has no nn.Linear)"
         skipped = f" Matched but skipped: {_summarize_skipped(resolution.skipped)}." if resolution.skipped else ""
+        # A LoRA PeftModel has no full-size trainable Linear outside `modules_to_save`: say what to do instead.
+        peft_hint = (
+            " On a PEFT model the LoRA factors are already low-rank and always get the plain inner update; to "
+            "project the full-size weights of `modules_to_save` (e.g. the classifier) pass a regex such as "
+            r'r".*classifier\.modules_to_save\..*", or use a plain optimizer (e.g. optim="adamw_torch") for LoRA alone.'
+            if any(reason.startswith("PEFT adapter internals") for _, reason in resolution.skipped)
+            else ""
+        )
         raise NoTargetModulesError(
             f"optim_target_modules={targets!r} matched no trainable nn.Linear in {type(model).__name__}.{skipped} "
             f"Linear modules of this model include: {examples}. A string is a regex matched against the whole "
             'name, a list matches exact names or dot-suffixes; "all-linear" selects every Linear but the head.'
+            f"{peft_hint}"
         )
     return resolution
 
