@@ -438,3 +438,33 @@ class FloraAdafactorConfig(AdafactorConfig):
     """
 
     beta1: float | None = field(default=0.9, metadata={"help": "First-moment coefficient (none = no momentum)."})
+
+
+FLORA_ACCUMULATION = ("compressed", "full")
+
+
+@dataclass
+class FloraAccumulationConfig(_OptionsMixin):
+    """How FLoRA accumulates gradients over `gradient_accumulation_steps` (checked before training; not an optimizer
+    hyperparameter).
+
+    Args:
+        accumulation (`str`, defaults to `"compressed"`):
+            `compressed`: micro-step gradients are accumulated as m×r (or r×n) random projections; only the
+            layer-wise names (`flora_*_layerwise`) do this, so a non-layer-wise name with gradient accumulation is
+            refused. `full`: let the Trainer accumulate full-size gradients (non-layer-wise names; only the momentum
+            is compressed).
+    """
+
+    section: ClassVar[str] = "FLoRA accumulation"
+    optimizer_kwargs: ClassVar[bool] = False
+
+    accumulation: str = field(
+        default="compressed", metadata={"help": f"Gradient accumulation, one of {FLORA_ACCUMULATION}."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self.accumulation in FLORA_ACCUMULATION,
+            f"accumulation={self.accumulation!r} is not valid; choose one of {', '.join(FLORA_ACCUMULATION)}.",
+        )

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, parse_optim_args
-from .errors import InvalidConfigError, UnknownOptimizerError
+from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
 from .optim import (
     GaLoreAdafactor,
     GaLoreAdafactorLayerwise,
@@ -216,7 +216,7 @@ _register_q_galore()
 
 def _register_flora() -> None:
     """`flora_adafactor`, `flora_adamw` (+ `_layerwise`, which also accumulate gradients compressed)."""
-    from .configs import FloraAdafactorConfig, FloraConfig
+    from .configs import FloraAccumulationConfig, FloraAdafactorConfig, FloraConfig
     from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
 
     entries = [
@@ -229,17 +229,46 @@ def _register_flora() -> None:
     ]  # fmt: skip
     for name, cls, layerwise, summary in entries:
         adafactor = "adafactor" in name
+        configs = (FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig,)
         register_optimizer(
             OptimizerSpec(
                 name=name,
                 method="FLoRA",
                 optimizer_cls=cls,
-                config_classes=(FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig,),
+                config_classes=(*configs, FloraAccumulationConfig),
                 layerwise=layerwise,
                 adam_style=not adafactor,
                 summary=summary,
+                check_setup=_flora_accumulation_check(name, layerwise),
             )
         )
+
+
+def _flora_accumulation_check(name: str, layerwise: bool) -> Callable[[Any], None]:
+    """`check_setup` of a FLoRA name: compressed accumulation is asked for (the default) but only layer-wise does it."""
+
+    def check(args: Any) -> None:
+        from .configs import FloraAccumulationConfig
+
+        spec = get_spec(name)
+        (accumulation,) = [
+            c for c in parse_optim_args(args.optim_args, spec.config_classes, name)
+            if isinstance(c, FloraAccumulationConfig)
+        ]  # fmt: skip
+        steps = getattr(args, "gradient_accumulation_steps", 1)
+        if layerwise and accumulation.accumulation == "full":
+            raise UnsupportedSetupError(
+                f"optim={name!r} always accumulates compressed; accumulation=full is for the non-layer-wise "
+                f"optim={name.removesuffix('_layerwise')!r}. Remove the key."
+            )
+        if not layerwise and steps > 1 and accumulation.accumulation == "compressed":
+            raise UnsupportedSetupError(
+                f"optim={name!r} with gradient_accumulation_steps={steps} would accumulate full-size gradients: "
+                f"FLoRA's compressed accumulation runs in the layer-wise form. Use optim='{name}_layerwise', or "
+                "pass optim_args='accumulation=full' to accumulate full gradients and compress only the momentum."
+            )
+
+    return check
 
 
 _register_flora()

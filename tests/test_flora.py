@@ -255,7 +255,9 @@ def _model(kind: str):
 
 
 def _args(path, name, **overrides):
-    values = dict(optim_args="rank=4, kappa=3", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+    # The non-layer-wise names must opt in to full-size accumulation (compressed accumulation is layer-wise only).
+    optim_args = "rank=4, kappa=3" + ("" if REGISTRY[name].layerwise else ", accumulation=full")
+    values = dict(optim_args=optim_args, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                   max_steps=12, learning_rate=1e-2)  # fmt: skip
     values.update(overrides)
     return training_args(path, name, **values)
@@ -305,3 +307,20 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name):
         assert torch.equal(p, uninterrupted[n]), n
     state = torch.load(tmp_path / "full" / "checkpoint-5" / "optimizer.pt", weights_only=True)
     assert any("resample_count" in s for s in state["state"].values())
+
+
+def test_gradient_accumulation_without_compression_must_be_asked_for(tmp_path):
+    from hf_galore.errors import UnsupportedSetupError
+
+    model, dataset = _model("roberta")
+    with pytest.raises(
+        UnsupportedSetupError, match="optim='flora_adamw_layerwise', or pass optim_args='accumulation=full'"
+    ):
+        make_trainer(model, _args(tmp_path, "flora_adamw", optim_args="rank=4"), dataset).train()
+    with pytest.raises(UnsupportedSetupError, match="accumulation=full is for the non-layer-wise"):
+        make_trainer(
+            model, _args(tmp_path, "flora_adamw_layerwise", optim_args="rank=4, accumulation=full"), dataset
+        ).train()
+    # Without accumulation nothing needs to be asked for.
+    make_trainer(model, _args(tmp_path, "flora_adamw", optim_args="rank=4", gradient_accumulation_steps=1, max_steps=1),
+                 dataset).train()  # fmt: skip
