@@ -51,8 +51,11 @@ class TargetResolution:
         return [name for name, _ in self.modules]
 
     def weights(self) -> list[nn.Parameter]:
-        """The targeted weights (one per module)."""
-        return [module.weight for _, module in self.modules]
+        """The targeted weights, each once (a weight shared by two targeted modules must be stepped once)."""
+        unique: dict[int, nn.Parameter] = {}
+        for _, module in self.modules:
+            unique.setdefault(id(module.weight), module.weight)
+        return list(unique.values())
 
 
 def _is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> bool:

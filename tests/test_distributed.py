@@ -7,6 +7,7 @@ together are exactly the single process' batch; every run has refreshes at steps
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,20 @@ pytestmark = pytest.mark.distributed
 ZERO_GRADIENT = "attention.self.key.bias"
 
 
+def _free_port() -> int:
+    """A port that is free now (each launch gets its own, so back-to-back launches never collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(out: Path, processes: int, *args: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if processes == 1:
         command = [sys.executable, str(SCRIPT)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT)]  # fmt: skip
+                   "--master_port", str(_free_port()), str(SCRIPT)]  # fmt: skip
     result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -143,3 +151,19 @@ def test_welore_two_processes_equal_one_process(tmp_path):
     assert_same_training(single, rank0)
     assert rank0["checksums"] == rank1["checksums"]
     assert any(name.endswith(".down.weight") for name in rank0["params"])  # the split really happened
+
+
+def test_layerwise_ddp_with_weights_unused_on_some_ranks(tmp_path):
+    # Collectives run in step() in a fixed order after a flags all-reduce, so a weight that only rank 0 uses does not
+    # pair rank 1's collectives with the wrong tensor (or hang): both ranks equal the one-process mean-loss reference.
+    script = Path(__file__).parent / "distributed" / "unused_weight.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for out in ranks:
+        torch.testing.assert_close(out["a"], out["ra"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["b"], out["rb"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0]["a"], ranks[1]["a"]) and torch.equal(ranks[0]["b"], ranks[1]["b"])

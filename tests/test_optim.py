@@ -402,6 +402,35 @@ def test_weights_shared_across_checkpointed_segments_are_stepped_once():
     assert opt.state[layerwise.shared.weight]["step"] == 5
     for p, q in zip(eager.parameters(), layerwise.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-    # Without deferral the hook sees each segment's partial gradient and steps twice per backward.
-    _, naive = _run_shared(GaLoreAdamWLayerwise, deferred=False)
-    assert naive.state[naive.param_groups[0]["params"][0]]["step"] == 10
+    # Without deferral the hook would see each segment's partial gradient and step twice per backward: it refuses.
+    from hf_galore.errors import UnsupportedSetupError
+
+    with pytest.raises(UnsupportedSetupError, match="use_reentrant"):
+        _run_shared(GaLoreAdamWLayerwise, deferred=False)
+
+
+@pytest.mark.parametrize("full_on_last", [False, True], ids=["projected-accumulator", "refresh-step-full-gradient"])
+def test_layerwise_accumulation_survives_a_last_micro_step_without_gradient(full_on_last):
+    """A weight with a gradient on an early micro-step but none on the last one is still updated at the boundary."""
+    torch.manual_seed(0)
+    flag = {"sync": True}
+    gap = 1 if full_on_last else 100  # gap 1: every step refreshes, so the full gradient is kept across micro-steps
+    w = nn.Parameter(torch.randn(16, 32))
+    ref = nn.Parameter(w.detach().clone())
+    opt = GaLoreAdamWLayerwise([{"params": [w], "low_rank": True}], lr=1e-2, rank=4, update_proj_gap=gap,
+                               sync_gradients=lambda: flag["sync"])  # fmt: skip
+    eager = GaLoreAdamW([{"params": [ref], "low_rank": True}], lr=1e-2, rank=4, update_proj_gap=gap)
+    x = torch.randn(8, 32)
+    for param in (w, ref):
+        (param @ x.T).pow(2).sum().backward()
+    opt.step()
+    eager.step()
+    ref.grad = None
+    flag["sync"] = False  # micro-step 1 of 2: w gets a gradient
+    (w @ x.T).pow(2).sum().backward()
+    flag["sync"] = True  # micro-step 2 of 2: w is not used
+    opt.step()
+    (ref @ x.T).pow(2).sum().backward()
+    eager.step()
+    assert opt.state[w]["step"] == 2 and not opt._low_rank_grads and w.grad is None
+    torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)

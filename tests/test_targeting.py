@@ -92,3 +92,10 @@ def test_all_linear_excludes_nested_and_bart_style_heads():
 
 def test_summarize_folds_consecutive_indices():
     assert summarize_names(["blocks.0.1.conv", "blocks.1.0.conv"]) == "blocks.*.*.conv ×2"
+
+
+def test_a_weight_shared_by_two_targeted_linears_is_listed_once():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    resolution = resolve_target_modules(model, "all-linear")
+    assert resolution.names == ["0", "2"] and len(resolution.weights()) == 1

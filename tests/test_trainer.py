@@ -166,3 +166,16 @@ def test_layerwise_honours_lr_scheduler_kwargs_and_logs_the_applied_rate(tmp_pat
     logged = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
     assert logged == pytest.approx(expected)
     assert min(logged[2:]) >= 0.1 * args.learning_rate * 0.999
+
+
+def test_layerwise_clipping_leaves_the_users_training_arguments_untouched(tmp_path):
+    model, dataset = _model("roberta")
+    args = training_args(tmp_path, "galore_adamw_layerwise", max_steps=2, max_grad_norm=0.5)
+    trainer = make_trainer(model, args, dataset)
+    trainer.train()
+    assert args.max_grad_norm == 0.5  # the user's object
+    assert trainer.args.max_grad_norm == 0.0 and trainer.optimizer.optimizer.max_grad_norm == 0.5
+    # A second Trainer from the same arguments clips again (nothing was remembered on `args`).
+    second = make_trainer(_model("roberta")[0], args, dataset)
+    second.create_optimizer()
+    assert second.optimizer.max_grad_norm == 0.5

@@ -18,6 +18,7 @@ on version strings:
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ from ..errors import (
     UnsupportedSetupError,
     UnsupportedTransformersVersionError,
 )
+from ..optim.layerwise import is_layerwise
 from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
 
@@ -150,23 +152,15 @@ def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]])
 
     * `sync_gradients` reads accelerate's gradient state, which the Trainer sets on every micro-step;
     * clipping moves into the optimizer (the Trainer's own pass runs after the hooks freed the gradients and would
-      clip only what DDP reduced), so `args.max_grad_norm` is handed over and set to 0 (the original value is
-      remembered on `args` for Trainers built again from the same arguments);
+      clip only what DDP reduced): `args.max_grad_norm` is handed over, and the wrapped `create_optimizer` gives
+      the Trainer a copy of its arguments with `max_grad_norm=0` (the user's arguments are left untouched);
     * under DDP the projected weights leave DDP's reducer (the hooks all-reduce their projected gradients) and the
       other parameters stay with DDP;
     * shared (tied) weights are updated in `step()`, since their hook may fire more than once per backward.
     """
     from accelerate.state import GradientState
 
-    max_grad_norm = getattr(args, "_hf_galore_max_grad_norm", None)
-    if max_grad_norm is None:
-        max_grad_norm = args.max_grad_norm or 0.0
-        object.__setattr__(args, "_hf_galore_max_grad_norm", max_grad_norm)
-    if max_grad_norm > 0:
-        logger.info(
-            "Layer-wise optimizer clips to max_grad_norm=%s itself; the Trainer's clipping is off.", max_grad_norm
-        )
-    args.max_grad_norm = 0.0
+    max_grad_norm = args.max_grad_norm or 0.0
     gradient_state = GradientState()
     kwargs: dict[str, Any] = {
         "max_grad_norm": max_grad_norm,
@@ -288,6 +282,13 @@ def _wrap_create_optimizer(original: Any) -> Any:
                     f"{type(actual).__name__}. A Trainer subclass probably overrides optimizer creation; build the "
                     "optimizer with hf_galore.optimizer_cls_and_kwargs(args, model) instead."
                 )
+        actual = getattr(self.optimizer, "optimizer", self.optimizer)
+        if is_layerwise(actual) and (self.args.max_grad_norm or 0) > 0:
+            # The layer-wise optimizer clips itself (it was given max_grad_norm); the Trainer's own pass would see only
+            # the gradients DDP keeps. Turn it off on a copy, so the user's TrainingArguments stay as they were.
+            logger.info("Layer-wise optimizer clips to max_grad_norm=%s itself.", self.args.max_grad_norm)
+            self.args = copy.copy(self.args)
+            self.args.max_grad_norm = 0.0
         attach_layerwise_callbacks(self)
         return optimizer
 

@@ -169,6 +169,10 @@ class _FloraMixin:
 class _FloraLayerwiseMixin(LayerwiseMixin):
     """Compressed gradient accumulation for FLoRA weights in the layer-wise hooks."""
 
+    def _full_gradient_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        # Under DDP a FLoRA weight always all-reduces its compressed gradient (m/r less traffic), accumulation or not.
+        return False
+
     def _keeps_full_gradient(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], sync: bool) -> bool:
         # A window of one micro-step (no accumulation, or nothing accumulated yet at the boundary) uses the exact
         # full gradient; otherwise every micro-step is compressed, so no full gradient outlives its backward.

@@ -17,10 +17,15 @@ never alive at once (how GaLore fits LLaMA-7B on a 24 GB card). Unlike the publi
   or several processes it uses the norm of the (all-reduced) projected gradient for projected weights, a lower
   bound, and warns once;
 * **data parallel**: projected weights are taken out of DDP's reducer (the Trainer integration sets
-  `_ddp_params_and_buffers_to_ignore` before the wrap) and the hook all-reduces their *projected* gradient at the
-  accumulation boundary, m/r less traffic than DDP's full-gradient all-reduce (the full gradient is all-reduced only
-  on refresh steps, so every rank derives the same basis). Other parameters stay with DDP and are updated in
-  `step()` after its reduction;
+  `_ddp_params_and_buffers_to_ignore` before the wrap). Their hooks only accumulate locally (the projected gradient,
+  or the full one on a refresh step); `step()` then all-reduces them in the same order on every rank, after one
+  all-reduce of "has a gradient" flags, so ranks that use different weights (mixture of experts, layer drop) still
+  pair their collectives. That is m/r less traffic than DDP's full-gradient all-reduce (the full gradient is
+  all-reduced only on refresh steps, so every rank derives the same basis). Other parameters stay with DDP and are
+  updated in `step()` after its reduction;
+* a weight whose hook fires again after its update in the same step (reused across reentrant activation-checkpoint
+  segments) raises instead of being stepped twice; a weight with no gradient on the last micro-step is still updated
+  from what earlier micro-steps accumulated;
 * the true gradient norm of each step is kept in `last_grad_norm` (the Trainer's own norm pass runs after the hooks
   freed the gradients).
 
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import UnsupportedSetupError
 from ..projection.subspace import Side, project
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
@@ -77,6 +83,7 @@ class LayerwiseMixin:
         # Transient per-step buffers (empty between optimizer steps, so never part of a checkpoint).
         self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._ready: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._applied: set[int] = set()  # weights updated (or queued) in the current optimizer step
         self._grad_sq_sum: torch.Tensor | None = None
         self._norm_is_exact = True
         self.last_grad_norm: torch.Tensor | None = None
@@ -106,47 +113,51 @@ class LayerwiseMixin:
     def _on_gradient(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        if id(p) in self._applied:
+            raise UnsupportedSetupError(
+                f"The gradient hook of a weight of shape {tuple(p.shape)} fired again after its update in the same "
+                "optimizer step: the weight is used in more than one reentrant activation-checkpointing segment (or "
+                "backward ran twice before step()). Use gradient_checkpointing_kwargs={'use_reentrant': False}, or "
+                "pass the weight in deferred_params so it is updated in step()."
+            )
         group = self._group_of(p)
         state = self._state_for(p, group)  # type: ignore[attr-defined]
         sync = self._sync_gradients()
+        distributed = self._world_size > 1
         side = Side(state["side"])
-        if side == Side.NONE:
-            if not sync:
-                return  # autograd keeps accumulating the full gradient
-            grad = self._all_reduce_mean(p.grad)
-            self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
-            self._finish(p, grad, group)
-            return
-        if self._keeps_full_gradient(p, state, group, sync):
-            if not sync:
-                return  # the refresh needs the whole accumulated gradient: keep it
-            grad = self._all_reduce_mean(p.grad)
-            self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
-            prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
-            p.grad = None
-            if prepared is not None:
-                self._finish(p, prepared, group)
+        if side == Side.NONE or (
+            self._full_gradient_step(p, state, group)
+            if distributed
+            else self._keeps_full_gradient(p, state, group, sync)
+        ):
+            if not sync or distributed:
+                return  # keep the full gradient: autograd accumulates it; under DDP step() all-reduces it
+            self._complete_full(p, p.grad, group)
             return
         low = self._compress_gradient(p, p.grad, state)
-        if not sync:
-            self._norm_is_exact = False
         accumulated = self._low_rank_grads.pop(p, None)
         if accumulated is not None:
             low = accumulated.add_(low)
-        if not sync:
+        if not sync or distributed:
+            # Between micro-steps (and under DDP until step() reduces it in a fixed order) keep only the small tensor.
             self._low_rank_grads[p] = low
             p.grad = None
             return
-        if self._world_size > 1:
+        if accumulated is not None:
             self._norm_is_exact = False
-            low = self._all_reduce_mean(low)
-            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
-        elif accumulated is not None:
             self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
         else:
             self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
         p.grad = None
         self._finish(p, low, group)
+
+    def _complete_full(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """A full (accumulated, reduced) gradient is final: record its norm, refresh/project it, and finish."""
+        self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+        prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
+        p.grad = None
+        if prepared is not None:
+            self._finish(p, prepared, group)
 
     # Two overridable decisions of the hook (FLoRA overrides both; GaLore keeps these defaults).
     def _keeps_full_gradient(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], sync: bool) -> bool:
@@ -154,6 +165,11 @@ class LayerwiseMixin:
 
         GaLore: on steps that refresh the basis, whose SVD needs the whole accumulated gradient.
         """
+        return self._refresh_due(state, group)  # type: ignore[attr-defined]
+
+    def _full_gradient_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Under DDP: whether this optimizer step all-reduces the full gradient of `p` (decided from state only, so
+        every rank agrees). GaLore: on refresh steps."""
         return self._refresh_due(state, group)  # type: ignore[attr-defined]
 
     def _compress_gradient(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -164,11 +180,61 @@ class LayerwiseMixin:
         """Apply now, or (with clipping) once the global norm is known in `step()`."""
         if self.max_grad_norm > 0:
             self._ready.append((p, prepared))
+            self._applied.add(id(p))
             if p.grad is not None:
                 p.grad = None
             return
         self._apply_update(p, prepared, group)  # type: ignore[attr-defined]
+        self._applied.add(id(p))
         p.grad = None
+
+    def _flush_pending(self) -> None:
+        """One process: finish weights whose hook did not fire on the last micro-step (no gradient there) but that
+        hold what earlier micro-steps accumulated, exactly as their hook would have."""
+        for p in list(self._low_rank_grads):
+            low = self._low_rank_grads.pop(p)
+            self._norm_is_exact = False
+            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+            self._finish(p, low, self._group_of(p))
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                if id(p) not in self._deferred and id(p) not in self._applied and p.grad is not None:
+                    self._on_gradient(p)
+
+    def _reduce_in_order(self) -> None:
+        """Several processes: all-reduce every weight DDP does not own, in the same order on every rank.
+
+        The hooks only accumulate locally. A first all-reduce of per-weight "has a gradient" flags tells every rank
+        which weights some rank produced a gradient for (a rank without one contributes zeros), so collectives always
+        pair up, even when ranks use different weights (mixture of experts, layer drop).
+        """
+        candidates = [(p, g) for g in self.param_groups for p in g["params"] if id(p) not in self._ddp_params]  # type: ignore[attr-defined]
+        if not candidates:
+            return
+        device = candidates[0][0].device
+        flags = torch.tensor(
+            [float(p.grad is not None or p in self._low_rank_grads) for p, _ in candidates], device=device
+        )
+        dist.all_reduce(flags)
+        for (p, group), flag in zip(candidates, flags.tolist()):
+            if flag == 0:
+                continue
+            state = self._state_for(p, group)  # type: ignore[attr-defined]
+            if Side(state["side"]) == Side.NONE or self._full_gradient_step(p, state, group):
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                self._complete_full(p, self._all_reduce_mean(grad), group)
+                continue
+            low = self._low_rank_grads.pop(p, None)
+            if p.grad is not None:  # a deferred (tied) weight still holds its full gradient
+                extra = self._compress_gradient(p, p.grad, state)
+                low = extra if low is None else low.add_(extra)
+                p.grad = None
+            if low is None:
+                low = self._compress_gradient(p, torch.zeros_like(p), state)
+            low = self._all_reduce_mean(low)
+            self._norm_is_exact = False
+            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+            self._ready.append((p, low))
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -183,13 +249,16 @@ class LayerwiseMixin:
                 loss = closure()
         if not self._sync_gradients():
             return loss
+        if self._world_size > 1:
+            self._reduce_in_order()
+        else:
+            self._flush_pending()
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
-                if id(p) in self._deferred and p.grad is not None:
-                    # DDP has reduced these gradients already; deferred (tied) ones are complete now.
-                    grad = p.grad if id(p) in self._ddp_params else self._all_reduce_mean(p.grad)
-                    self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
-                    prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
+                if id(p) in self._deferred and p.grad is not None and id(p) not in self._applied:
+                    # DDP has reduced its own gradients already; deferred (tied) ones are complete now.
+                    self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
+                    prepared = self._prepare_gradient(p, p.grad, group)  # type: ignore[attr-defined]
                     if prepared is not None:
                         self._ready.append((p, prepared))
         norm = self._grad_sq_sum.sqrt() if self._grad_sq_sum is not None else None
@@ -210,6 +279,7 @@ class LayerwiseMixin:
             self._apply_update(p, prepared, self._group_of(p))  # type: ignore[attr-defined]
             p.grad = None
         self._ready.clear()
+        self._applied.clear()
         self.last_grad_norm = norm
         self._grad_sq_sum = None
         self._norm_is_exact = True

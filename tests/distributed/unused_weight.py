@@ -1,0 +1,45 @@
+"""Layer-wise DDP where the ranks use different weights (a two-"expert" toy): launched by tests/test_distributed.py.
+
+Rank 0 uses weights `a` and `b`, rank 1 only `b`. Each rank checks its result against a one-process reference fed
+the mean of the two ranks' losses, and writes `rank{R}.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from hf_galore.optim import GaLoreAdamW, GaLoreAdamWLayerwise
+
+
+def losses(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    return [(a @ x.T).sin().sum() + (b @ x.T).pow(2).sum(), (b @ x.T).pow(2).sum()]
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(16, 32), torch.randn(16, 32)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    ra, rb = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    kwargs = dict(lr=1e-2, rank=4, update_proj_gap=2)
+    optimizer = GaLoreAdamWLayerwise([{"params": [a, b], "low_rank": True}], **kwargs)
+    reference = GaLoreAdamW([{"params": [ra, rb], "low_rank": True}], **kwargs)
+    for step in range(4):  # refreshes at steps 0 and 2, projected all-reduce at steps 1 and 3
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        losses(a, b, x)[rank].backward()
+        optimizer.step()
+        (sum(losses(ra, rb, x)) / 2).backward()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+    torch.save({"a": a.detach(), "b": b.detach(), "ra": ra.detach(), "rb": rb.detach()},
+               os.path.join(sys.argv[1], f"rank{rank}.pt"))  # fmt: skip
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
