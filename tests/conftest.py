@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hf_galore  # noqa: F401  (registers the optimizers)
-from hf_galore.utils.logging import reset_warnings
 
 #: The Linear modules of `tiny_roberta_config()` / `tiny_llama_config()` models that "all-linear" selects.
 ROBERTA_ENCODER_LINEARS = {
@@ -42,9 +41,8 @@ LLAMA_LINEARS = {
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_reset():
+def _seed():
     torch.manual_seed(0)
-    reset_warnings()
     yield
 
 

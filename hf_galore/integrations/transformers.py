@@ -273,16 +273,15 @@ def _wrap_create_optimizer(original: Any) -> Any:
     def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = original(self, *args, **kwargs)
         name = str(getattr(self.args.optim, "value", self.args.optim))
+        actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
         if name in REGISTRY and getattr(self, "optimizer_cls_and_kwargs", None) is None:
             expected = REGISTRY[name].optimizer_cls
-            actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
             if not isinstance(actual, expected):
                 raise OptimizerMismatchError(
                     f"optim={name!r} should have built {expected.__name__}, but the Trainer built "
                     f"{type(actual).__name__}. A Trainer subclass probably overrides optimizer creation; build the "
                     "optimizer with hf_galore.optimizer_cls_and_kwargs(args, model) instead."
                 )
-        actual = getattr(self.optimizer, "optimizer", self.optimizer)
         if is_layerwise(actual) and (self.args.max_grad_norm or 0) > 0:
             # The layer-wise optimizer clips itself (it was given max_grad_norm); the Trainer's own pass would see only
             # the gradients DDP keeps. Turn it off on a copy, so the user's TrainingArguments stay as they were.

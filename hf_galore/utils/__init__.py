@@ -1,6 +1,5 @@
-"""Small shared helpers (optional-dependency checks, one-time warnings)."""
+"""Small shared helpers (optional-dependency checks)."""
 
 from .imports import is_bitsandbytes_available, require_bitsandbytes
-from .logging import warn_once
 
-__all__ = ["is_bitsandbytes_available", "require_bitsandbytes", "warn_once"]
+__all__ = ["is_bitsandbytes_available", "require_bitsandbytes"]
