@@ -64,13 +64,19 @@ def _is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> b
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+_PEFT_REASON = "PEFT adapter internals (LoRA factors are already low-rank)"
+
+
 def _skip_reason(name: str, module: nn.Module) -> str | None:
+    if isinstance(getattr(module, "base_layer", None), nn.Module):
+        # A PEFT tuner layer (e.g. `peft.tuners.lora.Linear`) wrapping a frozen base Linear.
+        return f"PEFT adapter layer ({type(module).__name__}; its base_layer is frozen, its factors are low-rank)"
     if not isinstance(module, nn.Linear):
         return f"not an nn.Linear ({type(module).__name__})"
     if type(module).__module__.startswith("bitsandbytes"):
         return f"quantized bitsandbytes layer ({type(module).__name__}); its weight is not trainable in full rank"
     if _PEFT_INTERNALS.search(name):
-        return "PEFT adapter internals (LoRA factors are already low-rank)"
+        return _PEFT_REASON
     weight = module.weight
     if not weight.requires_grad:
         return "frozen (requires_grad=False)"
@@ -132,6 +138,8 @@ def resolve_target_modules(
         reason = _skip_reason(name, module)
         if reason is None:
             resolution.modules.append((name, module))
+        elif _PEFT_INTERNALS.search(name) and not isinstance(module, nn.Linear):
+            continue  # PEFT's containers (lora_A ModuleDict, dropout, ...): their Linears are reported instead
         elif isinstance(module, nn.Linear) or not all_linear:
             resolution.skipped.append((name, reason))
     if not resolution.modules:
@@ -143,7 +151,7 @@ def resolve_target_modules(
             " On a PEFT model the LoRA factors are already low-rank and always get the plain inner update; to "
             "project the full-size weights of `modules_to_save` (e.g. the classifier) pass a regex such as "
             r'r".*classifier\.modules_to_save\..*", or use a plain optimizer (e.g. optim="adamw_torch") for LoRA alone.'
-            if any(reason.startswith("PEFT adapter internals") for _, reason in resolution.skipped)
+            if any(reason.startswith("PEFT adapter") for _, reason in resolution.skipped)
             else ""
         )
         raise NoTargetModulesError(
