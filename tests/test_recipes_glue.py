@@ -242,6 +242,10 @@ def _run(model_dir, out, *extra):
         ("adamw_torch", ["--optim", "adamw_torch"]),
         ("lora", ["--method", "lora", "--lora_r", "4", "--lora_alpha", "8", "--optim", "adamw_torch"]),
         ("galore_adafactor_layerwise", ["--optim", "galore_adafactor_layerwise", "--rank", "4"]),
+        ("galore_adamw_8bit", ["--optim", "galore_adamw_8bit", "--rank", "4"]),
+        ("q_galore_adamw_8bit", ["--optim", "q_galore_adamw_8bit", "--rank", "4", "--update_proj_gap", "2"]),
+        ("flora_adamw", ["--optim", "flora_adamw", "--rank", "4", "--optim_args", "kappa=2"]),
+        ("welore_adamw", ["--optim", "welore_adamw", "--optim_args", "target_compression=0.3, train_heads=true"]),
     ],
 )
 def test_run_glue_end_to_end(tiny_model_dir, tmp_path, label, extra):
@@ -252,9 +256,10 @@ def test_run_glue_end_to_end(tiny_model_dir, tmp_path, label, extra):
     assert results["best"]["metrics"]["eval_f1"] == max(e["metrics"]["eval_f1"] for e in results["history"])
     assert {"eval_accuracy", "eval_f1"} <= set(results["final"]["metrics"])
     assert results["method"] == ("lora" if label == "lora" else label)
-    if label.startswith("galore"):
+    if label not in ("adamw_torch", "lora", "welore_adamw"):
         assert "rank=4" in results["optim_args"]
         assert results["trainable_parameters"] > 0
+    assert results["optimizer_state_bytes"] > 0
     if label == "lora":
         assert results["trainable_parameters"] < 10_000  # adapters + classifier only
     assert results["versions"]["transformers"]

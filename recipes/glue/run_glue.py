@@ -468,6 +468,16 @@ def best_and_final(history: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return {"best": best, "final": history[-1]}
 
 
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in `optimizer.state_dict()["state"]` (moments, projection bases, 8-bit scales...)."""
+    total = 0
+    for param_state in optimizer.state_dict()["state"].values():
+        for value in param_state.values():
+            if hasattr(value, "element_size"):
+                total += value.numel() * value.element_size()
+    return total
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -541,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "final": summary["final"],
         "history": history.history,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "train_runtime_s": train_output.metrics.get("train_runtime"),
         "versions": _versions(),
     }
