@@ -179,3 +179,44 @@ def test_layerwise_clipping_leaves_the_users_training_arguments_untouched(tmp_pa
     second = make_trainer(_model("roberta")[0], args, dataset)
     second.create_optimizer()
     assert second.optimizer.max_grad_norm == 0.5
+
+
+def test_hand_built_layerwise_optimizer_follows_accumulation_and_clipping_like_the_registered_one(tmp_path):
+    """`Trainer(optimizers=(GaLoreAdamWLayerwise(...), None))` with GA 2 and clipping equals `optim=` by name."""
+    from hf_galore import optimizer_cls_and_kwargs
+
+    results = {}
+    for how in ("by_name", "hand_built"):
+        model, dataset = _model("llama")
+        args = training_args(tmp_path / how, "galore_adamw_layerwise", max_steps=6, gradient_accumulation_steps=2,
+                             per_device_train_batch_size=4, max_grad_norm=0.05)  # fmt: skip
+        optimizers = (None, None)
+        if how == "hand_built":
+            cls, kwargs = optimizer_cls_and_kwargs(args, model)
+            for connection in ("sync_gradients", "max_grad_norm"):  # what a user building it by hand leaves out
+                kwargs.pop(connection)
+            optimizers = (cls(**kwargs), None)
+            assert not optimizers[0].has_sync_source
+        trainer = make_trainer(model, args, dataset, optimizers=optimizers)
+        trainer.train()
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert inner.max_grad_norm == 0.05 and inner.has_sync_source
+        assert inner.state[model.model.embed_tokens.weight]["step"] == 6  # one update per optimizer step, not 12
+        results[how] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, param in results["by_name"].items():
+        assert torch.equal(results["hand_built"][name], param), name
+
+
+def test_hand_built_layerwise_optimizer_is_refused_in_a_multi_process_run():
+    from types import SimpleNamespace
+
+    from hf_galore import GaLoreAdamWLayerwise, UnsupportedSetupError
+    from hf_galore.integrations.transformers import _connect_hand_built_layerwise
+
+    weight = torch.nn.Parameter(torch.randn(8, 6))
+    optimizer = GaLoreAdamWLayerwise([{"params": [weight], "low_rank": True, "rank": 2}], lr=1e-3)
+    with pytest.raises(UnsupportedSetupError, match="optimizer_cls_and_kwargs"):
+        _connect_hand_built_layerwise(optimizer, SimpleNamespace(world_size=2, max_grad_norm=1.0))
+    assert not optimizer.has_sync_source
+    _connect_hand_built_layerwise(optimizer, SimpleNamespace(world_size=1, max_grad_norm=1.0))
+    assert optimizer.has_sync_source and optimizer.max_grad_norm == 1.0

@@ -180,6 +180,36 @@ def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]])
     return kwargs
 
 
+def _connect_hand_built_layerwise(optimizer: Any, args: Any) -> None:
+    """Connect a layer-wise optimizer passed through `Trainer(optimizers=...)` the way our builder would have.
+
+    Without the accumulation flag, every micro-step's backward would update the weights (gradient accumulation
+    silently off), and the Trainer's clipping, which runs after the hooks consumed the gradients, would clip nothing.
+    So: read accelerate's flag, and hand `args.max_grad_norm` over when the optimizer was given none. Under DDP the
+    hand-built optimizer lacks the reducer split our builder sets up, which cannot be repaired after the fact.
+    """
+    from accelerate.state import GradientState
+
+    if optimizer.has_sync_source:  # built by `optimizer_cls_and_kwargs` (or connected by its author): nothing to do
+        return
+    world_size = _training_args_world_size(args)
+    if world_size > 1:
+        raise UnsupportedSetupError(
+            f"A hand-built {type(optimizer).__name__} was passed to the Trainer in a {world_size}-process run. "
+            "Layer-wise optimizers need DDP's reducer split at construction; build it with "
+            "`cls, kwargs = hf_galore.optimizer_cls_and_kwargs(args, model)` (or just set optim= by name)."
+        )
+    gradient_state = GradientState()
+    optimizer.set_sync_source(lambda: gradient_state.sync_gradients)
+    if optimizer.max_grad_norm == 0 and (args.max_grad_norm or 0) > 0:
+        optimizer.max_grad_norm = float(args.max_grad_norm)
+    logger.info(
+        "Hand-built %s: it now follows the Trainer's gradient accumulation and clips to max_grad_norm=%s.",
+        type(optimizer).__name__,
+        optimizer.max_grad_norm,
+    )
+
+
 def _no_decay_names(model: nn.Module) -> set[str]:
     """Parameter names the Trainer would exclude from weight decay (biases, norms), by the Trainer's own rule."""
     from transformers import Trainer
@@ -282,6 +312,8 @@ def _wrap_create_optimizer(original: Any) -> Any:
                     f"{type(actual).__name__}. A Trainer subclass probably overrides optimizer creation; build the "
                     "optimizer with hf_galore.optimizer_cls_and_kwargs(args, model) instead."
                 )
+        if is_layerwise(actual):
+            _connect_hand_built_layerwise(actual, self.args)
         if is_layerwise(actual) and (self.args.max_grad_norm or 0) > 0:
             # The layer-wise optimizer clips itself (it was given max_grad_norm); the Trainer's own pass would see only
             # the gradients DDP keeps. Turn it off on a copy, so the user's TrainingArguments stay as they were.

@@ -95,6 +95,15 @@ class LayerwiseMixin:
                 if id(p) not in self._deferred:
                     self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
+    @property
+    def has_sync_source(self) -> bool:
+        """Whether a `sync_gradients` callable was given (otherwise every backward counts as an optimizer step)."""
+        return self._sync_gradients is not _always_sync
+
+    def set_sync_source(self, sync_gradients: Callable[[], bool]) -> None:
+        """Read the accumulation boundary from `sync_gradients` from now on (for an optimizer built by hand)."""
+        self._sync_gradients = sync_gradients
+
     # ------------------------------------------------------------------------------------------------ hooks
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         # Looked up at call time: load_state_dict replaces the group dicts.
