@@ -9,7 +9,7 @@ Usage::
     python benchmarks/step_time.py --model llama-60m --device cuda --dtype bf16 --rank 128
     python benchmarks/step_time.py --model tiny --device cpu --steps 20          # smoke run on CPU
 
-This is a first harness for GaLore; the performance issue extends it (published baselines, memory estimator).
+One case from the command line; `run.py` runs whole suites (two runs per method) and writes the docs table.
 Benchmarks never run in CI.
 """
 
@@ -22,7 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+# baselines.py sits next to this script; the hf_galore measured is the one of this checkout, installed or not.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import baselines  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     # LLaMA shapes from the GaLore paper's pre-training configs; RoBERTa-base as in the GLUE experiments.
@@ -33,6 +38,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "llama-350m": {"family": "llama", "hidden_size": 1024, "intermediate_size": 2736, "num_hidden_layers": 24,
                    "num_attention_heads": 16, "vocab_size": 32000},
     "llama-1b": {"family": "llama", "hidden_size": 2048, "intermediate_size": 5461, "num_hidden_layers": 24,
+                 "num_attention_heads": 32, "vocab_size": 32000},
+    "llama-7b": {"family": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "vocab_size": 32000},
     "roberta-base": {"family": "roberta", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                      "num_attention_heads": 12, "vocab_size": 50265},
@@ -55,43 +62,61 @@ def _build_model(name: str, device: str, dtype: Any):
     spec = dict(MODELS[name])
     family = spec.pop("family")
     torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=2048))
-    else:
-        model = RobertaForMaskedLM(RobertaConfig(**spec, max_position_embeddings=514))
-    return model.to(device=device, dtype=dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype on the target device: a 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            if family == "llama":
+                model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=2048))
+            else:
+                model = RobertaForMaskedLM(RobertaConfig(**spec, max_position_embeddings=514))
+    finally:
+        torch.set_default_dtype(previous)
+    return model
 
 
-def _build_optimizer(method: str, model: Any, rank: int, gap: int, device: str):
-    import torch
-
+def _build_optimizer(method: str, model: Any, args: argparse.Namespace):
+    """hf_galore's optimizer `method`, or a baseline of `baselines.py`, over the same all-linear targets."""
     import hf_galore
+    from hf_galore.registry import make_optimizer_kwargs
+    from hf_galore.targeting import resolve_target_modules
 
-    if method == "adamw":
-        fused = device.startswith("cuda")
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+    if method in baselines.PACKAGES:
+        targets = resolve_target_modules(model, "all-linear").weights()
+        return baselines.build_baseline(
+            method, model, targets, rank=args.rank, gap=args.gap, scale=args.scale, lr=args.lr, device=args.device
+        )
     spec = hf_galore.get_spec(method)
-    if spec.prepare_model is not None:  # model surgery first (Q-GaLore's INT8 Linears), default knobs
-        spec.prepare_model(model, "all-linear", [])
-        groups = spec.build_groups(model, "all-linear", weight_decay=0.0, configs=[])
-    else:
-        groups = hf_galore.build_param_groups(model, "all-linear", weight_decay=0.0)
-    cls = spec.optimizer_cls
-    return cls(groups, lr=1e-4, rank=rank, update_proj_gap=gap, scale=0.25)
+    options = {"rank": args.rank, "scale": args.scale} if spec.method != "FLoRA" else {"rank": args.rank}
+    options["kappa" if spec.method == "FLoRA" else "update_proj_gap"] = args.gap
+    cls, kwargs = make_optimizer_kwargs(
+        method, model, lr=args.lr, weight_decay=0.0, target_modules="all-linear", optim_args=options
+    )
+    return cls(**kwargs)
 
 
 def run_single(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure one method in this process."""
+    """Measure one method in this process: every step's time, the optimizer-state bytes and the peak memory."""
+    import contextlib
+
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = args.device
     model = _build_model(args.model, device, dtype)
-    optimizer = _build_optimizer(args.single, model, args.rank, args.gap, device)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = _build_optimizer(args.single, model, args)
     layerwise = hasattr(optimizer, "remove_hooks")
     generator = torch.Generator().manual_seed(0)
     vocab = MODELS[args.model]["vocab_size"]
     batch = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        if args.autocast == "bf16"
+        else contextlib.nullcontext()
+    )
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -103,7 +128,8 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.steps):
         sync()
         start = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         sync()
         after_backward = time.perf_counter()
@@ -116,23 +142,18 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
         optimizer_times.append(end - after_backward)
     # Step 0 refreshes every basis (and warms up kernels); steady-state statistics skip it.
     steady = step_times[1:]
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for s in optimizer.state.values()
-        for k, v in s.items()
-        # Q-GaLore's state references the model's INT8 weights (its master copy): they are weights, not state.
-        if isinstance(v, torch.Tensor) and k not in ("weight_q", "weight_scales", "weight_zeros")
-    )
-    result = {
+    # Q-GaLore's state references the model's INT8 weights (its master copy): they are weights, not state.
+    state = baselines.state_bytes(optimizer, exclude=("weight_q", "weight_scales", "weight_zeros"))
+    return {
         "method": args.single,
+        "step_times_s": step_times,
         "median_step_s": statistics.median(steady),
         "median_optimizer_step_s": statistics.median(optimizer_times[1:]) if not layerwise else None,
         "first_step_s": step_times[0],
-        "optimizer_state_bytes": state_bytes,
+        "optimizer_state_bytes": state,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         **_predicted(args),
     }
-    return result
 
 
 def _predicted(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,9 +168,19 @@ def _predicted(args: argparse.Namespace) -> dict[str, Any]:
         config = LlamaConfig(**spec, max_position_embeddings=2048, architectures=["LlamaForCausalLM"])
     else:
         config = RobertaConfig(**spec, max_position_embeddings=514, architectures=["RobertaForMaskedLM"])
+    if args.single in baselines.PACKAGES and args.single != "adamw":
+        return {"predicted_state_bytes": None, "predicted_peak_bytes": None}  # the estimator models hf_galore only
     optim = "adamw_torch" if args.single == "adamw" else args.single
     try:
-        estimate = estimate_memory(config, optim, rank=args.rank, batch=args.batch, seq=args.seq, dtype=args.dtype)
+        estimate = estimate_memory(
+            config,
+            optim,
+            rank=args.rank,
+            batch=args.batch,
+            seq=args.seq,
+            dtype=args.dtype,
+            grad_checkpointing=args.grad_checkpointing,
+        )
     except Exception as exc:  # noqa: BLE001 - a method the estimator does not model must not break the benchmark
         print(f"no memory prediction for {optim}: {exc}", file=sys.stderr)
         return {"predicted_state_bytes": None, "predicted_peak_bytes": None}
@@ -183,7 +214,10 @@ def _table(results: list[dict[str, Any]]) -> str:
         return f"{value / 2**20:.1f}" if value is not None else "-"
 
     for r in results:
-        ratio = f"{r['median_step_s'] / base['median_step_s']:.2f}" if base else "-"
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        ratio = f"{r['median_step_s'] / base['median_step_s']:.2f}" if base and "error" not in base else "-"
         peak = f"{r['peak_allocated_bytes'] / 2**20:.0f}" if r["peak_allocated_bytes"] else "-"
         lines.append(
             f"| {r['method']} | {r['median_step_s'] * 1e3:.1f} | {ratio} | {r['first_step_s'] * 1e3:.0f} | "
@@ -193,28 +227,50 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=METHODS, help=f"hf_galore names or {sorted(baselines.PACKAGES)}"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="Weight dtype.")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none", help="Autocast the forward pass.")
+    parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--gap", type=int, default=200, help="update_proj_gap (larger than --steps: one refresh)")
+    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--gap", type=int, default=200, help="update_proj_gap / FLoRA's kappa (> --steps: one refresh)"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None, help="Also write the results and environment to this file.")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_in_subprocess(argv: list[str], method: str, timeout: float | None = None) -> dict[str, Any]:
+    """`run_single` for `method` in a fresh interpreter; a failure is returned as `{"method", "error"}`."""
+    command = [sys.executable, __file__, *argv, "--single", method]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"timed out after {timeout:.0f} s"}
+    if completed.returncode != 0:
+        lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
+        return {"method": method, "error": lines[-1] if lines else f"exit code {completed.returncode}"}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args.single:
         print(json.dumps(run_single(args)))
         return 0
-    results = []
-    for method in args.methods:
-        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--single", method]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = [run_in_subprocess(argv, method) for method in args.methods]
     environment = _environment(args.device)
     print(f"model={args.model} rank={args.rank} batch={args.batch}x{args.seq} dtype={args.dtype} {environment}")
     print(_table(results))
