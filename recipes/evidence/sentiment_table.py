@@ -200,7 +200,7 @@ def to_markdown(table: dict[str, Any], steps: dict[str, int]) -> str:
         for method, row in rows.items():
             acc, f1 = row["accuracy"], row["f1"]
             lines.append(
-                f"| {method} ({METHODS[method][1]}) | {100 * acc['median']:.1f} [{100 * acc['min']:.1f}, "
+                f"| `{method}` | {100 * acc['median']:.1f} [{100 * acc['min']:.1f}, "
                 f"{100 * acc['max']:.1f}] | {100 * f1['median']:.1f} [{100 * f1['min']:.1f}, {100 * f1['max']:.1f}] "
                 f"| {row['trainable_parameters'] / 1e6:.2f} M | {row['optimizer_state_bytes'] / 2**20:.1f} MiB "
                 f"| {row['train_runtime_s']:.0f} s |"
