@@ -164,30 +164,3 @@ def _flora_opt(model, rank, kappa, lr) -> torch.optim.Optimizer:
     flora_opt = _import("flora_opt.optimizers.torch", "flora-opt")
     params = [p for p in model.parameters() if p.requires_grad]
     return flora_opt.Flora(params, lr=lr, rank=rank, kappa=kappa, relative_step=False, scale_parameter=False)
-
-
-def state_bytes(optimizer: Any, exclude: tuple[str, ...] = ()) -> int:
-    """Bytes of the tensors in `optimizer.state`, including those held by projector objects (galore-torch keeps its
-    basis in `state["projector"].ortho_matrix`). Each tensor is counted once."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                add(item)
-        elif hasattr(value, "__dict__") and not isinstance(value, nn.Module):
-            for item in vars(value).values():
-                if isinstance(item, (torch.Tensor, list, tuple)):
-                    add(item)
-
-    for param_state in optimizer.state.values():
-        for key, value in param_state.items():
-            if key not in exclude:
-                add(value)
-    return total

@@ -142,8 +142,9 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
         optimizer_times.append(end - after_backward)
     # Step 0 refreshes every basis (and warms up kernels); steady-state statistics skip it.
     steady = step_times[1:]
-    # Q-GaLore's state references the model's INT8 weights (its master copy): they are weights, not state.
-    state = baselines.state_bytes(optimizer, exclude=("weight_q", "weight_scales", "weight_zeros"))
+    from hf_galore.memory import optimizer_state_bytes
+
+    state = optimizer_state_bytes(optimizer)  # Q-GaLore's INT8 weights excluded; galore-torch's projectors counted
     return {
         "method": args.single,
         "step_times_s": step_times,

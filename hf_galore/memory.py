@@ -62,6 +62,7 @@ from .configs import (
     split_optim_args,
 )
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from .optim.q_galore import _WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
 from .projection.quant import num_groups
 from .projection.subspace import Side, choose_side, low_rank_shape
 from .registry import REGISTRY, get_spec
@@ -177,6 +178,42 @@ class MemoryEstimate:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
+#: Q-GaLore's state keys that reference the model's INT8 weight buffers: weights, not optimizer state.
+WEIGHT_REFERENCE_KEYS = tuple(Q_GALORE_WEIGHT_KEYS)
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Measured bytes of the tensors in `optimizer.state`: the quantity [`MemoryEstimate.state_bytes`] predicts.
+
+    Works for any optimizer exposing `.state` (accelerate's wrapper included). Each storage is counted once,
+    Q-GaLore's references to the INT8 weights ([`WEIGHT_REFERENCE_KEYS`]) are left out, and tensors held by objects
+    inside the state (e.g. a third-party projector's basis matrix) are counted.
+    """
+    seen: set[tuple[int, torch.dtype, int]] = set()
+    total = 0
+
+    def add(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            ident = (value.untyped_storage().data_ptr(), value.dtype, value.numel())
+            if ident not in seen:
+                seen.add(ident)
+                total += value.numel() * value.element_size()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        elif hasattr(value, "__dict__") and not isinstance(value, nn.Module):
+            for item in vars(value).values():
+                if isinstance(item, (torch.Tensor, list, tuple)):
+                    add(item)
+
+    for param_state in optimizer.state.values():
+        for key, value in param_state.items():
+            if key not in WEIGHT_REFERENCE_KEYS:
+                add(value)
+    return total
+
+
 def _build_model(model_or_config: Any) -> nn.Module:
     """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory)."""
     if isinstance(model_or_config, nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from script_utils import load_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -64,22 +63,6 @@ def test_the_docs_page_has_the_markers():
     run = _load("run")
     text = (BENCHMARKS.parent / "docs" / "benchmarks.md").read_text()
     assert run.DOCS_START in text and run.DOCS_END in text
-
-
-def test_state_bytes_counts_projector_tensors_once():
-    baselines = _load("baselines")
-
-    class Projector:
-        def __init__(self, matrix):
-            self.ortho_matrix = matrix
-            self.rank = 4
-
-    basis = torch.zeros(8, 4)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    optimizer.state["a"] = {"exp_avg": torch.zeros(10), "projector": Projector(basis), "step": 3}
-    optimizer.state["b"] = {"shared": basis, "codes": torch.zeros(16, dtype=torch.uint8)}
-    assert baselines.state_bytes(optimizer) == 10 * 4 + 8 * 4 * 4 + 16
-    assert baselines.state_bytes(optimizer, exclude=("codes",)) == 10 * 4 + 8 * 4 * 4
 
 
 def test_every_suite_names_known_models_and_methods():

@@ -15,11 +15,11 @@ import hf_galore
 from hf_galore.cli import main
 from hf_galore.errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
 from hf_galore.memory import MemoryEstimate, estimate_memory
+from hf_galore.memory import optimizer_state_bytes as measured_state_bytes
 from hf_galore.modules.int8_linear import Int8Linear
 from hf_galore.utils.imports import is_bitsandbytes_available
 
 needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason="needs bitsandbytes")
-WEIGHT_REFS = ("weight_q", "weight_scales", "weight_zeros")  # Q-GaLore's references to the model's INT8 weights
 
 MODELS = {
     "llama": (tiny_llama_config, LlamaForCausalLM),
@@ -39,20 +39,6 @@ CASES = [
         "q_galore_adamw_8bit", "rank=4, min_8bit_size=0, proj_group_size=16, weight_group_size=16", marks=needs_bnb
     ),
 ]
-
-
-def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in `optimizer.state_dict()["state"]` (shared tensors once, INT8 weight refs excluded)."""
-    seen, total = set(), 0
-    for state in optimizer.state_dict()["state"].values():
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or key in WEIGHT_REFS:
-                continue
-            ident = (value.untyped_storage().data_ptr(), value.dtype, value.numel())
-            if ident not in seen:
-                seen.add(ident)
-                total += value.numel() * value.element_size()
-    return total
 
 
 def measured_weight_bytes(model: torch.nn.Module) -> int:
@@ -177,3 +163,18 @@ def test_memory_estimate_to_dict_round_trip():
     assert data["total_peak"] == estimate.total_peak
     fields = {k: v for k, v in data.items() if k not in ("state_bytes", "total_peak")}
     assert MemoryEstimate(**fields) == estimate
+
+
+def test_measured_state_bytes_count_each_storage_once_including_projector_objects_and_not_int8_weights():
+    class Projector:  # galore-torch keeps its basis on an object in the state
+        def __init__(self, matrix):
+            self.ortho_matrix = matrix
+            self.rank = 4
+
+    basis = torch.zeros(8, 4)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    optimizer.state["a"] = {"exp_avg": torch.zeros(10), "projector": Projector(basis), "step": 3}
+    optimizer.state["b"] = {"shared": basis, "codes": torch.zeros(16, dtype=torch.uint8)}
+    assert measured_state_bytes(optimizer) == 10 * 4 + 8 * 4 * 4 + 16
+    optimizer.state["c"] = {"weight_q": torch.zeros(64, dtype=torch.uint8), "weight_scales": torch.zeros(4)}
+    assert measured_state_bytes(optimizer) == 10 * 4 + 8 * 4 * 4 + 16  # Q-GaLore's INT8 weights are weights

@@ -63,6 +63,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
+from hf_galore.memory import optimizer_state_bytes  # noqa: E402
+
 DEFAULTS: dict[str, Any] = {
     "optim": "galore_adamw",
     "rank": 8,
@@ -136,16 +138,6 @@ def _tokenized(examples: list[tuple[str, int]], tokenizer: Any, max_length: int)
         remove_columns=["text"],
         desc="Tokenizing",
     )
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in `optimizer.state_dict()["state"]` (moments, projection bases, 8-bit scales...)."""
-    total = 0
-    for param_state in optimizer.state_dict()["state"].values():
-        for value in param_state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
 
 
 def _optim_args(spec: hf_galore.OptimizerSpec, **values: Any) -> str:

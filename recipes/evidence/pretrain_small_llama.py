@@ -43,6 +43,8 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
+from hf_galore.memory import optimizer_state_bytes
+
 #: method -> TrainingArguments overrides. AdamW at 1e-3 (a usual small-LLaMA rate); the GaLore family at rank 32 of
 #: 128 (the paper's d/4 for small models), with the paper's pre-training recipe for GaLore: lr 1e-2, scale 0.25, so
 #: projected weights see 2.5e-3 and the rest (embeddings, norms) 1e-2; Q-GaLore likewise. FLoRA has no scale: it
@@ -129,13 +131,6 @@ def token_stream(lines: list[str], tokenizer: Any) -> torch.Tensor:
         ids.extend(encoded)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in optimizer.state_dict()["state"].values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
-    return total
 
 
 def run_method(name: str, args: argparse.Namespace, train: Blocks, valid: Blocks, vocab: int) -> dict[str, Any]:

@@ -55,6 +55,8 @@ from transformers import (
     set_seed,
 )
 
+from hf_galore.memory import optimizer_state_bytes
+
 logger = logging.getLogger("run_glue")
 
 #: GLUE task -> its text columns (the second is None for single-sentence tasks).
@@ -468,16 +470,6 @@ def best_and_final(history: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return {"best": best, "final": history[-1]}
 
 
-def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of every tensor in `optimizer.state_dict()["state"]` (moments, projection bases, 8-bit scales...)."""
-    total = 0
-    for param_state in optimizer.state_dict()["state"].values():
-        for value in param_state.values():
-            if hasattr(value, "element_size"):
-                total += value.numel() * value.element_size()
-    return total
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -551,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "final": summary["final"],
         "history": history.history,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),  # Q-GaLore's INT8 weights excluded
         "train_runtime_s": train_output.metrics.get("train_runtime"),
         "versions": _versions(),
     }
