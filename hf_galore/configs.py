@@ -148,6 +148,25 @@ class Blockwise8bitConfig(_OptionsMixin):
 
 
 @dataclass
+class MultiTensorConfig(_OptionsMixin):
+    """How the AdamW-style optimizers run their elementwise work.
+
+    Args:
+        foreach (`bool`, defaults to `True`):
+            Batch the moment and denominator math of all parameters of a group into multi-tensor ops (and the 8-bit
+            (de)quantisation into one call per chunk of states) instead of a Python loop over parameters. Same
+            arithmetic, fewer kernel launches; it allocates fp32 temporaries for one chunk of at most 2**23 state
+            elements at a time. `foreach=false` runs the per-parameter loop. Layer-wise optimizers update in
+            backward hooks one weight at a time; for them it only batches the updates deferred to `step()`
+            (gradient clipping, tied weights).
+    """
+
+    section: ClassVar[str] = "Batched step"
+
+    foreach: bool = field(default=True, metadata={"help": "Batch elementwise work across parameters."})
+
+
+@dataclass
 class AdafactorConfig(_OptionsMixin):
     """Adafactor knobs of `galore_adafactor` (semantics of `transformers.Adafactor`).
 

@@ -26,12 +26,18 @@ Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected w
   the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
   the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
   already fp32.
+* **step workspace**: temporaries of the update itself. Per element of the parameters updated together: the
+  prepared (projected) gradient in the gradient dtype and two fp32 temporaries (Adam's denominator and low-rank
+  direction), plus for 8-bit states both moments dequantised to fp32 and their concatenated codes (10 bytes). The
+  batched path (`foreach=True`) updates up to 2**23 elements together (a larger single parameter alone), the
+  per-parameter loop and the layer-wise hooks one parameter at a time.
 * **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
   is recomputed at a time.
-* **peak**: weights + states + bases + gradients + max(activations, refresh transient); for layer-wise names the
-  refresh runs inside backward while activations are alive, so both are added. This is an upper-end estimate:
+* **peak**: weights + states + bases + gradients + max(activations, refresh transient, step workspace); for
+  layer-wise names the refresh and the update run inside backward while activations are alive, so activations and
+  the larger of the two are added. This is an upper-end estimate:
   activations are freed while gradients appear, and allocator fragmentation is not modelled.
 
 Example:
@@ -57,11 +63,13 @@ from .configs import (
     AdafactorConfig,
     Blockwise8bitConfig,
     GaLoreConfig,
+    MultiTensorConfig,
     QGaLoreConfig,
     parse_optim_args,
     split_optim_args,
 )
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from .optim.base import LowRankOptimizer
 from .optim.q_galore import _WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
 from .projection.quant import num_groups
 from .projection.subspace import Side, choose_side, low_rank_shape
@@ -109,7 +117,8 @@ class MemoryEstimate:
         grad_checkpointing: Whether activations assume gradient checkpointing.
         num_parameters: Unique parameter elements (Q-GaLore's carriers counted at their m·n).
         num_projected: Projected weights (with min(m, n) > rank).
-        weights, gradients, optimizer_states, projection_bases, refresh_transient, activations: Bytes.
+        weights, gradients, optimizer_states, projection_bases, refresh_transient, activations, step_workspace:
+            Bytes.
         notes: Caveats of this estimate.
     """
 
@@ -129,6 +138,7 @@ class MemoryEstimate:
     projection_bases: int
     refresh_transient: int
     activations: int
+    step_workspace: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -141,9 +151,10 @@ class MemoryEstimate:
     def total_peak(self) -> int:
         """Estimated peak bytes of a training step (see the module docstring)."""
         resident = self.weights + self.state_bytes + self.gradients
+        transient = max(self.refresh_transient, self.step_workspace)
         if self.layerwise:
-            return resident + self.activations + self.refresh_transient
-        return resident + max(self.activations, self.refresh_transient)
+            return resident + self.activations + transient
+        return resident + max(self.activations, transient)
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate as a JSON-serialisable dict, including `state_bytes` and `total_peak`."""
@@ -162,6 +173,7 @@ class MemoryEstimate:
             ("optimizer states", self.optimizer_states),
             ("projection bases", self.projection_bases),
             ("refresh transient", self.refresh_transient),
+            ("step workspace", self.step_workspace),
             ("activations (approx.)", self.activations),
             ("total peak (approx.)", self.total_peak),
         ]
@@ -273,6 +285,20 @@ def _refresh_workspace(shape: tuple[int, int], side: Side, galore: GaLoreConfig,
     else:
         work = 4 * 2 * (m + n) * min(galore.rank + galore.oversample, m, n)
     return copy + work
+
+
+def _step_workspace(sizes: list[int], grad_elem: int, adam: bool, eight_bit: bool, chunked: bool) -> int:
+    """Temporaries of the optimizer update: per element of the parameters updated together, the prepared gradient
+    (gradient dtype) and two fp32 temporaries (Adam: denominator and low-rank direction; Adafactor: the fp32
+    gradient and the update), plus, for 8-bit states, both moments dequantised to fp32 and their concatenated codes.
+    The batched path updates up to `foreach_chunk_elements` elements together (more if one parameter is larger),
+    the per-parameter loop and the layer-wise hooks one parameter."""
+    if not sizes:
+        return 0
+    largest = max(sizes)
+    together = min(sum(sizes), max(largest, LowRankOptimizer.foreach_chunk_elements)) if chunked else largest
+    per_element = grad_elem + 8 + (10 if adam and eight_bit else 0)
+    return together * per_element
 
 
 def _resolve_name(optim: str, layerwise: bool | None) -> str:
@@ -428,6 +454,9 @@ def estimate_memory(
         return 2 * numel * (4 if low_rank else param_elem)
 
     weights = gradients = states = bases = refresh = accumulators = 0
+    update_sizes: list[int] = []  # elements of each parameter's (projected) update, for the step workspace
+    multi_tensor = next((c for c in configs if isinstance(c, MultiTensorConfig)), None)
+    chunked = multi_tensor is not None and multi_tensor.foreach and not spec.layerwise
     largest_grad = tied_grads = 0
     num_params = num_projected = 0
     for _, p in model.named_parameters():
@@ -451,9 +480,11 @@ def estimate_memory(
         side = choose_side(shape, galore.proj_type, galore.rank) if is_target else Side.NONE
         if side == Side.NONE:
             states += moments(shape, elem, low_rank=False)
+            update_sizes.append(numel)
             continue
         num_projected += 1
         low_shape = low_rank_shape(shape, side, galore.rank)
+        update_sizes.append(math.prod(low_shape))
         states += moments(low_shape, elem, low_rank=True)
         accumulators += math.prod(low_shape) * elem
         refresh = max(refresh, _refresh_workspace(shape, side, galore, weight_dtype))
@@ -500,6 +531,7 @@ def estimate_memory(
         projection_bases=bases,
         refresh_transient=refresh,
         activations=activations,
+        step_workspace=_step_workspace(update_sizes, elem, adafactor is None, blockwise is not None, chunked),
         notes=notes,
     )
 

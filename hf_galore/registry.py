@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, parse_optim_args
+from .configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, MultiTensorConfig, parse_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
 from .optim import (
     GaLoreAdafactor,
@@ -106,11 +106,16 @@ def _galore_spec(name: str, cls: type, configs: tuple[type, ...], summary: str, 
     )
 
 
-_galore_spec("galore_adamw", GaLoreAdamW, (GaLoreConfig,), "GaLore with fp32 Adam states of the projected gradient.")
+_galore_spec(
+    "galore_adamw",
+    GaLoreAdamW,
+    (GaLoreConfig, MultiTensorConfig),
+    "GaLore with fp32 Adam states of the projected gradient.",
+)
 _galore_spec(
     "galore_adamw_8bit",
     GaLoreAdamW8bit,
-    (GaLoreConfig, Blockwise8bitConfig),
+    (GaLoreConfig, Blockwise8bitConfig, MultiTensorConfig),
     "GaLore with 8-bit blockwise Adam states (bitsandbytes).",
     needs_bitsandbytes=True,
 )
@@ -124,14 +129,14 @@ _galore_spec(
 _galore_spec(
     "galore_adamw_layerwise",
     GaLoreAdamWLayerwise,
-    (GaLoreConfig,),
+    (GaLoreConfig, MultiTensorConfig),
     "galore_adamw, each weight updated in its backward hook and its gradient freed.",
     layerwise=True,
 )
 _galore_spec(
     "galore_adamw_8bit_layerwise",
     GaLoreAdamW8bitLayerwise,
-    (GaLoreConfig, Blockwise8bitConfig),
+    (GaLoreConfig, Blockwise8bitConfig, MultiTensorConfig),
     "galore_adamw_8bit, each weight updated in its backward hook and its gradient freed.",
     layerwise=True,
     needs_bitsandbytes=True,
@@ -186,7 +191,7 @@ def _register_q_galore() -> None:
 
     q_galore = dict(
         method="Q-GaLore",
-        config_classes=(GaLoreConfig, Blockwise8bitConfig, QGaLoreConfig),
+        config_classes=(GaLoreConfig, Blockwise8bitConfig, QGaLoreConfig, MultiTensorConfig),
         needs_bitsandbytes=True,
         prepare_model=prepare_model,
         build_groups=build_groups,
@@ -229,7 +234,7 @@ def _register_flora() -> None:
     ]  # fmt: skip
     for name, cls, layerwise, summary in entries:
         adafactor = "adafactor" in name
-        configs = (FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig,)
+        configs = (FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig, MultiTensorConfig)
         register_optimizer(
             OptimizerSpec(
                 name=name,

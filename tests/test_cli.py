@@ -99,7 +99,9 @@ def test_list_json_matches_registry(capsys):
     assert adamw["optimizer_class"] == "hf_galore.GaLoreAdamW"
     assert adamw["layerwise"] is False and adamw["needs_bitsandbytes"] is False and adamw["install"] is None
     knobs = {k["name"]: k for k in adamw["optim_args"]}
-    assert set(knobs) == {f[0] for f in hf_galore.GaLoreConfig.field_docs()}
+    assert set(knobs) == {
+        f[0] for cls in (hf_galore.GaLoreConfig, hf_galore.MultiTensorConfig) for f in cls.field_docs()
+    }
     assert knobs["rank"] == {
         "name": "rank",
         "type": "int",

@@ -17,6 +17,7 @@ from hf_galore.errors import InvalidConfigError, UnknownOptimizerError, Unsuppor
 from hf_galore.memory import MemoryEstimate, estimate_memory
 from hf_galore.memory import optimizer_state_bytes as measured_state_bytes
 from hf_galore.modules.int8_linear import Int8Linear
+from hf_galore.optim.base import LowRankOptimizer
 from hf_galore.utils.imports import is_bitsandbytes_available
 
 needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason="needs bitsandbytes")
@@ -178,3 +179,21 @@ def test_measured_state_bytes_count_each_storage_once_including_projector_object
     assert measured_state_bytes(optimizer) == 10 * 4 + 8 * 4 * 4 + 16
     optimizer.state["c"] = {"weight_q": torch.zeros(64, dtype=torch.uint8), "weight_scales": torch.zeros(4)}
     assert measured_state_bytes(optimizer) == 10 * 4 + 8 * 4 * 4 + 16  # Q-GaLore's INT8 weights are weights
+
+
+def test_step_workspace_follows_the_chunking_rule(monkeypatch):
+    config = tiny_llama_config(hidden_size=64, intermediate_size=96)
+    sizes = []
+    model = LlamaForCausalLM(config)
+    for name, p in model.named_parameters():
+        projected = p.dim() == 2 and "proj" in name and min(p.shape) > 8
+        sizes.append(8 * max(p.shape) if projected else p.numel())
+    batched = estimate_memory(config, "galore_adamw", rank=8)
+    looped = estimate_memory(config, "galore_adamw", rank=8, optim_args="foreach=false")
+    eight_bit = estimate_memory(config, "galore_adamw_8bit", rank=8)
+    assert looped.step_workspace == max(sizes) * (4 + 8)
+    assert batched.step_workspace == sum(sizes) * (4 + 8)  # the whole tiny model fits in one chunk
+    assert eight_bit.step_workspace == sum(sizes) * (4 + 8 + 10)
+    monkeypatch.setattr(LowRankOptimizer, "foreach_chunk_elements", 10)
+    assert estimate_memory(config, "galore_adamw", rank=8).step_workspace == looped.step_workspace
+    assert batched.total_peak >= batched.weights + batched.state_bytes + batched.gradients + batched.step_workspace

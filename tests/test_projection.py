@@ -72,6 +72,12 @@ def test_exact_bases_projection_and_back_projection_match_reference(proj_type, s
     expected = weight - 0.3 * back
     add_projected_back_(weight, update, side, p, q, alpha=-0.3)
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6)
+    # A decoupled weight decay folded into the same pass: beta · weight + alpha · back.
+    decayed = weight * 0.9 - 0.3 * back
+    add_projected_back_(weight, update, side, p, q, alpha=-0.3, beta=0.9)
+    torch.testing.assert_close(weight, decayed, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        add_projected_back_(weight, update, side, p, q, alpha=-0.3, beta=0.0)
 
 
 def test_bases_are_orthonormal_and_span_the_top_singular_space():

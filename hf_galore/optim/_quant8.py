@@ -1,17 +1,42 @@
 """8-bit blockwise storage of optimizer states through bitsandbytes' public functional API.
 
 A state tensor `name` is kept as `name_q` (uint8 codes, the state's shape), `name_absmax` (fp32, one per block) and
-`name_block` (the block size, an int), plain data in `optimizer.state`; the dynamic quantisation map is a constant rebuilt per device, never stored.
+`name_block` (the block size, an int), plain data in `optimizer.state`; the dynamic quantisation map is a constant
+rebuilt per device, never stored.
+
+`load_many`/`save_many` (de)quantise the same state of several parameters in one bitsandbytes call: their codes are
+concatenated, each parameter's segment padded to a whole number of blocks, so every block still belongs to one
+parameter and the result is exactly that of one call per parameter. On a GPU each call is a kernel launch plus
+Python overhead, so one call per chunk instead of four per parameter and step is what the batched path saves.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..utils.imports import require_bitsandbytes
+
+
+@dataclass
+class PackedStates:
+    """One state of several parameters, dequantised together into the fp32 buffer `values` (see `load_many`).
+
+    `segments` holds, per parameter, `(state, offset, numel)`: its values are `values[offset:offset + numel]`, the
+    rest of its padded segment is zero. `codes`/`absmax` are the concatenated buffers `save_many` quantises into
+    (the parameter's own buffers when there is a single unpadded parameter: then nothing is copied back).
+    """
+
+    name: str
+    block: int
+    values: torch.Tensor
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    segments: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
+    shared: bool = False
 
 
 class Blockwise8bitStore:
@@ -53,3 +78,63 @@ class Blockwise8bitStore:
         self._functional.quantize_blockwise(
             value.contiguous(), code=self._map(value.device, signed), absmax=absmax, out=codes, blocksize=block
         )
+
+    def load_many(
+        self, states: list[dict[str, Any]], name: str, signed: bool
+    ) -> tuple[list[torch.Tensor], PackedStates]:
+        """The fp32 values of state `name` of every state dict in `states` (all on one device, one block size), as
+        views into one buffer dequantised by a single call. Update them in place, then call `save_many`."""
+        block = states[0][f"{name}_block"]
+        if any(state[f"{name}_block"] != block for state in states):
+            raise ValueError(f"load_many needs one block size, got {sorted({s[f'{name}_block'] for s in states})}.")
+        first_codes = states[0][f"{name}_q"]
+        if len(states) == 1 and first_codes.numel() % block == 0:
+            codes, absmax = first_codes.view(-1), states[0][f"{name}_absmax"]
+            segments, shared = [(states[0], 0, codes.numel())], True
+        else:
+            code_parts, absmax_parts, segments, offset = [], [], [], 0
+            for state in states:
+                state_codes = state[f"{name}_q"].view(-1)
+                numel = state_codes.numel()
+                padded = math.ceil(numel / block) * block
+                code_parts.append(state_codes)
+                if padded > numel:
+                    code_parts.append(state_codes.new_zeros(padded - numel))
+                absmax_parts.append(state[f"{name}_absmax"])
+                segments.append((state, offset, numel))
+                offset += padded
+            codes, absmax, shared = torch.cat(code_parts), torch.cat(absmax_parts), False
+        values = self._functional.dequantize_blockwise(
+            codes, absmax=absmax, code=self._map(codes.device, signed), blocksize=block
+        )
+        views = []
+        for state, offset, numel in segments:
+            padded = math.ceil(numel / block) * block
+            if padded > numel:  # padding must quantise to nothing: zero keeps each block's absmax unchanged
+                values[offset + numel : offset + padded].zero_()
+            views.append(values[offset : offset + numel].view(state[f"{name}_q"].shape))
+        packed = PackedStates(name, block, values, codes, absmax, segments, shared)
+        return views, packed
+
+    def save_many(self, packed: PackedStates, signed: bool) -> None:
+        """Quantise the (updated) values of `load_many` back into each parameter's state, in one call."""
+        self._functional.quantize_blockwise(
+            packed.values,
+            code=self._map(packed.values.device, signed),
+            absmax=packed.absmax,
+            out=packed.codes,
+            blocksize=packed.block,
+        )
+        if packed.shared:
+            return
+        codes, code_sources, absmaxes, absmax_sources = [], [], [], []
+        for state, offset, numel in packed.segments:
+            first_block = offset // packed.block
+            absmax = state[f"{packed.name}_absmax"]
+            codes.append(state[f"{packed.name}_q"].view(-1))
+            code_sources.append(packed.codes[offset : offset + numel])
+            absmaxes.append(absmax)
+            absmax_sources.append(packed.absmax[first_block : first_block + absmax.numel()])
+        # One multi-tensor copy per dtype (one launch each on CUDA) instead of two copies per parameter.
+        torch._foreach_copy_(codes, code_sources)
+        torch._foreach_copy_(absmaxes, absmax_sources)

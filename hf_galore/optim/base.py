@@ -47,8 +47,9 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
 #: Keys that other code (LR schedulers, our integrations) may add to a group.
 _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
 
-#: Called by the inner optimizer to apply `alpha · project_back(update)` to the weight.
-ApplyBack = Callable[[torch.Tensor, float], None]
+#: Called by the inner optimizer as `apply_back(update, alpha, beta)`: weight ← beta · weight + alpha · scale ·
+#: project_back(update), in one pass over the weight (`beta` < 1 carries a decoupled weight decay).
+ApplyBack = Callable[..., None]
 
 
 def _mix_seed(*parts: int) -> int:
@@ -74,6 +75,11 @@ class LowRankOptimizer(Optimizer):
 
     #: Hyperparameters of the inner optimizer and their defaults; set by subclasses.
     inner_defaults: ClassVar[dict[str, Any]] = {}
+
+    #: Most (prepared-gradient = state) elements updated together by `_apply_updates`. The batched path's fp32
+    #: temporaries (dequantised 8-bit moments, cast gradients, denominators, low-rank directions) are a few times
+    #: this, so it bounds the extra memory of a step (2**23 elements: 32 MiB per temporary list).
+    foreach_chunk_elements: ClassVar[int] = 1 << 23
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
         if lr is not None and lr < 0:
@@ -173,6 +179,9 @@ class LowRankOptimizer(Optimizer):
         device follows the parameter.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -192,9 +201,22 @@ class LowRankOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            # Prepared (projected) gradients are applied in chunks, so only one chunk of them is alive at a time.
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+            elements = 0
             for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group)
+                if p.grad is None:
+                    continue
+                low = self._prepare_gradient(p, p.grad, group)
+                if low is None:
+                    continue
+                if pending and elements + low.numel() > self.foreach_chunk_elements:
+                    self._apply_updates(pending, group)
+                    pending, elements = [], 0
+                pending.append((p, low))
+                elements += low.numel()
+            if pending:
+                self._apply_updates(pending, group)
         return loss
 
     def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
@@ -279,13 +301,19 @@ class LowRankOptimizer(Optimizer):
         if side == Side.NONE:
             self._plain_update(p, grad, state, group)
             return
+        self._low_rank_update(p, grad, state, group, self._back_projector(p, state, group))
+
+    def _back_projector(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> ApplyBack:
+        """`apply_back(update, alpha, beta=1.0)`: weight ← beta · weight + alpha · scale · back-projection of
+        `update` on the current basis."""
+        side = Side(state["side"])
         p_basis, q_basis = self._bases(state)
         scale = group["scale"]
 
-        def apply_back(update: torch.Tensor, alpha: float) -> None:
-            self._add_back_projected(p, update, side, p_basis, q_basis, alpha * scale)
+        def apply_back(update: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+            self._add_back_projected(p, update, side, p_basis, q_basis, alpha * scale, beta)
 
-        self._low_rank_update(p, grad, state, group, apply_back)
+        return apply_back
 
     def _add_back_projected(
         self,
@@ -295,9 +323,19 @@ class LowRankOptimizer(Optimizer):
         p_basis: torch.Tensor | None,
         q_basis: torch.Tensor | None,
         alpha: float,
+        beta: float = 1.0,
     ) -> None:
-        """weight += alpha · back-projection of `update` (subclasses with non-float weights override this)."""
-        add_projected_back_(p, update, side, p_basis, q_basis, alpha)
+        """weight ← beta · weight + alpha · back-projection of `update` (subclasses with non-float weights override)."""
+        add_projected_back_(p, update, side, p_basis, q_basis, alpha, beta)
+
+    def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        """Apply the inner updates of several parameters of `group` from their prepared gradients.
+
+        This base version updates them one by one; subclasses batch the elementwise work across parameters (each
+        parameter's update reads only its own state, so the order of the parameters does not matter).
+        """
+        for p, grad in prepared:
+            self._apply_update(p, grad, group)
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Update one parameter from its gradient (used by `step` and by the layer-wise hooks)."""

@@ -128,6 +128,19 @@ class _FloraMixin:
         self._state_for(p, group)  # type: ignore[attr-defined]
         return grad
 
+    def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        """Compressed weights one by one (FLoRA's update is per weight); the plain parameters as the parent class does
+        (batched by `FloraAdamW` when `foreach=True`)."""
+        plain = []
+        for p, grad in prepared:
+            state = self._state_for(p, group)  # type: ignore[attr-defined]
+            if Side(state["side"]) == Side.NONE:
+                plain.append((p, grad))
+            else:
+                self._apply_update(p, grad, group)
+        if plain:
+            super()._apply_updates(plain, group)  # type: ignore[misc]
+
     def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         """One update from a full gradient, or from a compressed accumulator handed over by the layer-wise hooks
         (recognised by its shape, which differs from the weight's since rank < min(m, n))."""

@@ -17,6 +17,7 @@ import torch
 
 from ..configs import Blockwise8bitConfig
 from ..errors import InvalidConfigError
+from ..projection.subspace import Side
 from ._quant8 import Blockwise8bitStore
 from .base import ApplyBack, LowRankOptimizer, bias_corrections, rms
 
@@ -42,7 +43,7 @@ class GaLoreAdamW(LowRankOptimizer):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.999), "eps": 1e-8}
+    inner_defaults: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.999), "eps": 1e-8, "foreach": True}
 
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
         beta1, beta2 = hp["betas"]
@@ -50,8 +51,10 @@ class GaLoreAdamW(LowRankOptimizer):
             raise InvalidConfigError(f"Invalid betas {hp['betas']}: both must be in [0, 1).")
         if hp["eps"] < 0:
             raise InvalidConfigError(f"Invalid eps {hp['eps']}: it must be ≥ 0.")
+        if not isinstance(hp["foreach"], bool):
+            raise InvalidConfigError(f"Invalid foreach {hp['foreach']!r}: it must be True or False.")
 
-    # Storage of the two moments; the 8-bit subclass overrides these three methods.
+    # Storage of the two moments; the 8-bit subclass overrides these methods.
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
@@ -63,6 +66,13 @@ class GaLoreAdamW(LowRankOptimizer):
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _store_moments(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        """32-bit moments were updated in place: nothing to store."""
+
+    def _load_moments_many(self, states: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
+        """The moments of several parameters, to update in place; the third item is handed to `_store_moments_many`."""
+        return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], None
+
+    def _store_moments_many(self, token: Any) -> None:
         """32-bit moments were updated in place: nothing to store."""
 
     def _update_moments(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
@@ -79,16 +89,95 @@ class GaLoreAdamW(LowRankOptimizer):
         return exp_avg, denom, group["lr"] / bias_correction1
 
     def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
-        if group["weight_decay"] != 0:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
         exp_avg, denom, step_size = self._update_moments(grad, state, group)
-        p.addcdiv_(exp_avg, denom, value=-step_size)
+        self._apply_plain(p, exp_avg, denom, step_size, state, group)
 
     def _low_rank_update(self, p, low, state, group, apply_back: ApplyBack) -> None:
         exp_avg, denom, step_size = self._update_moments(low, state, group)
+        self._apply_low_rank(p, exp_avg / denom, step_size, state, group, apply_back)
+
+    # Applying an Adam step to the weight; Q-GaLore overrides these for its INT8 weights.
+    def _apply_plain(self, p, exp_avg, denom, step_size: float, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Decoupled weight decay, then p -= step_size · exp_avg / denom (`torch.optim.AdamW`)."""
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        apply_back(exp_avg / denom, -step_size)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _apply_plain_many(self, params, exp_avgs, denoms, step_size: float, states, group: dict[str, Any]) -> None:
+        """`_apply_plain` of several parameters with one multi-tensor op per stage."""
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-step_size)
+
+    def _apply_low_rank(self, p, direction, step_size: float, state, group, apply_back: ApplyBack) -> None:
+        """weight ← (1 − lr·wd) · weight − step_size · scale · back-projected direction, in one `addmm_` (the decay
+        costs no extra pass over the weight)."""
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if decay == 0:  # addmm_ cannot scale by zero; keep the literal two-pass form for this degenerate setting
+            p.mul_(decay)
+            decay = 1.0
+        apply_back(direction, -step_size, decay)
+
+    # The batched path (foreach=True).
+    def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        """The Adam updates of a whole group, batched: the elementwise moment and denominator math of many parameters
+        runs as one multi-tensor op per stage, and 8-bit states are (de)quantised in one call per chunk. Only the
+        back-projection (one `addmm_` per projected weight) stays per parameter. Same arithmetic as the per-parameter
+        path, operation for operation. Chunks of at most `foreach_chunk_elements` bound the temporaries (`step()`
+        already hands over chunks; the layer-wise flush may not)."""
+        if not group["foreach"]:
+            super()._apply_updates(prepared, group)
+            return
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        elements = 0
+        for p, grad in prepared:
+            if chunk and elements + grad.numel() > self.foreach_chunk_elements:
+                self._apply_chunk(chunk, group)
+                chunk, elements = [], 0
+            chunk.append((p, grad))
+            elements += grad.numel()
+        if chunk:
+            self._apply_chunk(chunk, group)
+
+    def _apply_chunk(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self._state_for(p, group) for p, _ in prepared]
+        for state in states:
+            state["step"] += 1
+        exp_avgs, exp_avg_sqs, token = self._load_moments_many(states)
+        # Multi-tensor ops need one device and dtype per list, and the bias correction depends on the step.
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for i, (exp_avg, state) in enumerate(zip(exp_avgs, states)):
+            buckets.setdefault((exp_avg.device, exp_avg.dtype, state["step"]), []).append(i)
+        for (_, dtype, step), indices in buckets.items():
+            avgs, squares = [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices]
+            grads = [prepared[i][1] if prepared[i][1].dtype == dtype else prepared[i][1].to(dtype) for i in indices]
+            torch._foreach_lerp_(avgs, grads, 1 - beta1)
+            torch._foreach_mul_(squares, beta2)
+            torch._foreach_addcmul_(squares, grads, grads, value=1 - beta2)
+            del grads
+            bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, step)
+            denoms = torch._foreach_sqrt(squares)
+            torch._foreach_div_(denoms, bias_correction2_sqrt)
+            torch._foreach_add_(denoms, group["eps"])
+            step_size = group["lr"] / bias_correction1
+            plain = [k for k, i in enumerate(indices) if Side(states[i]["side"]) == Side.NONE]
+            low = [k for k, i in enumerate(indices) if Side(states[i]["side"]) != Side.NONE]
+            if plain:
+                self._apply_plain_many(
+                    [prepared[indices[k]][0] for k in plain],
+                    [avgs[k] for k in plain],
+                    [denoms[k] for k in plain],
+                    step_size,
+                    [states[indices[k]] for k in plain],
+                    group,
+                )
+            if low:
+                directions = torch._foreach_div([avgs[k] for k in low], [denoms[k] for k in low])
+                for k, direction in zip(low, directions):
+                    p, state = prepared[indices[k]][0], states[indices[k]]
+                    self._apply_low_rank(p, direction, step_size, state, group, self._back_projector(p, state, group))
+        self._store_moments_many(token)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -132,6 +221,31 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if "exp_avg" not in state:
             self._store.save(state, "exp_avg", exp_avg, signed=True)
             self._store.save(state, "exp_avg_sq", exp_avg_sq, signed=False)
+
+    def _load_moments_many(self, states: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
+        """fp32 states as they are; 8-bit ones dequantised with one call per moment and device (see `load_many`)."""
+        exp_avgs: list[torch.Tensor] = [None] * len(states)  # type: ignore[list-item]
+        exp_avg_sqs: list[torch.Tensor] = [None] * len(states)  # type: ignore[list-item]
+        packs: dict[tuple[Any, ...], list[int]] = {}
+        for i, state in enumerate(states):
+            if "exp_avg" in state:
+                exp_avgs[i], exp_avg_sqs[i] = state["exp_avg"], state["exp_avg_sq"]
+            else:
+                packs.setdefault((state["exp_avg_q"].device, state["exp_avg_block"]), []).append(i)
+        token = []
+        for indices in packs.values():
+            members = [states[i] for i in indices]
+            avgs, packed_avgs = self._store.load_many(members, "exp_avg", signed=True)
+            squares, packed_squares = self._store.load_many(members, "exp_avg_sq", signed=False)
+            for i, avg, square in zip(indices, avgs, squares):
+                exp_avgs[i], exp_avg_sqs[i] = avg, square
+            token.append((packed_avgs, packed_squares))
+        return exp_avgs, exp_avg_sqs, token
+
+    def _store_moments_many(self, token: Any) -> None:
+        for packed_avgs, packed_squares in token:
+            self._store.save_many(packed_avgs, signed=True)
+            self._store.save_many(packed_squares, signed=False)
 
 
 class GaLoreAdafactor(LowRankOptimizer):
@@ -233,6 +347,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         step_size = self._step_size(group, state["step"], p)
         update = self._normalized_update(low.float(), state, group).mul_(step_size)
         update = self._momentum(update, state, group)
-        if group["weight_decay"] != 0:
-            p.add_(p, alpha=-group["weight_decay"] * step_size)
-        apply_back(update, -1.0)
+        decay = 1 - group["weight_decay"] * step_size  # folded into the back-projection's addmm_, as in AdamW
+        if decay == 0:
+            p.mul_(decay)
+            decay = 1.0
+        apply_back(update, -1.0, decay)

@@ -282,11 +282,15 @@ class LayerwiseMixin:
                     "random projections an estimate); the full gradients are never kept.",
                 )
             coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        by_group: dict[int, tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         for p, prepared in self._ready:
             if coefficient is not None:
                 prepared = prepared * coefficient.to(prepared)
-            self._apply_update(p, prepared, self._group_of(p))  # type: ignore[attr-defined]
+            group = self._group_of(p)
+            by_group.setdefault(id(group), (group, []))[1].append((p, prepared))
             p.grad = None
+        for group, items in by_group.values():
+            self._apply_updates(items, group)  # type: ignore[attr-defined]
         self._ready.clear()
         self._applied.clear()
         self.last_grad_norm = norm

@@ -251,26 +251,39 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             weight.mul_(1 - group["lr"] * group["weight_decay"])
         return weight
 
-    def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+    def _apply_plain(self, p, exp_avg, denom, step_size: float, state: dict[str, Any], group: dict[str, Any]) -> None:
         module = self._int8_modules.get(p)
         if module is None:
-            super()._plain_update(p, grad, state, group)
+            super()._apply_plain(p, exp_avg, denom, step_size, state, group)
             return
         weight = self._decayed_weight(module, group)
-        exp_avg, denom, step_size = self._update_moments(grad, state, group)
         weight.addcdiv_(exp_avg.float(), denom.float(), value=-step_size)
         self._write_int8(p, weight, state, group)
 
-    def _low_rank_update(self, p, low, state, group, apply_back: ApplyBack) -> None:
+    def _apply_plain_many(self, params, exp_avgs, denoms, step_size: float, states, group: dict[str, Any]) -> None:
+        floats = [i for i, p in enumerate(params) if p not in self._int8_modules]
+        for i, p in enumerate(params):
+            if p in self._int8_modules:
+                self._apply_plain(p, exp_avgs[i], denoms[i], step_size, states[i], group)
+        if floats:
+            super()._apply_plain_many(
+                [params[i] for i in floats],
+                [exp_avgs[i] for i in floats],
+                [denoms[i] for i in floats],
+                step_size,
+                [states[i] for i in floats],
+                group,
+            )
+
+    def _apply_low_rank(self, p, direction, step_size: float, state, group, apply_back: ApplyBack) -> None:
         module = self._int8_modules.get(p)
         if module is None:
-            super()._low_rank_update(p, low, state, group, apply_back)
+            super()._apply_low_rank(p, direction, step_size, state, group, apply_back)
             return
-        exp_avg, denom, step_size = self._update_moments(low, state, group)
         weight = self._decayed_weight(module, group)
         p_basis, q_basis = (b.float() if b is not None else None for b in self._bases(state))
         alpha = -step_size * group["scale"]
-        add_projected_back_(weight, (exp_avg / denom).float(), Side(state["side"]), p_basis, q_basis, alpha)
+        add_projected_back_(weight, direction.float(), Side(state["side"]), p_basis, q_basis, alpha)
         self._write_int8(p, weight, state, group)
 
 

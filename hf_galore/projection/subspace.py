@@ -161,15 +161,22 @@ def add_projected_back_(
     p: torch.Tensor | None,
     q: torch.Tensor | None,
     alpha: float,
+    beta: float = 1.0,
 ) -> None:
-    """weight += alpha · project_back(low_rank), fused into one `addmm_` (no m×n temporary) for one-sided sides."""
+    """weight ← beta · weight + alpha · project_back(low_rank), one `addmm_` (no m×n temporary) for one-sided sides.
+
+    `beta` folds a decoupled weight decay (beta = 1 − lr·wd) into the same pass over the weight. `beta=0` is not
+    accepted: `addmm_` would then ignore the old weight (NaNs included) instead of multiplying it by zero.
+    """
+    if beta == 0:
+        raise ValueError("add_projected_back_ needs beta != 0 (lr * weight_decay == 1 zeroes the weight).")
     low_rank = low_rank.to(weight.dtype)
     if side == Side.LEFT:
-        weight.addmm_(p, low_rank, alpha=alpha)
+        weight.addmm_(p, low_rank, beta=beta, alpha=alpha)
     elif side == Side.RIGHT:
-        weight.addmm_(low_rank, q.T, alpha=alpha)
+        weight.addmm_(low_rank, q.T, beta=beta, alpha=alpha)
     elif side == Side.BOTH:
-        weight.addmm_(p, low_rank @ q.T, alpha=alpha)
+        weight.addmm_(p, low_rank @ q.T, beta=beta, alpha=alpha)
     else:
         raise ValueError(f"Cannot project back with side {side!r}.")
 
