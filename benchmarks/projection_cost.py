@@ -1,5 +1,6 @@
 """Time the projection primitives on the current device: FLoRA's seeded Gaussian projections (drawn on a CPU
-generator, then moved) and GaLore's refresh (randomized range finder vs exact SVD).
+generator, then moved) and GaLore's refresh (randomized range finder vs exact SVD), plus the last stage of the
+range finder two ways: an SVD of the wide (r+8)×n sketch B vs the eigh of its Gram matrix B Bᵀ (what we use).
 
 Usage::
 
@@ -22,7 +23,11 @@ import torch
 from hf_galore.projection.random import gaussian_projection
 from hf_galore.projection.subspace import left_basis
 
-SHAPES = [(768, 3072, 8), (4096, 4096, 128), (4096, 11008, 256)]
+SHAPES = [(768, 3072, 8), (1024, 2736, 256), (4096, 4096, 128), (4096, 11008, 256), (4096, 11008, 512)]
+
+
+def _gram_eigh(small: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigh(small @ small.T)[1]
 
 
 def _median_ms(fn, repeats: int, device: str) -> float:
@@ -47,15 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {args.device}, {platform.processor() or platform.machine()}")
-    print("| m × n | r | FLoRA projection n×r (ms) | randomized refresh, 1 power iter (ms) | exact SVD (ms) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| m × n | r | FLoRA projection n×r (ms) | randomized refresh, 1 power iter (ms) | exact SVD (ms) "
+        "| last stage: SVD of B (ms) | last stage: eigh of B Bᵀ (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for m, n, r in SHAPES:
         grad = torch.randn(m, n, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         flora = _median_ms(partial(gaussian_projection, 0, n, r, device, torch.float32), args.repeats, args.device)
         randomized = _median_ms(partial(left_basis, grad, r, "randomized", 1, 8, generator), args.repeats, args.device)
         exact = _median_ms(partial(left_basis, grad, r, "exact"), 1, args.device) if args.exact else float("nan")
-        print(f"| {m} × {n} | {r} | {flora:.2f} | {randomized:.1f} | {exact:.0f} |")
+        small = torch.randn(r + 8, n, device=device)
+        small_svd = _median_ms(partial(torch.linalg.svd, small, full_matrices=False), args.repeats, args.device)
+        gram_eigh = _median_ms(partial(_gram_eigh, small), args.repeats, args.device)
+        print(
+            f"| {m} × {n} | {r} | {flora:.2f} | {randomized:.1f} | {exact:.0f} | {small_svd:.1f} | {gram_eigh:.1f} |"
+        )
     return 0
 
 

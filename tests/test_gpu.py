@@ -58,6 +58,37 @@ def test_randomized_refresh_is_the_same_on_cuda_and_cpu_up_to_rounding():
     torch.testing.assert_close(cuda_w.detach().cpu(), cpu_w.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_8bit", "q_galore_adamw_8bit", "flora_adamw"])
+def test_batched_step_on_cuda_follows_the_per_parameter_loop(name):
+    """CUDA's multi-tensor kernels may round differently from the per-tensor ones: the batched path must stay within
+    rounding of the loop (on CPU the two are bitwise equal, `tests/test_foreach.py`)."""
+    from transformers import LlamaForCausalLM
+
+    from hf_galore.registry import make_optimizer_kwargs
+
+    models, optimizers = [], []
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).cuda()
+        gap = "kappa=3" if name.startswith("flora") else "update_proj_gap=3"
+        cls, kwargs = make_optimizer_kwargs(
+            name, model, lr=1e-3, weight_decay=0.01, target_modules="all-linear",
+            optim_args=f"rank=4,{gap},foreach={foreach}" + (",min_8bit_size=0" if "8bit" in name else ""),
+        )  # fmt: skip
+        models.append(model)
+        optimizers.append(cls(**kwargs))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        ids = torch.randint(0, 99, (2, 16), generator=generator).cuda()
+        for model, optimizer in zip(models, optimizers):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (key, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_flora_projections_are_bitwise_identical_on_every_device():
     for seed in (0, 7, 2**40 + 3):
         cpu = gaussian_projection(seed, 300, 16, device="cpu")

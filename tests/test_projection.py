@@ -120,6 +120,24 @@ def test_randomized_refresh_captures_at_least_99_percent_of_exact_energy(power_i
     torch.testing.assert_close(randomized.T @ randomized, torch.eye(rank), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("decay", [0.5, 1.0, 3.0])
+def test_randomized_basis_spans_the_exact_top_subspace_when_there_is_a_gap(decay):
+    """The final rotation (an eigh of the sketch's Gram matrix) gives the exact top-r subspace, not just its energy:
+    with a spectral gap after r, the projectors of the randomized and the exact bases agree."""
+    generator = torch.Generator().manual_seed(5)
+    m, n, rank = 120, 300, 10
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n, m, generator=generator))
+    spectrum = torch.arange(1, m + 1, dtype=torch.float32) ** (-decay)
+    spectrum[rank:] *= 0.01  # the gap
+    grad = (u * spectrum) @ v.T
+    exact = left_basis(grad, rank, "exact")
+    randomized = left_basis(grad, rank, "randomized", power_iters=1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(randomized @ randomized.T, exact @ exact.T, atol=1e-4, rtol=0)
+    # Canonical signs make the vectors themselves agree where the singular values are distinct.
+    torch.testing.assert_close(randomized[:, :3], exact[:, :3], atol=1e-3, rtol=0)
+
+
 def test_randomized_without_power_iterations_is_worse_on_flat_spectra():
     # Guards the test above against passing trivially: on a flat noisy spectrum a sketch without power iterations
     # does lose energy, so the >= 0.99 bound is a real constraint.
