@@ -30,7 +30,8 @@ Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected w
   prepared (projected) gradient in the gradient dtype and two fp32 temporaries (Adam's denominator and low-rank
   direction), plus for 8-bit states both moments dequantised to fp32 and their concatenated codes (10 bytes). The
   batched path (`foreach=True`) updates up to 2**23 elements together (a larger single parameter alone), the
-  per-parameter loop and the layer-wise hooks one parameter at a time.
+  per-parameter loop and the layer-wise hooks one parameter at a time; an AdamW-style plain update of a parameter
+  larger than 2**23 elements (a large embedding) runs in slices of 2**23.
 * **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
@@ -480,7 +481,10 @@ def estimate_memory(
         side = choose_side(shape, galore.proj_type, galore.rank) if is_target else Side.NONE
         if side == Side.NONE:
             states += moments(shape, elem, low_rank=False)
-            update_sizes.append(numel)
+            # AdamW-style plain updates of parameters larger than a chunk run slice by slice.
+            update_sizes.append(
+                numel if adafactor is not None else min(numel, LowRankOptimizer.foreach_chunk_elements)
+            )
             continue
         num_projected += 1
         low_shape = low_rank_shape(shape, side, galore.rank)

@@ -17,6 +17,7 @@ from hf_galore.errors import InvalidConfigError
 from hf_galore.optim import GaLoreAdamW, GaLoreAdamW8bit
 from hf_galore.optim._quant8 import Blockwise8bitStore
 from hf_galore.optim._reference import ReferenceGaLoreAdamW
+from hf_galore.optim.base import LowRankOptimizer
 from hf_galore.registry import make_optimizer_kwargs
 
 CASES = {
@@ -76,9 +77,29 @@ def _assert_same(expected: list[dict[str, torch.Tensor]], actual: list[dict[str,
 def test_batched_step_equals_the_per_parameter_loop_bitwise(name, monkeypatch):
     per_parameter = _trajectory(name, CASES[name], foreach=False)
     _assert_same(per_parameter, _trajectory(name, CASES[name], foreach=True))
-    # Chunks of a few hundred elements: many chunks, parameters split across them, padded 8-bit segments.
-    monkeypatch.setattr(GaLoreAdamW, "foreach_chunk_elements", 300)
+    # Chunks of a few hundred elements: many chunks, padded 8-bit segments, and every parameter larger than a chunk
+    # (the 3,168-element embedding and output head) updated in slices, in both paths.
+    monkeypatch.setattr(LowRankOptimizer, "foreach_chunk_elements", 300)
     _assert_same(per_parameter, _trajectory(name, CASES[name], foreach=True))
+    _assert_same(per_parameter, _trajectory(name, CASES[name], foreach=False))
+
+
+def test_large_plain_parameters_are_updated_in_slices(monkeypatch):
+    """The slicing really happens (and is what the equality above covers): a 1-D view per slice reaches the update."""
+    shapes = []
+    original = GaLoreAdamW8bit._apply_plain
+
+    def spy(self, p, *args, **kwargs):
+        shapes.append(tuple(p.shape))
+        return original(self, p, *args, **kwargs)
+
+    monkeypatch.setattr(GaLoreAdamW8bit, "_apply_plain", spy)
+    monkeypatch.setattr(LowRankOptimizer, "foreach_chunk_elements", 1000)
+    embedding = nn.Parameter(torch.randn(99, 32))
+    optimizer = GaLoreAdamW8bit([embedding], lr=1e-3, block_size=64, min_8bit_size=0, foreach=False)
+    embedding.grad = torch.randn(99, 32)
+    optimizer.step()
+    assert shapes == [(960,), (960,), (960,), (288,)]  # slices of whole 64-element blocks (1000 // 64 * 64)
 
 
 def test_trajectories_differ_when_an_update_is_wrong(monkeypatch):

@@ -89,8 +89,36 @@ class GaLoreAdamW(LowRankOptimizer):
         return exp_avg, denom, group["lr"] / bias_correction1
 
     def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        if self._sliceable(p, grad, state):
+            self._plain_update_in_slices(p, grad, state, group)
+            return
         exp_avg, denom, step_size = self._update_moments(grad, state, group)
         self._apply_plain(p, exp_avg, denom, step_size, state, group)
+
+    # A plain AdamW update is elementwise (and 8-bit blocks are independent), so a parameter larger than a chunk (a
+    # 7B model's 131M-element embedding) is updated slice by slice: the same numbers, with temporaries (fp32 moments
+    # of 8-bit states, the denominator) of one slice instead of several GiB.
+    def _sliceable(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any]) -> bool:
+        return p.numel() > self.foreach_chunk_elements and p.is_contiguous() and grad.is_contiguous()
+
+    def _slice_length(self, state: dict[str, Any]) -> int:
+        return self.foreach_chunk_elements
+
+    def _state_slice(self, state: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        """A state dict of views on elements `start:end` of the flattened moments (same step)."""
+        return {
+            "step": state["step"],
+            "exp_avg": state["exp_avg"].view(-1)[start:end],
+            "exp_avg_sq": state["exp_avg_sq"].view(-1)[start:end],
+        }
+
+    def _plain_update_in_slices(self, p, grad, state: dict[str, Any], group: dict[str, Any]) -> None:
+        flat_p, flat_grad, length = p.view(-1), grad.view(-1), self._slice_length(state)
+        for start in range(0, p.numel(), length):
+            end = min(start + length, p.numel())
+            part = self._state_slice(state, start, end)
+            exp_avg, denom, step_size = self._update_moments(flat_grad[start:end], part, group)
+            self._apply_plain(flat_p[start:end], exp_avg, denom, step_size, part, group)
 
     def _low_rank_update(self, p, low, state, group, apply_back: ApplyBack) -> None:
         exp_avg, denom, step_size = self._update_moments(low, state, group)
@@ -131,6 +159,10 @@ class GaLoreAdamW(LowRankOptimizer):
         chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
         elements = 0
         for p, grad in prepared:
+            state = self._state_for(p, group)
+            if Side(state["side"]) == Side.NONE and self._sliceable(p, grad, state):
+                self._apply_update(p, grad, group)  # larger than a chunk: updated in slices
+                continue
             if chunk and elements + grad.numel() > self.foreach_chunk_elements:
                 self._apply_chunk(chunk, group)
                 chunk, elements = [], 0
@@ -221,6 +253,23 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if "exp_avg" not in state:
             self._store.save(state, "exp_avg", exp_avg, signed=True)
             self._store.save(state, "exp_avg_sq", exp_avg_sq, signed=False)
+
+    def _slice_length(self, state: dict[str, Any]) -> int:
+        if "exp_avg" in state:
+            return super()._slice_length(state)
+        block = state["exp_avg_block"]
+        return max(block, self.foreach_chunk_elements // block * block)  # whole blocks: each keeps its absmax
+
+    def _state_slice(self, state: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        if "exp_avg" in state:
+            return super()._state_slice(state, start, end)
+        part: dict[str, Any] = {"step": state["step"]}
+        for name in ("exp_avg", "exp_avg_sq"):
+            block = state[f"{name}_block"]
+            part[f"{name}_q"] = state[f"{name}_q"].view(-1)[start:end]
+            part[f"{name}_absmax"] = state[f"{name}_absmax"][start // block : -(-end // block)]
+            part[f"{name}_block"] = block
+        return part
 
     def _load_moments_many(self, states: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
         """fp32 states as they are; 8-bit ones dequantised with one call per moment and device (see `load_many`)."""
