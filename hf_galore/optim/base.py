@@ -39,7 +39,7 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "proj_type": "std",
     "svd": "randomized",
     "power_iters": 1,
-    "oversample": 8,
+    "oversample": 32,
     "stagger": False,
     "seed": 0,
 }

@@ -101,7 +101,7 @@ def left_basis(
     rank: int,
     method: str = "randomized",
     power_iters: int = 1,
-    oversample: int = 8,
+    oversample: int = 32,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Top-`rank` left singular vectors of `matrix`, computed in fp32 whatever its dtype, returned in fp32."""
@@ -121,7 +121,7 @@ def compute_bases(
     rank: int,
     method: str = "randomized",
     power_iters: int = 1,
-    oversample: int = 8,
+    oversample: int = 32,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`(P, Q)` for `side`: P (m×r) for LEFT/BOTH, Q (n×r) for RIGHT/BOTH, in the gradient's dtype.
