@@ -1,6 +1,7 @@
 """Time the projection primitives on the current device: FLoRA's seeded Gaussian projections (drawn on a CPU
 generator, then moved) and GaLore's refresh (randomized range finder vs exact SVD), plus the last stage of the
-range finder two ways: an SVD of the wide (r+8)×n sketch B vs the eigh of its Gram matrix B Bᵀ (what we use).
+range finder two ways: an SVD of the wide (r+p)×n sketch B vs the eigh of its Gram matrix B Bᵀ (what we use). The
+range finder runs with the GaLore defaults (`power_iters`, `oversample` = p).
 
 Usage::
 
@@ -20,9 +21,11 @@ from functools import partial
 
 import torch
 
+from hf_galore.optim.base import LOW_RANK_DEFAULTS
 from hf_galore.projection.random import gaussian_projection
 from hf_galore.projection.subspace import left_basis
 
+POWER_ITERS, OVERSAMPLE = LOW_RANK_DEFAULTS["power_iters"], LOW_RANK_DEFAULTS["oversample"]
 SHAPES = [(768, 3072, 8), (1024, 2736, 256), (4096, 4096, 128), (4096, 11008, 256), (4096, 11008, 512)]
 
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {args.device}, {platform.processor() or platform.machine()}")
     print(
-        "| m × n | r | FLoRA projection n×r (ms) | randomized refresh, 1 power iter (ms) | exact SVD (ms) "
+        f"| m × n | r | FLoRA projection n×r (ms) | randomized refresh, q={POWER_ITERS}, p={OVERSAMPLE} (ms) "
+        "| exact SVD (ms) "
         "| last stage: SVD of B (ms) | last stage: eigh of B Bᵀ (ms) |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -61,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         grad = torch.randn(m, n, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         flora = _median_ms(partial(gaussian_projection, 0, n, r, device, torch.float32), args.repeats, args.device)
-        randomized = _median_ms(partial(left_basis, grad, r, "randomized", 1, 8, generator), args.repeats, args.device)
+        refresh = partial(left_basis, grad, r, "randomized", POWER_ITERS, OVERSAMPLE, generator)
+        randomized = _median_ms(refresh, args.repeats, args.device)
         exact = _median_ms(partial(left_basis, grad, r, "exact"), 1, args.device) if args.exact else float("nan")
-        small = torch.randn(r + 8, n, device=device)
+        small = torch.randn(r + OVERSAMPLE, n, device=device)
         small_svd = _median_ms(partial(torch.linalg.svd, small, full_matrices=False), args.repeats, args.device)
         gram_eigh = _median_ms(partial(_gram_eigh, small), args.repeats, args.device)
         print(

@@ -479,6 +479,7 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
             optim_args=args.optim_args,
             target_modules=_targets_value(args.targets),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_grad_norm=args.max_grad_norm,
         )
     except (OSError, ValueError, HfGaloreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -503,6 +504,9 @@ def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layerwise", action="store_true", help="Use the optimizer's layer-wise form.")
     parser.add_argument("--grad-checkpointing", action="store_true", help="Activations with gradient checkpointing.")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-steps per step.")
+    parser.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="Clipping (TrainingArguments' default 1.0; 0 = off)."
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="fp32", help="Weight/gradient dtype.")
     parser.add_argument("--optim-args", default=None, help='As TrainingArguments.optim_args, e.g. "proj_type=full".')
     parser.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T", help="optim_target_modules.")

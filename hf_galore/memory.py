@@ -13,7 +13,9 @@ Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected w
 * **gradients**: non-layer-wise, one gradient per trainable parameter (dense m·n for Q-GaLore's carriers), in the
   parameter's dtype. Layer-wise, each gradient is consumed and freed in its own backward hook, so at most one full
   gradient is alive at a time (the largest), plus the full gradients of tied weights (updated in `step()`), plus,
-  with gradient accumulation, one projected accumulator (r×n or m×r, gradient dtype) per projected weight.
+  with gradient accumulation, one projected accumulator (r×n or m×r, gradient dtype) per projected weight; with
+  clipping (`max_grad_norm > 0`) instead every prepared gradient (projected for targets, full for the others),
+  which waits for `step()` to know the global norm.
 * **optimizer states** (everything in `optimizer.state` but the bases): `galore_adamw` two fp32 moments of the
   projected shape (param dtype for non-projected parameters); 8-bit names two uint8 codes + one fp32 absmax per
   `block_size` elements each, fp32 below `min_8bit_size` elements; Adafactor fp32 row + column statistics (the
@@ -26,12 +28,12 @@ Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected w
   the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
   the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
   already fp32.
-* **step workspace**: temporaries of the update itself. Per element of the parameters updated together: the
-  prepared (projected) gradient in the gradient dtype and two fp32 temporaries (Adam's denominator and low-rank
-  direction), plus for 8-bit states both moments dequantised to fp32 and their concatenated codes (10 bytes). The
-  batched path (`foreach=True`) updates up to 2**23 elements together (a larger single parameter alone), the
-  per-parameter loop and the layer-wise hooks one parameter at a time; an AdamW-style plain update of a parameter
-  larger than 2**23 elements (a large embedding) runs in slices of 2**23.
+* **step workspace**: temporaries of the update itself: the prepared (projected) gradients of one chunk (of one
+  parameter in the layer-wise hooks), and per element of the parameters updated together two fp32 temporaries
+  (Adam's denominator and low-rank direction), plus for 8-bit states both moments dequantised to fp32 and their
+  concatenated codes (10 bytes). The batched path (`foreach=True`) updates up to 2**23 elements together (a
+  larger single parameter alone), the per-parameter loop and the layer-wise hooks one parameter at a time; an
+  AdamW-style plain update of a parameter larger than 2**23 elements (a large embedding) runs in slices of 2**23.
 * **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
@@ -288,18 +290,22 @@ def _refresh_workspace(shape: tuple[int, int], side: Side, galore: GaLoreConfig,
     return copy + work
 
 
-def _step_workspace(sizes: list[int], grad_elem: int, adam: bool, eight_bit: bool, chunked: bool) -> int:
-    """Temporaries of the optimizer update: per element of the parameters updated together, the prepared gradient
-    (gradient dtype) and two fp32 temporaries (Adam: denominator and low-rank direction; Adafactor: the fp32
-    gradient and the update), plus, for 8-bit states, both moments dequantised to fp32 and their concatenated codes.
-    The batched path updates up to `foreach_chunk_elements` elements together (more if one parameter is larger),
-    the per-parameter loop and the layer-wise hooks one parameter."""
+def _step_workspace(
+    sizes: list[int], grad_elem: int, adam: bool, eight_bit: bool, chunked: bool, layerwise: bool
+) -> int:
+    """Temporaries of the optimizer update. `step()` prepares (projects) the gradients of up to
+    `foreach_chunk_elements` elements (more if one parameter is larger) before applying them, so those prepared
+    gradients (gradient dtype) are alive together; the layer-wise hooks prepare one at a time. The update then
+    needs, per element updated together, two fp32 temporaries (Adam: denominator and low-rank direction; Adafactor:
+    the fp32 gradient and the update), plus for 8-bit states both moments dequantised to fp32 and their
+    concatenated codes: the batched path updates the whole chunk together, the loop and the hooks one parameter."""
     if not sizes:
         return 0
     largest = max(sizes)
-    together = min(sum(sizes), max(largest, LowRankOptimizer.foreach_chunk_elements)) if chunked else largest
-    per_element = grad_elem + 8 + (10 if adam and eight_bit else 0)
-    return together * per_element
+    chunk = min(sum(sizes), max(largest, LowRankOptimizer.foreach_chunk_elements))
+    prepared = largest if layerwise else chunk
+    together = chunk if chunked else largest
+    return prepared * grad_elem + together * (8 + (10 if adam and eight_bit else 0))
 
 
 def _resolve_name(optim: str, layerwise: bool | None) -> str:
@@ -378,6 +384,7 @@ def estimate_memory(
     optim_args: str | dict[str, Any] | None = None,
     target_modules: TargetSpec = "all-linear",
     gradient_accumulation_steps: int = 1,
+    max_grad_norm: float = 1.0,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step with `optim`, without allocating the model.
 
@@ -396,6 +403,9 @@ def estimate_memory(
         optim_args (`str` or `dict`, *optional*): As `TrainingArguments.optim_args` (e.g. `"rank=8, proj_type=full"`).
         target_modules (`str` or `list[str]`, defaults to `"all-linear"`): As `optim_target_modules`.
         gradient_accumulation_steps (`int`, defaults to 1): Adds the layer-wise projected accumulators when > 1.
+        max_grad_norm (`float`, defaults to 1.0, `TrainingArguments`' default): With a layer-wise name and clipping
+            on (> 0), every prepared gradient (projected for targets, full for the others) is held until `step()`
+            knows the global norm; 0 disables clipping.
 
     Returns:
         [`MemoryEstimate`]
@@ -456,6 +466,7 @@ def estimate_memory(
 
     weights = gradients = states = bases = refresh = accumulators = 0
     update_sizes: list[int] = []  # elements of each parameter's (projected) update, for the step workspace
+    held_for_clipping = 0  # layer-wise with clipping: every prepared gradient waits for step()
     multi_tensor = next((c for c in configs if isinstance(c, MultiTensorConfig)), None)
     chunked = multi_tensor is not None and multi_tensor.foreach and not spec.layerwise
     largest_grad = tied_grads = 0
@@ -485,10 +496,12 @@ def estimate_memory(
             update_sizes.append(
                 numel if adafactor is not None else min(numel, LowRankOptimizer.foreach_chunk_elements)
             )
+            held_for_clipping += grad
             continue
         num_projected += 1
         low_shape = low_rank_shape(shape, side, galore.rank)
         update_sizes.append(math.prod(low_shape))
+        held_for_clipping += math.prod(low_shape) * elem
         states += moments(low_shape, elem, low_rank=True)
         accumulators += math.prod(low_shape) * elem
         refresh = max(refresh, _refresh_workspace(shape, side, galore, weight_dtype))
@@ -508,7 +521,12 @@ def estimate_memory(
 
     if spec.layerwise:
         gradients = largest_grad + tied_grads
-        if gradient_accumulation_steps > 1:
+        if max_grad_norm > 0:
+            gradients += held_for_clipping
+            notes.append(
+                "layer-wise clipping holds every prepared gradient until step(); max_grad_norm=0 frees each in its hook"
+            )
+        elif gradient_accumulation_steps > 1:
             gradients += accumulators
             notes.append("layer-wise with accumulation: refresh steps keep full gradients of refreshing weights")
     elif gradient_accumulation_steps > 1:
@@ -535,7 +553,9 @@ def estimate_memory(
         projection_bases=bases,
         refresh_transient=refresh,
         activations=activations,
-        step_workspace=_step_workspace(update_sizes, elem, adafactor is None, blockwise is not None, chunked),
+        step_workspace=_step_workspace(
+            update_sizes, elem, adafactor is None, blockwise is not None, chunked, spec.layerwise
+        ),
         notes=notes,
     )
 

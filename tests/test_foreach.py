@@ -115,16 +115,24 @@ def test_trajectories_differ_when_an_update_is_wrong(monkeypatch):
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
-def test_batched_step_with_bf16_and_fp32_parameters_in_one_group(cls):
-    """Plain bf16 parameters keep bf16 moments and projected weights fp32 ones: several dtype buckets per chunk."""
+def test_batched_step_with_half_and_fp32_parameters_in_one_group(cls):
+    """Plain bf16/fp16 parameters keep half-precision moments and projected weights fp32 ones: several dtype buckets
+    per chunk. The decay factor 1 − lr·wd = 0.997 and β2 = 0.99 are not representable in bf16/fp16, so a batched
+    multiply that rounded its scalar to the tensor dtype would show here."""
 
     def run(foreach: bool) -> list[torch.Tensor]:
         torch.manual_seed(3)
         weights = [nn.Parameter(torch.randn(s)) for s in [(20, 33), (33, 20), (17, 17)]]
-        plain = [nn.Parameter(torch.randn(70, dtype=torch.bfloat16)), nn.Parameter(torch.randn(5, 9))]
+        plain = [
+            nn.Parameter(torch.randn(70, dtype=torch.bfloat16)),
+            nn.Parameter(torch.randn(40, dtype=torch.float16)),
+            nn.Parameter(torch.randn(5, 9)),
+        ]
         extra = {"min_8bit_size": 0, "block_size": 64} if cls is GaLoreAdamW8bit else {}
         groups = [{"params": weights, "low_rank": True}, {"params": plain}]
-        optimizer = cls(groups, lr=1e-2, weight_decay=0.1, rank=3, update_proj_gap=2, foreach=foreach, **extra)
+        optimizer = cls(
+            groups, lr=1e-2, weight_decay=0.3, betas=(0.9, 0.99), rank=3, update_proj_gap=2, foreach=foreach, **extra
+        )
         generator = torch.Generator().manual_seed(0)
         for _ in range(5):
             for p in weights + plain:

@@ -95,15 +95,23 @@ def test_estimate_builds_nothing_and_counts_parameters():
 
 def test_layerwise_keeps_one_gradient_and_accumulators():
     plain = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4)
-    layerwise = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, layerwise=True)
+    layerwise = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, layerwise=True, max_grad_norm=0)
     assert layerwise.optim == "galore_adamw_layerwise" and layerwise.layerwise
-    largest = max(p.numel() for p in LlamaForCausalLM(tiny_llama_config()).parameters()) * 4
+    model = LlamaForCausalLM(tiny_llama_config())
+    largest = max(p.numel() for p in model.parameters()) * 4
     assert layerwise.gradients == largest < plain.gradients
     accumulating = estimate_memory(
-        tiny_llama_config(), "galore_adamw_layerwise", rank=4, gradient_accumulation_steps=4
+        tiny_llama_config(), "galore_adamw_layerwise", rank=4, gradient_accumulation_steps=4, max_grad_norm=0
     )
     assert accumulating.gradients > layerwise.gradients
     assert layerwise.state_bytes == plain.state_bytes
+    # With clipping (the Trainer's default) every prepared gradient waits for step(): projected ones for the
+    # targets (rank 4 × the larger side), full ones for every other parameter.
+    clipping = estimate_memory(tiny_llama_config(), "galore_adamw_layerwise", rank=4)
+    held = sum(
+        4 * max(p.shape) if p.dim() == 2 and "proj" in name else p.numel() for name, p in model.named_parameters()
+    )
+    assert clipping.gradients == largest + held * 4
 
 
 def test_randomized_refresh_workspace_is_smaller_than_exact_svd():
@@ -192,7 +200,7 @@ def test_step_workspace_follows_the_chunking_rule(monkeypatch):
     batched = estimate_memory(config, "galore_adamw", rank=8)
     looped = estimate_memory(config, "galore_adamw", rank=8, optim_args="foreach=false")
     eight_bit = estimate_memory(config, "galore_adamw_8bit", rank=8)
-    assert looped.step_workspace == max(sizes) * (4 + 8)
+    assert looped.step_workspace == sum(sizes) * 4 + max(sizes) * 8  # prepared as a chunk, updated one by one
     assert batched.step_workspace == sum(sizes) * (4 + 8)  # the whole tiny model fits in one chunk
     assert eight_bit.step_workspace == sum(sizes) * (4 + 8 + 10)
     # Chunks of 10 elements: projected weights alone, plain parameters (the embedding) in slices of 10.

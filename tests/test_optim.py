@@ -278,6 +278,22 @@ def test_nan_or_failed_decomposition_at_a_later_refresh_keeps_the_basis(monkeypa
     assert torch.isfinite(a).all()
 
 
+def test_a_non_finite_basis_is_rejected_like_a_failed_decomposition(monkeypatch):
+    a = nn.Parameter(torch.randn(10, 20))
+    opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=1)
+    a.grad = torch.randn(10, 20)
+    opt.step()
+    basis = opt.state[a]["proj_left"].clone()
+    monkeypatch.setattr(
+        "hf_galore.optim.base.compute_bases", lambda grad, *args, **kwargs: (torch.full((10, 3), float("nan")), None)
+    )
+    with pytest.warns(UserWarning, match="non-finite basis"):
+        a.grad = torch.randn(10, 20)
+        opt.step()
+    assert torch.equal(opt.state[a]["proj_left"], basis) and opt.state[a]["refresh_count"] == 1
+    assert torch.isfinite(a).all()
+
+
 def test_refresh_schedule_and_stagger():
     weights = [nn.Parameter(torch.randn(8, 16)) for _ in range(4)]
     opt = GaLoreAdamW([{"params": weights, "low_rank": True}], lr=1e-3, rank=2, update_proj_gap=8, stagger=True)

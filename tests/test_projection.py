@@ -138,6 +138,18 @@ def test_randomized_basis_spans_the_exact_top_subspace_when_there_is_a_gap(decay
     torch.testing.assert_close(randomized[:, :3], exact[:, :3], atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("magnitude", [1e19, 1e-25])
+def test_randomized_basis_of_huge_or_tiny_gradients_is_finite_and_scale_free(magnitude):
+    """The Gram matrix of the last stage squares singular values: without normalisation σ₁ = 1e19 overflows fp32
+    (a NaN basis) and 1e-25 underflows (an arbitrary one)."""
+    generator = torch.Generator().manual_seed(2)
+    grad = _low_rank_plus_noise(64, 128, rank=6, noise=0.01, generator=generator)
+    reference = left_basis(grad, 4, "randomized", generator=torch.Generator().manual_seed(0))
+    scaled = left_basis(grad * magnitude, 4, "randomized", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled, reference, atol=1e-4, rtol=0)
+
+
 def test_randomized_without_power_iterations_is_worse_on_flat_spectra():
     # Guards the test above against passing trivially: on a flat noisy spectrum a sketch without power iterations
     # does lose energy, so the >= 0.99 bound is a real constraint.

@@ -21,7 +21,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch.optim import Optimizer
@@ -47,9 +47,12 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
 #: Keys that other code (LR schedulers, our integrations) may add to a group.
 _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
 
-#: Called by the inner optimizer as `apply_back(update, alpha, beta)`: weight ← beta · weight + alpha · scale ·
-#: project_back(update), in one pass over the weight (`beta` < 1 carries a decoupled weight decay).
-ApplyBack = Callable[..., None]
+
+class ApplyBack(Protocol):
+    """Called by the inner optimizer: weight ← beta · weight + alpha · scale · project_back(update), in one pass over
+    the weight (`beta` < 1 carries a decoupled weight decay)."""
+
+    def __call__(self, update: torch.Tensor, alpha: float, beta: float = 1.0) -> None: ...
 
 
 def _mix_seed(*parts: int) -> int:
@@ -266,6 +269,13 @@ class LowRankOptimizer(Optimizer):
                 "svd_failed",
                 f"The subspace decomposition failed ({err}); the previous basis is kept (or, on the first refresh, "
                 "the update of that weight is skipped).",
+            )
+            return False
+        if not all(bool(torch.isfinite(b).all()) for b in (p_basis, q_basis) if b is not None):
+            self._warn_once(
+                "svd_failed",
+                "The subspace decomposition returned a non-finite basis; the previous basis is kept (or, on the first "
+                "refresh, the update of that weight is skipped).",
             )
             return False
         self._store_bases(state, group, p_basis, q_basis)

@@ -92,6 +92,9 @@ def randomized_left_basis(
         z, _ = torch.linalg.qr(matrix.T @ q)
         q, _ = torch.linalg.qr(matrix @ z)
     small = q.T @ matrix
+    # The Gram matrix squares the singular values: normalise first so that it neither overflows (σ₁ > ~1e19) nor
+    # underflows in fp32; the eigenvectors do not depend on the scale.
+    small = small / small.abs().amax().clamp_min(torch.finfo(small.dtype).tiny)
     _, eigenvectors = torch.linalg.eigh(small @ small.T)  # eigenvalues ascending: the top r are the last columns
     return canonicalize_signs((q @ eigenvectors[:, -rank:].flip(-1)).contiguous())
 
