@@ -22,8 +22,9 @@ Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected w
   full vector for 1-D tensors) + `exp_avg` when `beta1` is set; Q-GaLore adds the fp32 leading singular vector per
   side and the fp32 `cos_queue`. `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter;
   `adamw_8bit` (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
-* **projection bases**: P (m×r) and/or Q (n×r) in the gradient dtype; Q-GaLore stores them packed (INT4: half a
-  byte per element, INT8: one) with fp32 scale and zero per `proj_group_size` elements.
+* **projection bases**: P (m×r) and/or Q (n×r) in the gradient dtype; with `basis_bits` 8 or 4 (Q-GaLore:
+  `proj_bits`) packed (INT4: half a byte per element, INT8: one) with fp32 scale and zero per `basis_group_size`
+  (`proj_group_size`) elements.
 * **refresh transient**: the workspace of the largest single refresh (bases are computed one weight at a time): for
   the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
   the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
@@ -508,13 +509,19 @@ def estimate_memory(
         m, n = shape
         basis_shapes = [(m, galore.rank)] * (side in (Side.LEFT, Side.BOTH))
         basis_shapes += [(n, galore.rank)] * (side in (Side.RIGHT, Side.BOTH))
+        bits, group_size = (
+            (q_cfg.proj_bits, q_cfg.proj_group_size)
+            if q_cfg is not None
+            else (galore.basis_bits, galore.basis_group_size)
+        )
         for rows, cols in basis_shapes:
-            if q_cfg is None:
-                bases += rows * cols * elem
+            basis_numel = rows * cols
+            if bits >= 16:
+                bases += basis_numel * elem
             else:
-                basis_numel = rows * cols
-                packed = math.ceil(basis_numel / 2) if q_cfg.proj_bits == 4 else basis_numel
-                bases += packed + 8 * num_groups(basis_numel, q_cfg.proj_group_size)
+                packed = math.ceil(basis_numel / 2) if bits == 4 else basis_numel
+                bases += packed + 8 * num_groups(basis_numel, group_size)
+            if q_cfg is not None:
                 states += 4 * rows  # fp32 leading singular vector of this side
         if q_cfg is not None:
             states += 4 * q_cfg.queue_size  # fp32 cos_queue

@@ -33,6 +33,8 @@ CASES = [
     ("galore_adamw", "rank=4, proj_type=full"),
     pytest.param("galore_adamw_8bit", "rank=4, min_8bit_size=0", marks=needs_bnb),
     pytest.param("galore_adamw_8bit", "rank=4", marks=needs_bnb),
+    pytest.param("galore_adamw_8bit", "rank=4, min_8bit_size=0, basis_bits=8, basis_group_size=16", marks=needs_bnb),
+    ("galore_adamw", "rank=4, basis_bits=4, basis_group_size=48"),
     ("galore_adafactor", "rank=4"),
     ("galore_adafactor", "rank=4, beta1=0.9"),
     ("galore_adamw_layerwise", "rank=4, svd=exact"),

@@ -209,6 +209,62 @@ def test_resume_from_weights_only_checkpoint_equals_uninterrupted(cls, split):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_bases_resume_exactly_and_track_full_precision_bases(bits):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(10)]
+    kwargs = {"min_8bit_size": 0, "basis_bits": bits, "basis_group_size": 8}
+    full, opt = _train(GaLoreAdamW8bit, 10, batches, **kwargs)
+    state = opt.state[full[0].weight]
+    assert "proj_left" not in state and "proj_right" not in state
+    codes = state.get("proj_left_q", state.get("proj_right_q"))
+    assert codes.dtype == torch.uint8 and state["proj_bits"] == bits
+    # Exact resume from a weights-only checkpoint.
+    half, opt = _train(GaLoreAdamW8bit, 4, batches, **kwargs)
+    buffer = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    resumed, _ = _train(
+        GaLoreAdamW8bit, 10, batches, state_dict=torch.load(buffer, weights_only=True), start=4, **kwargs
+    )
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # Close to the run with bases in the gradient dtype (quantization noise of the basis only).
+    # A 4-bit basis of these 12×2 / 3×2 matrices has 16 levels per group of 8: a visibly noisier direction.
+    reference, _ = _train(GaLoreAdamW8bit, 10, batches, min_8bit_size=0)
+    torch.manual_seed(11)  # the initial weights of `_train`
+    start = nn.Sequential(nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 3))
+    for p, q, p0 in zip(full.parameters(), reference.parameters(), start.parameters()):
+        moved = (q - p0).norm()
+        assert (p - q).norm() <= (0.02 if bits == 8 else 0.5) * moved
+
+
+def test_changing_basis_bits_of_a_group_switches_storage_at_the_next_refresh():
+    weight = nn.Parameter(torch.randn(12, 20))
+    optimizer = GaLoreAdamW([{"params": [weight], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=2)
+    for step in range(4):
+        if step == 1:  # (a checkpoint's param_groups would restore its own value, as for any hyperparameter)
+            optimizer.param_groups[0]["basis_bits"] = 8
+        weight.grad = torch.randn(12, 20)
+        optimizer.step()
+        state = optimizer.state[weight]
+        assert ("proj_left" in state) == (step < 2) and ("proj_left_q" in state) == (step >= 2)
+    assert torch.isfinite(weight).all()
+
+
+def test_basis_bits_is_validated_and_not_a_q_galore_or_flora_knob():
+    from hf_galore.optim.flora import FloraAdamW
+    from hf_galore.optim.q_galore import QGaLoreAdamW8bit
+
+    weight = nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(InvalidConfigError, match="basis_bits=6"):
+        GaLoreAdamW([{"params": [weight], "low_rank": True}], basis_bits=6)
+    with pytest.raises(InvalidConfigError, match="proj_bits"):
+        QGaLoreAdamW8bit([{"params": [weight], "low_rank": True}], basis_bits=8)
+    with pytest.raises(InvalidConfigError, match="basis_bits"):
+        FloraAdamW([{"params": [weight], "low_rank": True}], rank=2, basis_bits=8)
+
+
 def test_state_holds_only_tensors_and_numbers():
     _, opt = _train(GaLoreAdamW8bit, 4, [(torch.randn(8, 20), torch.randint(0, 3, (8,)))] * 4, min_8bit_size=0)
     for state in opt.state_dict()["state"].values():

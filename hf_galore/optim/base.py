@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from ..configs import GaLoreConfig
 from ..errors import InvalidConfigError
+from ..projection.quant import dequantize_packed, quantize_packed
 from ..projection.subspace import Side, add_projected_back_, choose_side, compute_bases, low_rank_shape, project
 
 #: GaLore knobs, valid as optimizer kwargs and as per-group overrides.
@@ -42,7 +43,15 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "oversample": 32,
     "stagger": False,
     "seed": 0,
+    "basis_bits": 16,
+    "basis_group_size": 256,
 }
+
+#: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_SIDES = ("left", "right")
+#: State keys of a quantized basis of one side.
+_PACKED_KEYS = ("q", "scales", "zeros", "rows", "cols")
 
 #: Keys that other code (LR schedulers, our integrations) may add to a group.
 _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
@@ -228,13 +237,30 @@ class LowRankOptimizer(Optimizer):
             return True
         return (state["step"] - state["refresh_offset"]) % group["update_proj_gap"] == 0
 
-    # Basis storage. Subclasses that store bases differently (e.g. quantized) override these three methods.
+    # Basis storage: in the gradient dtype, or quantized (basis_bits 8/4; Q-GaLore: proj_bits).
+    def _basis_format(self, group: dict[str, Any]) -> tuple[int, int]:
+        """`(bits, group_size)` of the bases stored for `group`; 16 bits means unquantized."""
+        return int(group["basis_bits"]), int(group["basis_group_size"])
+
     def _has_basis(self, state: dict[str, Any]) -> bool:
-        return "proj_left" in state or "proj_right" in state
+        return any(f"proj_{side}" in state or f"proj_{side}_q" in state for side in _SIDES)
 
     def _bases(self, state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(P, Q)` of this weight, as used for projection (P: m×r or None, Q: n×r or None)."""
-        return state.get("proj_left"), state.get("proj_right")
+        if "proj_bits" not in state:
+            return state.get("proj_left"), state.get("proj_right")
+        dtype = _DTYPES[state["proj_dtype"]]
+        bases = []
+        for side in _SIDES:
+            if f"proj_{side}_q" not in state:
+                bases.append(None)
+                continue
+            shape = (state[f"proj_{side}_rows"], state[f"proj_{side}_cols"])
+            codes, scales, zeros = (state[f"proj_{side}_{key}"] for key in ("q", "scales", "zeros"))
+            bases.append(
+                dequantize_packed(codes, scales, zeros, shape, state["proj_bits"], state["proj_group_size"], dtype)
+            )
+        return bases[0], bases[1]
 
     def _store_bases(
         self,
@@ -243,11 +269,26 @@ class LowRankOptimizer(Optimizer):
         p_basis: torch.Tensor | None,
         q_basis: torch.Tensor | None,
     ) -> None:
-        """Keep freshly computed bases (called after every successful refresh)."""
-        if p_basis is not None:
-            state["proj_left"] = p_basis
-        if q_basis is not None:
-            state["proj_right"] = q_basis
+        """Keep freshly computed bases (called after every successful refresh), in the group's format."""
+        for side in _SIDES:  # a resumed run may have changed the format: drop the other one's keys
+            state.pop(f"proj_{side}", None)
+            for key in _PACKED_KEYS:
+                state.pop(f"proj_{side}_{key}", None)
+        for key in ("proj_bits", "proj_group_size", "proj_dtype"):
+            state.pop(key, None)
+        bits, group_size = self._basis_format(group)
+        for side, basis in zip(_SIDES, (p_basis, q_basis)):
+            if basis is None:
+                continue
+            if bits >= 16:
+                state[f"proj_{side}"] = basis
+                continue
+            codes, scales, zeros = quantize_packed(basis, bits, group_size)
+            state[f"proj_{side}_q"], state[f"proj_{side}_scales"], state[f"proj_{side}_zeros"] = codes, scales, zeros
+            state[f"proj_{side}_rows"], state[f"proj_{side}_cols"] = (int(d) for d in basis.shape)
+        if bits < 16:
+            dtype = (p_basis if p_basis is not None else q_basis).dtype
+            state["proj_bits"], state["proj_group_size"], state["proj_dtype"] = bits, group_size, _DTYPES.index(dtype)
 
     def _refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: Side) -> bool:
         """Recompute the basis from `grad`; on a non-finite gradient or a failed decomposition keep the old one."""

@@ -36,7 +36,16 @@ MOMENTUM_STREAM = 1
 ACCUMULATION_STREAM = 2
 
 #: GaLore knobs of the shared base class that mean nothing for FLoRA; passing one is an error, not a silent no-op.
-_GALORE_ONLY = ("update_proj_gap", "scale", "svd", "power_iters", "oversample", "stagger")
+_GALORE_ONLY = (
+    "update_proj_gap",
+    "scale",
+    "svd",
+    "power_iters",
+    "oversample",
+    "stagger",
+    "basis_bits",
+    "basis_group_size",
+)
 _FLORA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 #: Adafactor's regulariser of the squared gradient, also used by FloraAdamW's factored second moment so that an

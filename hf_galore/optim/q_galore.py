@@ -35,15 +35,11 @@ import torch
 from ..configs import QGaLoreConfig
 from ..errors import InvalidConfigError
 from ..modules.int8_linear import Int8Linear, owner_of
-from ..projection.quant import dequantize_packed, quantize_packed
 from ..projection.subspace import Side, add_projected_back_
-from .base import ApplyBack, _mix_seed
+from .base import _SIDES, ApplyBack, _mix_seed
 from .galore import GaLoreAdamW8bit
 from .layerwise import LayerwiseMixin
 
-#: Basis dtypes as plain ints, so that the state stays tensors + ints.
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_SIDES = ("left", "right")
 #: State keys referencing an INT8 weight's buffers.
 _WEIGHT_KEYS = {"weight_q": "qweight", "weight_scales": "weight_scales", "weight_zeros": "weight_zeros"}
 
@@ -88,6 +84,11 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
         super()._validate_hyperparameters(hp)
         QGaLoreConfig(**{k: hp[k] for k in Q_GALORE_DEFAULTS})  # range checks
+        if hp["basis_bits"] != 16:
+            raise InvalidConfigError(
+                f"basis_bits={hp['basis_bits']} is GaLore's basis storage knob; Q-GaLore stores its bases with "
+                f"proj_bits (now {hp['proj_bits']}). Set proj_bits=4 or 8 instead of basis_bits."
+            )
         cap = hp["max_proj_gap"]
         if cap is not None and cap < hp["update_proj_gap"]:
             raise InvalidConfigError(
@@ -150,29 +151,8 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             self._bind_weight(state, module)
 
     # ------------------------------------------------------------------------------------------------ bases
-    def _has_basis(self, state: dict[str, Any]) -> bool:
-        return "proj_left_q" in state or "proj_right_q" in state
-
-    def _bases(self, state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        dtype = _DTYPES[state["proj_dtype"]]
-        bases = []
-        for side in _SIDES:
-            if f"proj_{side}_q" not in state:
-                bases.append(None)
-                continue
-            shape = (state[f"proj_{side}_rows"], state[f"proj_{side}_cols"])
-            bases.append(
-                dequantize_packed(
-                    state[f"proj_{side}_q"],
-                    state[f"proj_{side}_scales"],
-                    state[f"proj_{side}_zeros"],
-                    shape,
-                    state["proj_bits"],
-                    state["proj_group_size"],
-                    dtype,
-                )
-            )
-        return bases[0], bases[1]
+    def _basis_format(self, group: dict[str, Any]) -> tuple[int, int]:
+        return int(group["proj_bits"]), int(group["proj_group_size"])
 
     def _store_bases(
         self,
@@ -182,7 +162,6 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         q_basis: torch.Tensor | None,
     ) -> None:
         similarities = []
-        dtype = (p_basis if p_basis is not None else q_basis).dtype
         for side, basis in zip(_SIDES, (p_basis, q_basis)):
             if basis is None:
                 continue
@@ -193,14 +172,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             if previous is not None:
                 similarities.append(torch.dot(previous, lead).abs())
             state[f"lead_{side}"] = lead
-            codes, scales, zeros = quantize_packed(basis, group["proj_bits"], group["proj_group_size"])
-            state[f"proj_{side}_q"] = codes
-            state[f"proj_{side}_scales"] = scales
-            state[f"proj_{side}_zeros"] = zeros
-            state[f"proj_{side}_rows"], state[f"proj_{side}_cols"] = (int(d) for d in basis.shape)
-        state["proj_bits"] = int(group["proj_bits"])
-        state["proj_group_size"] = int(group["proj_group_size"])
-        state["proj_dtype"] = _DTYPES.index(dtype)
+        super()._store_bases(state, group, p_basis, q_basis)  # packed to proj_bits
         if similarities:
             self._record_similarity(state, group, float(torch.stack(similarities).mean()))
 
