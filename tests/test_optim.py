@@ -261,6 +261,8 @@ def test_basis_bits_is_validated_and_not_a_q_galore_or_flora_knob():
         GaLoreAdamW([{"params": [weight], "low_rank": True}], basis_bits=6)
     with pytest.raises(InvalidConfigError, match="proj_bits"):
         QGaLoreAdamW8bit([{"params": [weight], "low_rank": True}], basis_bits=8)
+    with pytest.raises(InvalidConfigError, match="proj_group_size"):
+        QGaLoreAdamW8bit([{"params": [weight], "low_rank": True}], basis_group_size=64)
     with pytest.raises(InvalidConfigError, match="basis_bits"):
         FloraAdamW([{"params": [weight], "low_rank": True}], rank=2, basis_bits=8)
 

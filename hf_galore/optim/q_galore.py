@@ -36,7 +36,7 @@ from ..configs import QGaLoreConfig
 from ..errors import InvalidConfigError
 from ..modules.int8_linear import Int8Linear, owner_of
 from ..projection.subspace import Side, add_projected_back_
-from .base import _SIDES, ApplyBack, _mix_seed
+from .base import _SIDES, LOW_RANK_DEFAULTS, ApplyBack, _mix_seed
 from .galore import GaLoreAdamW8bit
 from .layerwise import LayerwiseMixin
 
@@ -84,11 +84,12 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
         super()._validate_hyperparameters(hp)
         QGaLoreConfig(**{k: hp[k] for k in Q_GALORE_DEFAULTS})  # range checks
-        if hp["basis_bits"] != 16:
-            raise InvalidConfigError(
-                f"basis_bits={hp['basis_bits']} is GaLore's basis storage knob; Q-GaLore stores its bases with "
-                f"proj_bits (now {hp['proj_bits']}). Set proj_bits=4 or 8 instead of basis_bits."
-            )
+        for knob, own in (("basis_bits", "proj_bits"), ("basis_group_size", "proj_group_size")):
+            if hp[knob] != LOW_RANK_DEFAULTS[knob]:
+                raise InvalidConfigError(
+                    f"{knob}={hp[knob]} is GaLore's basis storage knob; Q-GaLore stores its bases with {own} "
+                    f"(now {hp[own]}). Set {own} instead of {knob}."
+                )
         cap = hp["max_proj_gap"]
         if cap is not None and cap < hp["update_proj_gap"]:
             raise InvalidConfigError(
