@@ -317,18 +317,27 @@ def test_nan_gradient_at_first_refresh_skips_the_update_and_warns_once():
     assert opt.state[a]["step"] == 1 and not torch.equal(a, before)
 
 
-def test_nan_or_failed_decomposition_at_a_later_refresh_keeps_the_basis(monkeypatch):
+def _raise_linalg_error(*args, **kwargs):
+    raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+
+def _nan_basis(grad, *args, **kwargs):
+    return torch.full((10, 3), float("nan")), None
+
+
+@pytest.mark.parametrize(
+    ("broken", "warning"),
+    [(_raise_linalg_error, "decomposition failed"), (_nan_basis, "non-finite basis")],
+    ids=["decomposition-raises", "basis-not-finite"],
+)
+def test_a_failed_decomposition_at_a_later_refresh_keeps_the_basis(monkeypatch, broken, warning):
     a = nn.Parameter(torch.randn(10, 20))
     opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=1)
     a.grad = torch.randn(10, 20)
     opt.step()
     basis = opt.state[a]["proj_left"].clone()
-
-    def broken(*args, **kwargs):
-        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-
     monkeypatch.setattr("hf_galore.optim.base.compute_bases", broken)
-    with pytest.warns(UserWarning, match="decomposition failed"):
+    with pytest.warns(UserWarning, match=warning):
         a.grad = torch.randn(10, 20)
         opt.step()
     assert torch.equal(opt.state[a]["proj_left"], basis)
@@ -336,20 +345,19 @@ def test_nan_or_failed_decomposition_at_a_later_refresh_keeps_the_basis(monkeypa
     assert torch.isfinite(a).all()
 
 
-def test_a_non_finite_basis_is_rejected_like_a_failed_decomposition(monkeypatch):
-    a = nn.Parameter(torch.randn(10, 20))
-    opt = GaLoreAdamW([{"params": [a], "low_rank": True}], lr=1e-2, rank=3, update_proj_gap=1)
-    a.grad = torch.randn(10, 20)
-    opt.step()
-    basis = opt.state[a]["proj_left"].clone()
-    monkeypatch.setattr(
-        "hf_galore.optim.base.compute_bases", lambda grad, *args, **kwargs: (torch.full((10, 3), float("nan")), None)
-    )
-    with pytest.warns(UserWarning, match="non-finite basis"):
-        a.grad = torch.randn(10, 20)
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor])
+def test_weight_decay_that_zeroes_the_weight_is_applied_literally(cls):
+    """lr·wd == 1 gives a decay factor of 0, which addmm_'s beta cannot carry: the weight is zeroed first, so the
+    result equals the update of an all-zero weight (and a NaN in the old weight would stay NaN, not vanish)."""
+    grad = torch.randn(10, 20)
+    results = []
+    for start in (torch.randn(10, 20), torch.zeros(10, 20)):
+        weight = nn.Parameter(start)
+        opt = cls([{"params": [weight], "low_rank": True}], lr=1.0, weight_decay=1.0, rank=3)
+        weight.grad = grad.clone()
         opt.step()
-    assert torch.equal(opt.state[a]["proj_left"], basis) and opt.state[a]["refresh_count"] == 1
-    assert torch.isfinite(a).all()
+        results.append(weight.detach())
+    assert torch.equal(results[0], results[1]) and results[0].abs().sum() > 0
 
 
 def test_refresh_schedule_and_stagger():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from typing import Any, ClassVar, Protocol
 
@@ -213,23 +213,32 @@ class LowRankOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # Prepared (projected) gradients are applied in chunks, so only one chunk of them is alive at a time.
-            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-            elements = 0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                low = self._prepare_gradient(p, p.grad, group)
-                if low is None:
-                    continue
-                if pending and elements + low.numel() > self.foreach_chunk_elements:
-                    self._apply_updates(pending, group)
-                    pending, elements = [], 0
-                pending.append((p, low))
-                elements += low.numel()
-            if pending:
-                self._apply_updates(pending, group)
+            # The gradients are prepared lazily, chunk by chunk, so only one chunk of them is alive at a time.
+            for chunk in self._in_chunks(self._prepared_gradients(group)):
+                self._apply_updates(chunk, group)
         return loss
+
+    def _prepared_gradients(self, group: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`(parameter, prepared gradient)` of every parameter of `group` that has a gradient and a usable basis."""
+        for p in group["params"]:
+            if p.grad is not None and (low := self._prepare_gradient(p, p.grad, group)) is not None:
+                yield p, low
+
+    def _in_chunks(
+        self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`(parameter, gradient)` pairs grouped into lists of at most `foreach_chunk_elements` gradient elements (a
+        larger single gradient alone). Lazy: each chunk is yielded before the next pair is drawn."""
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        elements = 0
+        for p, grad in pairs:
+            if chunk and elements + grad.numel() > self.foreach_chunk_elements:
+                yield chunk
+                chunk, elements = [], 0
+            chunk.append((p, grad))
+            elements += grad.numel()
+        if chunk:
+            yield chunk
 
     def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         """Whether the next update of this weight refreshes its basis (no basis yet, or a multiple of the gap)."""
@@ -362,6 +371,9 @@ class LowRankOptimizer(Optimizer):
         scale = group["scale"]
 
         def apply_back(update: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+            if beta == 0:  # lr·wd == 1: addmm_ would ignore the weight (NaNs included) rather than multiply it by 0
+                p.mul_(beta)
+                beta = 1.0
             self._add_back_projected(p, update, side, p_basis, q_basis, alpha * scale, beta)
 
         return apply_back

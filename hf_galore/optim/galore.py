@@ -154,11 +154,7 @@ class GaLoreAdamW(LowRankOptimizer):
     def _apply_low_rank(self, p, direction, step_size: float, state, group, apply_back: ApplyBack) -> None:
         """weight ← (1 − lr·wd) · weight − step_size · scale · back-projected direction, in one `addmm_` (the decay
         costs no extra pass over the weight)."""
-        decay = 1 - group["lr"] * group["weight_decay"]
-        if decay == 0:  # addmm_ cannot scale by zero; keep the literal two-pass form for this degenerate setting
-            p.mul_(decay)
-            decay = 1.0
-        apply_back(direction, -step_size, decay)
+        apply_back(direction, -step_size, 1 - group["lr"] * group["weight_decay"])
 
     # The batched path (foreach=True).
     def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
@@ -170,19 +166,14 @@ class GaLoreAdamW(LowRankOptimizer):
         if not group["foreach"]:
             super()._apply_updates(prepared, group)
             return
-        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
-        elements = 0
+        batched = []
         for p, grad in prepared:
             state = self._state_for(p, group)
             if Side(state["side"]) == Side.NONE and self._sliceable(p, grad, state):
                 self._apply_update(p, grad, group)  # larger than a chunk: updated in slices
-                continue
-            if chunk and elements + grad.numel() > self.foreach_chunk_elements:
-                self._apply_chunk(chunk, group)
-                chunk, elements = [], 0
-            chunk.append((p, grad))
-            elements += grad.numel()
-        if chunk:
+            else:
+                batched.append((p, grad))
+        for chunk in self._in_chunks(batched):
             self._apply_chunk(chunk, group)
 
     def _apply_chunk(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
@@ -410,8 +401,4 @@ class GaLoreAdafactor(LowRankOptimizer):
         step_size = self._step_size(group, state["step"], p)
         update = self._normalized_update(low.float(), state, group).mul_(step_size)
         update = self._momentum(update, state, group)
-        decay = 1 - group["weight_decay"] * step_size  # folded into the back-projection's addmm_, as in AdamW
-        if decay == 0:
-            p.mul_(decay)
-            decay = 1.0
-        apply_back(update, -1.0, decay)
+        apply_back(update, -1.0, 1 - group["weight_decay"] * step_size)  # decay folded into the addmm_, as in AdamW

@@ -78,8 +78,8 @@ def randomized_left_basis(
     then give the basis Q U_small.
 
     U_small is taken from an eigendecomposition of the (r+p)×(r+p) Gram matrix B Bᵀ = U_small Σ² U_smallᵀ rather
-    than from an SVD of the wide B: the same vectors for a fraction of the cost (on CPU, 30 ms instead of 172 ms
-    for a 520×11008 B; `benchmarks/projection_cost.py`). Squaring the singular values only blurs directions whose
+    than from an SVD of the wide B: the same vectors for a fraction of the cost (on CPU, 32 ms instead of 191 ms
+    for a 544×11008 B; `benchmarks/results/projection_cost_cpu.md`). Squaring the singular values only blurs directions whose
     σ² is below fp32 resolution relative to σ₁², where the basis is arbitrary anyway; the captured energy is
     unchanged (tested against the exact SVD).
     """
