@@ -586,18 +586,23 @@ def apply_trainable(model: nn.Module, config: WeLoreConfig | None = None) -> int
         [`InvalidConfigError`]: when nothing would be trainable (no LRC and no `train_*` flag that matches).
     """
     config = config or WeLoreConfig()
-    names = trainable_parameter_names(model, config)
+    names = _require_trainable(model, config)
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in names)
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if count == 0:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _require_trainable(model: nn.Module, config: WeLoreConfig) -> set[str]:
+    """[`trainable_parameter_names`], or [`InvalidConfigError`] when it is empty (checked before changing anything)."""
+    names = trainable_parameter_names(model, config)
+    if not any(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n in names):
         raise InvalidConfigError(
             "After the WeLore split nothing is trainable: no weight became an LRC (min_reduction="
             f"{config.min_reduction}, target_compression={config.target_compression}) and no train_* flag is set. "
             "Lower min_reduction (e.g. min_reduction=0.5), raise target_compression, or set train_norms/"
             "train_biases/train_heads=true."
         )
-    return count
+    return names
 
 
 def compress(
@@ -633,6 +638,9 @@ def compress(
             "one-shot. Train it as is, or hf_galore.welore.merge() it first to compress a dense model again."
         )
     plan = plan or analyze(model, config, target_modules)
+    if not plan.ranks:
+        # No LRC: the split changes no module, so the trainable set is known now; refuse before touching the model.
+        _require_trainable(model, config)
     _factorize(model, plan.ranks, from_weights=True)
     record = {
         "format_version": FORMAT_VERSION,

@@ -291,3 +291,77 @@ def test_quantize_model_is_idempotent_and_rejects_tied_weights():
     }
     with pytest.raises(InvalidConfigError, match="tied"):
         quantize_model(LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)), ["lm_head"])
+
+
+# ---------------------------------------------------------------------------------------------------- refused runs
+def _snapshot(model):
+    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        _config(model),
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    tensors, types, flags, config = snapshot
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert _config(model) == config
+
+
+def _config(model):
+    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
+    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
+
+
+def _without_bitsandbytes(monkeypatch):
+    from hf_galore.utils import imports
+
+    monkeypatch.setattr(imports, "is_bitsandbytes_available", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("no_bitsandbytes", "MissingDependencyError", "bitsandbytes"),
+        ("basis_bits", "InvalidConfigError", "proj_bits"),
+        ("bad_beta", "InvalidConfigError", "betas"),
+        ("two_processes", "UnsupportedSetupError", "2 processes"),
+        ("layerwise_fp16", "UnsupportedSetupError", "fp16"),
+        ("layerwise_data_parallel", "UnsupportedSetupError", "DataParallel"),
+    ],
+)
+def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, error, match):
+    """Every check that can refuse the run runs before the INT8 surgery (#14): a retry gets the model it passed."""
+    import hf_galore.errors
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    snapshot = _snapshot(model)
+    name, overrides = "q_galore_adamw_8bit", {}
+    if case == "no_bitsandbytes":
+        _without_bitsandbytes(monkeypatch)
+    elif case == "basis_bits":
+        overrides["optim_args"] = Q_ARGS + ", basis_bits=4"
+    elif case == "bad_beta":
+        overrides["adam_beta2"] = 1.5
+    elif case == "two_processes":
+        from transformers import TrainingArguments
+
+        monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    elif case == "layerwise_fp16":
+        name, overrides["fp16"] = "q_galore_adamw_8bit_layerwise", True
+    else:
+        from transformers import TrainingArguments
+
+        name = "q_galore_adamw_8bit_layerwise"
+        monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    args = training_args(tmp_path, name, **{"optim_args": Q_ARGS, **overrides})
+    with pytest.raises(getattr(hf_galore.errors, error), match=match):
+        make_trainer(model, args, lm_dataset(n=8)).train()
+    _assert_unchanged(model, snapshot)

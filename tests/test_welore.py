@@ -201,6 +201,66 @@ def test_bad_optim_args_fail_before_training(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def _snapshot(model):
+    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        _config(model),
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    tensors, types, flags, config = snapshot
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert _config(model) == config
+
+
+def _config(model):
+    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
+    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("no_bitsandbytes", hf_galore.MissingDependencyError, "bitsandbytes"),
+        ("negative_lr", InvalidConfigError, "learning_rate"),
+        ("bad_beta", InvalidConfigError, "betas"),
+        ("nothing_trainable", InvalidConfigError, "nothing is trainable"),
+        ("callback_bad_key", InvalidConfigError, "update_gap"),
+    ],
+)
+def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, error, match):
+    """Every check that can refuse the run runs before the split (#14): a retry gets the model it passed."""
+    model = _roberta()
+    snapshot = _snapshot(model)
+    name, overrides, callbacks = "welore_adamw", {}, None
+    if case == "no_bitsandbytes":
+        from hf_galore.utils import imports
+
+        monkeypatch.setattr(imports, "is_bitsandbytes_available", lambda: False)
+        name = "welore_adamw_8bit"
+    elif case == "negative_lr":
+        overrides["learning_rate"] = -1e-3
+    elif case == "bad_beta":
+        overrides["adam_beta1"] = 1.0
+    elif case == "nothing_trainable":
+        overrides["optim_args"] = "target_compression=0.5, min_reduction=0.99"
+    else:  # the callback splits inside the stock constructor; the optimizer's settings are checked before it
+        name, callbacks = "galore_adamw", [WeLoreCallback(config="target_compression=0.5")]
+        overrides["optim_args"] = "rank=4, update_gap=10"
+    args = _welore_args(tmp_path, name, **overrides)
+    with pytest.raises(error, match=match):
+        make_trainer(model, args, classification_dataset(n=8), callbacks=callbacks).train()
+    _assert_unchanged(model, snapshot)
+
+
 def test_model_with_no_eligible_linear_names_the_conv1d_layers():
     from transformers import GPT2Config, GPT2LMHeadModel
 
