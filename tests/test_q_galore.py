@@ -6,8 +6,19 @@ import pytest
 import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
-from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
-from transformers import LlamaForCausalLM, RobertaForSequenceClassification
+from trainer_utils import (
+    assert_stock_load_without_hf_galore,
+    classification_dataset,
+    lm_dataset,
+    make_trainer,
+    training_args,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaForCausalLM,
+    RobertaForSequenceClassification,
+)
 
 from hf_galore import REGISTRY, QGaLoreAdamW8bit, QGaLoreConfig
 from hf_galore.errors import InvalidConfigError, UnsupportedSetupError
@@ -240,12 +251,20 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == (14 if kind == "llama" else 12)
 
     trainer.save_model(str(tmp_path / "out"))
-    reloaded = from_pretrained(str(tmp_path / "out"))
-    assert sum(isinstance(m, Int8Linear) for m in reloaded.modules()) == (14 if kind == "llama" else 12)
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSequenceClassification
+    reloaded = auto.from_pretrained(str(tmp_path / "out"))  # the stock call (#14): INT8 Linears, bit for bit
+    assert [(n, type(m)) for n, m in reloaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    assert list(reloaded.state_dict()) == list(model.state_dict())
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
+    inputs = dataset[:4]
+    inputs = {k: torch.tensor(v) for k, v in inputs.items() if k == "input_ids"}
+    model.eval()
+    assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
     eval_args = training_args(tmp_path / "eval", "adamw_torch")
     assert make_trainer(reloaded, eval_args, dataset).evaluate()["eval_loss"] == after
+    wrapped = from_pretrained(str(tmp_path / "out"))  # the thin wrapper loads the same
+    assert all(torch.equal(t, reloaded.state_dict()[k]) for k, t in wrapped.state_dict().items())
 
     expected = {n: m.dequantize_weight() for n, m in reloaded.named_modules() if isinstance(m, Int8Linear)}
     merged = merge_to_dense(reloaded)
@@ -253,6 +272,8 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     for n, weight in expected.items():
         assert type(merged.get_submodule(n)) is nn.Linear and torch.equal(merged.get_submodule(n).weight, weight)
     assert make_trainer(merged, eval_args, dataset).evaluate()["eval_loss"] == pytest.approx(after, abs=1e-6)
+    merged.save_pretrained(tmp_path / "dense")
+    assert_stock_load_without_hf_galore(auto.__name__, tmp_path / "out", "hf_galore_q_galore", tmp_path / "dense")
 
 
 def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
@@ -267,7 +288,7 @@ def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
     make_trainer(model, training_args(tmp_path, "q_galore_adamw_8bit", **run), dataset).train()
     uninterrupted = model.state_dict()
 
-    resumed = fresh()  # plain Linears: the checkpoint's INT8 weights come back through the optimizer state
+    resumed = fresh()  # plain Linears: Trainer(...) makes them INT8 before train() loads the checkpoint into them
     trainer = make_trainer(resumed, training_args(tmp_path, "q_galore_adamw_8bit", **run), dataset)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
     state = resumed.state_dict()
@@ -286,7 +307,8 @@ def test_quantize_model_is_idempotent_and_rejects_tied_weights():
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     assert len(quantize_model(model, "all-linear")) == 14
     assert quantize_model(model, "all-linear") == []
-    assert set(model.config.hf_galore_q_galore["modules"]) == {
+    assert model.config.quantization_config.quant_method == "hf_galore_q_galore"
+    assert set(model.config.quantization_config.modules) == {
         n for n, m in model.named_modules() if isinstance(m, Int8Linear)
     }
     with pytest.raises(InvalidConfigError, match="tied"):

@@ -10,8 +10,14 @@ import pytest
 import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
-from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
-from transformers import LlamaForCausalLM, RobertaForSequenceClassification
+from trainer_utils import (
+    assert_stock_load_without_hf_galore,
+    classification_dataset,
+    lm_dataset,
+    make_trainer,
+    training_args,
+)
+from transformers import AutoModelForSequenceClassification, LlamaForCausalLM, RobertaForSequenceClassification
 
 import hf_galore
 from hf_galore import InvalidConfigError, LowRankLinear, NoTargetModulesError, WeLoreCallback, WeLoreConfig, welore
@@ -162,7 +168,7 @@ def test_split_freezes_everything_but_the_lrc_factors_and_keeps_outputs_close():
         module = model.get_submodule(name)
         assert isinstance(module, LowRankLinear) and module.rank == rank
         assert module.up.bias is not None  # RoBERTa's biases are kept
-    assert model.config.welore["ranks"] == plan.ranks
+    assert model.config.quantization_config.ranks == plan.ranks
     assert model(input_ids=ids).logits.shape == (2, 2)
 
 
@@ -301,15 +307,21 @@ def test_save_load_gives_identical_outputs_a_smaller_file_and_merge_equals_u_v(t
     assert os.path.getsize(tmp_path / "welore" / "model.safetensors") < 0.65 * os.path.getsize(
         tmp_path / "dense" / "model.safetensors"
     )
-    assert json.loads((tmp_path / "welore" / "config.json").read_text())["welore"]["ranks"] == plan.ranks
+    recorded = json.loads((tmp_path / "welore" / "config.json").read_text())["quantization_config"]
+    assert recorded["quant_method"] == "hf_galore_welore" and recorded["ranks"] == plan.ranks
 
-    loaded = welore.from_pretrained(tmp_path / "welore")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "welore")  # the stock call (#14)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
     ids = torch.randint(3, 99, (2, 12))
     model.eval()
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
+    wrapped = welore.from_pretrained(tmp_path / "welore")  # the thin wrapper loads the same
+    assert all(torch.equal(t, loaded.state_dict()[k]) for k, t in wrapped.state_dict().items())
 
     merged = welore.merge(loaded, inplace=False)
     for name in plan.lrc_names:
@@ -318,7 +330,11 @@ def test_save_load_gives_identical_outputs_a_smaller_file_and_merge_equals_u_v(t
         assert torch.equal(lin.weight, low.up.weight @ low.down.weight)
         assert torch.equal(lin.bias, low.up.bias)
     torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    assert not hasattr(merged.config, "welore")
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path / "dense_again")
+    assert_stock_load_without_hf_galore(
+        "AutoModelForSequenceClassification", tmp_path / "welore", "hf_galore_welore", tmp_path / "dense_again"
+    )
 
 
 def test_loading_a_dense_checkpoint_with_the_welore_loader_is_refused(tmp_path):
@@ -357,7 +373,9 @@ def test_trainer_trains_only_lrc_factors_and_n_lrc_is_unchanged(tmp_path, kind, 
         if name in dense_before:
             assert torch.equal(param, dense_before[name]), name
     if use_callback:
-        assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(model.config.welore["ranks"])
+        assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(
+            model.config.quantization_config.ranks
+        )
 
 
 @pytest.mark.parametrize("use_callback", [True, False], ids=["callback", "optim-name-only"])

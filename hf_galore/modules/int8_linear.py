@@ -222,6 +222,18 @@ class Int8Linear(nn.Module):
         carrier.data = _zero_carrier((self.out_features, self.in_features), probe.dtype, probe.device)
         return self
 
+    def carrier_to_codes_device_(self) -> None:
+        """Move the carrier to the codes' device, keeping its dtype (e.g. off the meta device after a loader filled
+        the buffers of a module built there; the carrier is never in a checkpoint, so no loader moves it)."""
+        old = self.grad_carrier
+        if old.device == self.qweight.device:
+            return
+        # A new Parameter: `.data` cannot change a tensor's device type (meta -> cpu). Nothing holds the old one yet.
+        self.grad_carrier = nn.Parameter(
+            _zero_carrier((self.out_features, self.in_features), old.dtype, self.qweight.device), old.requires_grad
+        )
+        _OWNERS[id(self.grad_carrier)] = self
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A deep copy or an unpickled module has a new carrier: register its owner again.
         super().__setstate__(state)
