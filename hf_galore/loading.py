@@ -170,6 +170,37 @@ def set_record(model: nn.Module, quant_method: str, record: dict[str, Any] | Non
     model.hf_quantizer = quantizer_cls(config.quantization_config, pre_quantized=True)
 
 
+def read_checkpoint_tensors(path: str | os.PathLike, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of the safetensors checkpoint in the folder `path` (single file or sharded), as stored.
+
+    Raises:
+        [`InvalidConfigError`]: a key is not in the checkpoint, or the folder holds no safetensors checkpoint.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        weight_map = dict.fromkeys(keys, "model.safetensors")
+    else:
+        raise InvalidConfigError(f"{path!r} holds no safetensors checkpoint (model.safetensors or its index).")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted({weight_map.get(k, "") for k in keys}):
+        wanted = [k for k in keys if weight_map.get(k, "") == file]
+        with safe_open(os.path.join(path, file), framework="pt") as handle:
+            available = set(handle.keys())
+            missing = [k for k in wanted if k not in available]
+            if missing:
+                raise InvalidConfigError(f"{path!r} has no tensor {missing[0]!r}.")
+            tensors.update({k: handle.get_tensor(k) for k in wanted})
+    return tensors
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Format guards
 # ------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from . import loading
 from .configs import QGaLoreConfig
 from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
 from .loading import FORMAT_VERSION, set_submodule
-from .modules.int8_linear import Int8Linear
+from .modules.int8_linear import FIXED_DTYPE_BUFFERS, Int8Linear
 from .targeting import ALL_LINEAR, TargetSpec, _matches, log_resolution, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,28 @@ def _build(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 def _finish(model: nn.Module, record: dict[str, Any]) -> None:
-    """After loading: the carriers (never in a checkpoint) follow their module's codes off the meta device."""
-    for module in model.modules():
-        if isinstance(module, Int8Linear) and module.grad_carrier.device != module.qweight.device:
-            module.carrier_to_codes_device_()
+    """After loading: the carriers (never in a checkpoint) follow their module's codes off the meta device, and fp32
+    scales/zeros that the loader cast to the model's dtype are read again as stored.
+
+    transformers 4.x casts every floating tensor of a quantized model to the load dtype (`torch_dtype=bfloat16`
+    would round the scales, changing every dequantized weight); 5.x keeps them. The folder is the one just loaded.
+    """
+    cast = []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            if module.grad_carrier.device != module.qweight.device:
+                module.carrier_to_codes_device_()
+            cast += [f"{name}.{key}" for key in FIXED_DTYPE_BUFFERS if getattr(module, key).dtype != torch.float32]
+    if cast:
+        path = getattr(getattr(model, "config", None), "name_or_path", None)
+        if not path or not os.path.isdir(path):
+            raise InvalidConfigError(
+                f"The loader cast the fp32 INT8 scales/zeros (e.g. {cast[0]!r}) to another dtype. Load with "
+                "dtype=torch.float32, or use transformers>=5, which keeps them."
+            )
+        for key, tensor in loading.read_checkpoint_tensors(path, cast).items():
+            module_name, _, buffer = key.rpartition(".")
+            getattr(model.get_submodule(module_name), buffer).data = tensor.to(torch.float32)
 
 
 loading.register_format(

@@ -387,3 +387,24 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
     with pytest.raises(getattr(hf_galore.errors, error), match=match):
         make_trainer(model, args, lm_dataset(n=8)).train()
     _assert_unchanged(model, snapshot)
+
+
+def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_path):
+    """fp32 scales/zeros of a bf16 model survive the stock load; transformers 4.x casts them to bf16 while loading,
+    which the format's finishing step repairs from the checkpoint (simulated here on the installed version)."""
+    from hf_galore import q_galore
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+    quantize_model(model, "all-linear", weight_group_size=64)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    for key, tensor in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == tensor.dtype and torch.equal(loaded.state_dict()[key], tensor), key
+    layer = loaded.model.layers[1].mlp.down_proj
+    stored = layer.weight_scales.clone()
+    layer.weight_scales.data = stored.to(torch.bfloat16)  # what transformers 4.x does to every float tensor
+    assert not torch.equal(layer.weight_scales.float(), stored)
+    q_galore._finish(loaded, loaded.config.quantization_config.record())
+    assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, stored)

@@ -337,6 +337,20 @@ def test_save_load_gives_identical_outputs_a_smaller_file_and_merge_equals_u_v(t
     )
 
 
+def test_checkpoint_with_the_record_under_the_old_welore_key_still_loads(tmp_path):
+    model = _roberta()
+    welore.compress(model, target_compression=0.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    record = config.pop("quantization_config")
+    del record["quant_method"]
+    config["welore"] = record  # the layout before the record moved into quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = welore.from_pretrained(tmp_path)
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+
+
 def test_loading_a_dense_checkpoint_with_the_welore_loader_is_refused(tmp_path):
     _roberta().save_pretrained(tmp_path)
     with pytest.raises(InvalidConfigError, match="not a WeLore checkpoint"):

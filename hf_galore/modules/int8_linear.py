@@ -37,7 +37,7 @@ from ..projection.quant import dequantize, num_groups, quantize
 _OWNERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
 
 #: Buffers that follow the module's device but never its dtype.
-_FIXED_DTYPE_BUFFERS = ("weight_scales", "weight_zeros")
+FIXED_DTYPE_BUFFERS = ("weight_scales", "weight_zeros")
 
 
 def owner_of(carrier: torch.Tensor) -> Int8Linear | None:
@@ -205,15 +205,15 @@ class Int8Linear(nn.Module):
         params, buffers = self._parameters, self._buffers
         carrier = params["grad_carrier"]
         self._parameters = {k: v for k, v in params.items() if k != "grad_carrier"}
-        self._buffers = {k: v for k, v in buffers.items() if k not in _FIXED_DTYPE_BUFFERS}
+        self._buffers = {k: v for k, v in buffers.items() if k not in FIXED_DTYPE_BUFFERS}
         try:
             super()._apply(fn, recurse)
             probe = fn(torch.zeros((), dtype=carrier.dtype, device=carrier.device))
         finally:
             moved_params, moved_buffers = self._parameters, self._buffers
             self._parameters = {k: (carrier if k == "grad_carrier" else moved_params[k]) for k in params}
-            self._buffers = {k: (buffers[k] if k in _FIXED_DTYPE_BUFFERS else moved_buffers[k]) for k in buffers}
-        for name in _FIXED_DTYPE_BUFFERS:
+            self._buffers = {k: (buffers[k] if k in FIXED_DTYPE_BUFFERS else moved_buffers[k]) for k in buffers}
+        for name in FIXED_DTYPE_BUFFERS:
             tensor = self._buffers[name]
             # A meta tensor (`to_empty` after a meta-device init) has no values to move: start from ones.
             moved = torch.ones_like(tensor, device=probe.device) if tensor.is_meta else tensor.to(probe.device)
