@@ -17,7 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import q_galore, welore
+from . import loading, q_galore, welore
 from .configs import (
     AdafactorConfig,
     Blockwise8bitConfig,
@@ -95,6 +95,7 @@ __all__ = [
     "build_param_groups",
     "get_spec",
     "is_registered",
+    "loading",
     "optimizer_cls_and_kwargs",
     "parse_optim_args",
     "q_galore",
@@ -106,3 +107,4 @@ __all__ = [
 ]
 
 register()
+loading.register_with_transformers()  # stock from_pretrained loads the Q-GaLore / WeLore formats

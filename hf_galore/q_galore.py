@@ -1,20 +1,20 @@
 """Q-GaLore model surgery, loading and merging (the optimizer itself is [`QGaLoreAdamW8bit`]).
 
-* [`prepare_model`] replaces the targeted `nn.Linear` modules by [`Int8Linear`] in place. The registry runs it when
-  the Trainer builds the optimizer: before the optimizer exists and before any DDP wrap.
-* The replacement is recorded in `model.config.hf_galore_q_galore` (module names, bits, group size), so it travels
-  in `config.json` with `save_pretrained`; the weights travel as the modules' buffers (`qweight` codes, fp32
-  `weight_scales`/`weight_zeros`) in `model.safetensors`.
-* [`from_pretrained`] rebuilds that structure and loads the buffers bit for bit. A plain
-  `AutoModel.from_pretrained` of such a folder does *not* know the structure: it reports the INT8 keys as unexpected
-  and the Linear weights as missing (newly initialised). Use this loader, or [`merge_to_dense`] before saving to get
-  an ordinary checkpoint.
-* [`merge_to_dense`] turns every [`Int8Linear`] back into an `nn.Linear` holding its dequantized weight.
+* [`prepare_model`] replaces the targeted `nn.Linear` modules by [`Int8Linear`] in place. The Trainer integration
+  runs it at the end of `Trainer.__init__`, after every check that can refuse the run, before the optimizer exists
+  and before any DDP wrap.
+* The replacement is recorded in `model.config.quantization_config` (`quant_method="hf_galore_q_galore"`: module
+  names, bits, group size), so it travels in `config.json` with `save_pretrained`; the weights travel as the
+  modules' buffers (`qweight` codes, fp32 `weight_scales`/`weight_zeros`) in `model.safetensors`.
+* After `import hf_galore`, the stock `AutoModel*.from_pretrained` rebuilds that structure and loads the buffers
+  bit for bit (see `hf_galore.loading`); without the import it raises instead of loading random Linears.
+  [`from_pretrained`] is a thin wrapper that also picks the class from `config.architectures`.
+* [`merge_to_dense`] (or `model.dequantize()`) turns every [`Int8Linear`] back into an `nn.Linear` holding its
+  dequantized weight: an ordinary checkpoint that plain transformers loads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,22 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import loading
 from .configs import QGaLoreConfig
 from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
-from .modules.int8_linear import Int8Linear
+from .loading import FORMAT_VERSION, set_submodule
+from .modules.int8_linear import FIXED_DTYPE_BUFFERS, Int8Linear
 from .targeting import ALL_LINEAR, TargetSpec, _matches, log_resolution, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 
-#: Attribute of `model.config` recording the INT8 structure.
-CONFIG_KEY = "hf_galore_q_galore"
-FORMAT_VERSION = 1
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+#: `quantization_config.quant_method` of a model whose target Linears are INT8.
+QUANT_METHOD = "hf_galore_q_galore"
+#: `config.json` key of the record before it moved into `quantization_config` (still read by the loader).
+LEGACY_CONFIG_KEY = "hf_galore_q_galore"
 
 
 def _int8_targets(model: nn.Module, targets: TargetSpec | None) -> list[tuple[str, Int8Linear]]:
@@ -56,13 +53,10 @@ def _q_config(configs: Sequence[Any]) -> QGaLoreConfig:
 
 
 def _record(model: nn.Module, names: list[str], bits: int, group_size: int) -> None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    record = getattr(config, CONFIG_KEY, None) or {"format_version": FORMAT_VERSION, "modules": {}}
+    record = loading.get_record(model, QUANT_METHOD) or {"format_version": FORMAT_VERSION, "modules": {}}
     for name in names:
         record["modules"][name] = {"bits": bits, "group_size": group_size}
-    setattr(config, CONFIG_KEY, record)
+    loading.set_record(model, QUANT_METHOD, record)
 
 
 def quantize_model(
@@ -93,8 +87,9 @@ def quantize_model(
             f"Q-GaLore cannot quantize {tied}: their weights are tied to another module (e.g. embeddings). Leave "
             'them out of optim_target_modules ("all-linear" already excludes output heads).'
         )
+    loading.check_can_record(model, QUANT_METHOD)
     for name, linear in resolution.modules:
-        _set_submodule(model, name, Int8Linear.from_linear(linear, weight_group_size, weight_bits))
+        set_submodule(model, name, Int8Linear.from_linear(linear, weight_group_size, weight_bits))
     _record(model, resolution.names, weight_bits, weight_group_size)
     return resolution.names
 
@@ -156,75 +151,28 @@ def check_setup(args: Any) -> None:
 def merge_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every [`Int8Linear`] of `model` by an `nn.Linear` with its dequantized weight (in place; returns it).
 
+    The record (`quantization_config`) is removed too, so `save_pretrained` then writes an ordinary checkpoint.
+
     Args:
         model (`nn.Module`): A model prepared by Q-GaLore.
         dtype (`torch.dtype`, *optional*): dtype of the new weights (default: each module's gradient dtype).
     """
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]:
-        _set_submodule(model, name, module.to_linear(dtype))
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, CONFIG_KEY):
-        delattr(config, CONFIG_KEY)
+        set_submodule(model, name, module.to_linear(dtype))
+    loading.set_record(model, QUANT_METHOD, None)
     return model
 
 
-def _load_checkpoint_state(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return load_file(single)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            state.update(load_file(os.path.join(folder, file)))
-        return state
-    raise FileNotFoundError(f"No model.safetensors (or sharded index) in {folder!r}: save it with save_pretrained.")
-
-
-def from_pretrained(path: str, model_class: type | None = None, **config_kwargs: Any) -> nn.Module:
-    """Load a model saved with `save_pretrained` after Q-GaLore training, INT8 Linears and all, bit for bit.
-
-    The architecture is built from `config.json` (randomly initialised), the Linears recorded in
-    `config.hf_galore_q_galore` are replaced by empty [`Int8Linear`] modules, and the saved tensors are loaded
-    strictly (tied weights excepted). The model is returned in eval mode.
-
-    Args:
-        path (`str`): A local folder written by `save_pretrained` / `Trainer.save_model`.
-        model_class (`type`, *optional*): The model class, e.g. `LlamaForCausalLM` or an `AutoModelFor...` class;
-            defaults to `config.architectures[0]`.
-        **config_kwargs: Overrides passed to `AutoConfig.from_pretrained`.
-
-    Raises:
-        [`InvalidConfigError`]: the folder was not saved from a Q-GaLore model, or its weights do not fit.
-    """
-    import transformers
-    from transformers import AutoConfig, PreTrainedModel
-
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    record = getattr(config, CONFIG_KEY, None)
-    if not record or record.get("format_version") != FORMAT_VERSION:
-        raise InvalidConfigError(
-            f"{path!r} has no `{CONFIG_KEY}` record (format {FORMAT_VERSION}) in its config.json, so it was not "
-            "saved from a Q-GaLore model. Load it with the usual `from_pretrained` instead."
-        )
-    if model_class is None:
-        architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        if model_class is None:
-            raise InvalidConfigError(
-                f"config.architectures={architectures!r} names no transformers class; pass model_class=..., e.g. "
-                "model_class=AutoModelForCausalLM."
-            )
-    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
-        model = model_class._from_config(config)
-    else:
-        model = model_class.from_config(config)
+def _build(model: nn.Module, record: dict[str, Any]) -> None:
+    """Empty [`Int8Linear`]s where `record` says, on the Linears' device (meta while transformers loads) and dtype."""
     for name, spec in record["modules"].items():
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise InvalidConfigError(
+                f"The Q-GaLore record names module {name!r}, which {type(model).__name__} does not have: load the "
+                "checkpoint with the class it was saved from (config.architectures)."
+            ) from None
         if not isinstance(linear, nn.Linear):
             raise InvalidConfigError(f"{name!r} is recorded as INT8 but is a {type(linear).__name__} in this model.")
         int8 = Int8Linear(
@@ -236,15 +184,60 @@ def from_pretrained(path: str, model_class: type | None = None, **config_kwargs:
             dtype=linear.weight.dtype,
             device=linear.weight.device,
         )
-        _set_submodule(model, name, int8)
-    state = _load_checkpoint_state(path)
-    result = model.load_state_dict(state, strict=False)
-    loaded = model.state_dict(keep_vars=True)
-    loaded_ptrs = {loaded[k].data_ptr() for k in state if k in loaded}
-    missing = [k for k in result.missing_keys if loaded[k].data_ptr() not in loaded_ptrs]  # tied ones are fine
-    if missing or result.unexpected_keys:
-        raise InvalidConfigError(
-            f"The weights in {path!r} do not fit the rebuilt model: missing {missing[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. Was it saved from this architecture?"
-        )
-    return model.eval()
+        set_submodule(model, name, int8)
+
+
+def _finish(model: nn.Module, record: dict[str, Any]) -> None:
+    """After loading: the carriers (never in a checkpoint) follow their module's codes off the meta device, and fp32
+    scales/zeros that the loader cast to the model's dtype are read again as stored.
+
+    transformers 4.x casts every floating tensor of a quantized model to the load dtype (`torch_dtype=bfloat16`
+    would round the scales, changing every dequantized weight); 5.x keeps them. The folder is the one just loaded.
+    """
+    cast = []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            if module.grad_carrier.device != module.qweight.device:
+                module.carrier_to_codes_device_()
+            cast += [f"{name}.{key}" for key in FIXED_DTYPE_BUFFERS if getattr(module, key).dtype != torch.float32]
+    if cast:
+        path = getattr(getattr(model, "config", None), "name_or_path", None)
+        if not path or not os.path.isdir(path):
+            raise InvalidConfigError(
+                f"The loader cast the fp32 INT8 scales/zeros (e.g. {cast[0]!r}) to another dtype. Load with "
+                "dtype=torch.float32, or use transformers>=5, which keeps them."
+            )
+        for key, tensor in loading.read_checkpoint_tensors(path, cast).items():
+            module_name, _, buffer = key.rpartition(".")
+            getattr(model.get_submodule(module_name), buffer).data = tensor.to(torch.float32)
+
+
+loading.register_format(
+    loading.ModelFormat(
+        quant_method=QUANT_METHOD,
+        name="Q-GaLore",
+        module_names=lambda record: list(record["modules"]),
+        build=_build,
+        finish=_finish,
+        merge=merge_to_dense,
+        legacy_config_key=LEGACY_CONFIG_KEY,
+    )
+)
+
+
+def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+    """Load a model saved after Q-GaLore training, INT8 Linears and all, bit for bit (in eval mode).
+
+    A thin wrapper of the stock `from_pretrained` (which loads these checkpoints itself after `import hf_galore`):
+    it checks the checkpoint is a Q-GaLore one, with a clear error otherwise, and defaults the class to
+    `config.architectures[0]`.
+
+    Args:
+        path (`str`): A local folder written by `save_pretrained` / `Trainer.save_model`.
+        model_class (`type`, *optional*): The model class, e.g. `LlamaForCausalLM` or an `AutoModelFor...` class.
+        **kwargs: Passed to `from_pretrained` (e.g. `dtype`, `device_map`).
+
+    Raises:
+        [`InvalidConfigError`]: the folder was not saved from a Q-GaLore model.
+    """
+    return loading.from_pretrained(path, QUANT_METHOD, model_class, **kwargs)

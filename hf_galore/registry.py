@@ -324,22 +324,24 @@ def build_param_groups(
     return group_parameters(model, resolution.weights(), weight_decay, no_decay_names.__contains__, low_rank_overrides)
 
 
-def make_optimizer_kwargs(
+def optimizer_settings(
     name: str,
-    model: nn.Module,
     *,
     lr: float,
-    weight_decay: float,
-    target_modules: TargetSpec | None,
+    weight_decay: float = 0.0,
     optim_args: str | dict[str, Any] | None = None,
     betas: tuple[float, float] | None = None,
     eps: float | None = None,
-    no_decay_names: set[str] | None = None,
-) -> tuple[type, dict[str, Any]]:
-    """`(optimizer class, constructor kwargs including "params")` for the registered optimizer `name`.
+) -> tuple[OptimizerSpec, list[Any], dict[str, Any]]:
+    """`(spec, parsed configs, constructor kwargs without "params")` for `name`, every setting validated.
+
+    Runs every check on the optimizer's settings without touching a model, so callers run it before any model
+    surgery: the bitsandbytes requirement, `optim_args` parsing and ranges, the learning rate, and the optimizer
+    class' own constructor checks (e.g. a GaLore-only key given to Q-GaLore or FLoRA), by constructing it once on a
+    one-element placeholder parameter that is then dropped.
 
     Raises:
-        [`UnknownOptimizerError`], [`InvalidConfigError`], [`NoTargetModulesError`], [`MissingDependencyError`].
+        [`UnknownOptimizerError`], [`InvalidConfigError`], [`MissingDependencyError`].
     """
     spec = get_spec(name)
     if spec.needs_bitsandbytes:
@@ -356,6 +358,47 @@ def make_optimizer_kwargs(
             kwargs["eps"] = eps
     if lr is None or lr < 0:
         raise InvalidConfigError(f"learning_rate must be ≥ 0, got {lr}.")
+    _check_constructor(spec.optimizer_cls, kwargs, weight_decay)
+    return spec, configs, kwargs
+
+
+def _check_constructor(optimizer_cls: type, kwargs: dict[str, Any], weight_decay: float) -> None:
+    """Construct `optimizer_cls` with `kwargs` on a placeholder parameter, for its checks only (then dropped).
+
+    A layer-wise class gets the placeholder as a DDP-reduced parameter, so it hangs no hook on it and never
+    broadcasts it.
+    """
+    import torch
+
+    from .optim.layerwise import LayerwiseMixin
+
+    placeholder = torch.zeros(1, requires_grad=True)
+    extra = {"ddp_params": [placeholder]} if issubclass(optimizer_cls, LayerwiseMixin) else {}
+    optimizer_cls([{"params": [placeholder], "weight_decay": weight_decay}], **kwargs, **extra)
+
+
+def make_optimizer_kwargs(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    target_modules: TargetSpec | None,
+    optim_args: str | dict[str, Any] | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    no_decay_names: set[str] | None = None,
+) -> tuple[type, dict[str, Any]]:
+    """`(optimizer class, constructor kwargs including "params")` for the registered optimizer `name`.
+
+    The settings are validated by [`optimizer_settings`] before the method's model surgery (if any) runs.
+
+    Raises:
+        [`UnknownOptimizerError`], [`InvalidConfigError`], [`NoTargetModulesError`], [`MissingDependencyError`].
+    """
+    spec, configs, kwargs = optimizer_settings(
+        name, lr=lr, weight_decay=weight_decay, optim_args=optim_args, betas=betas, eps=eps
+    )
     if spec.prepare_model is not None:
         spec.prepare_model(model, target_modules, configs)
     group_kwargs = dict(

@@ -12,9 +12,11 @@ The pipeline, reimplemented from the paper:
    dense matrix) becomes a Low-Rank Component (LRC): a [`LowRankLinear`] with factors `U_k √S_k` and `√S_k V_kᵀ`
    (bias on the output factor, dtype and device of the original). The others are Non-Low-Rank Components
    (N-LRC): dense and frozen.
-4. [`compress`] performs that split in place and records the factor ranks in `model.config.welore`, so
-   `model.save_pretrained` (and `Trainer.save_model`) writes a smaller, factorized checkpoint that
-   [`from_pretrained`] rebuilds; [`merge`] turns the factors back into dense Linears.
+4. [`compress`] performs that split in place and records the factor ranks in `model.config.quantization_config`
+   (`quant_method="hf_galore_welore"`), so `model.save_pretrained` (and `Trainer.save_model`) writes a smaller,
+   factorized checkpoint that the stock `AutoModel*.from_pretrained` rebuilds after `import hf_galore` (see
+   `hf_galore.loading`; [`from_pretrained`] is a thin wrapper); [`merge`] turns the factors back into dense
+   Linears.
 
 Which Linears are considered follows `optim_target_modules` (default `"all-linear"`: every Linear but the output
 head / classifier). GPT-2-style `Conv1D` layers are **not supported**: they are listed as skipped and stay dense.
@@ -26,7 +28,7 @@ Example:
     >>> print(plan.summary())
     >>> welore.compress(model, target_compression=0.5)  # in place; only the LRC factors stay trainable
     >>> model.save_pretrained("out")  # factorized checkpoint
-    >>> model = welore.from_pretrained("out")  # rebuilds the LowRankLinear structure
+    >>> model = AutoModelForSequenceClassification.from_pretrained("out")  # rebuilds the LowRankLinear structure
     >>> dense = welore.merge(model)  # plain Linears again
     ```
 """
@@ -34,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import loading
 from .configs import WeLoreConfig
 from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
 from .modules.low_rank_linear import LowRankLinear
@@ -52,10 +54,11 @@ from .targeting import ALL_LINEAR, TargetSpec, _is_head, _output_module, resolve
 
 logger = logging.getLogger(__name__)
 
-#: Attribute of `model.config` (and key of `config.json`) holding the factorisation record.
-CONFIG_KEY = "welore"
-#: Version of the record's layout, bumped on incompatible changes.
-FORMAT_VERSION = 1
+#: `quantization_config.quant_method` of a WeLore-factorized model (the record of its factor ranks).
+QUANT_METHOD = "hf_galore_welore"
+#: `config.json` key of the record before it moved into `quantization_config` (still read by the loader).
+LEGACY_CONFIG_KEY = "welore"
+FORMAT_VERSION = loading.FORMAT_VERSION
 #: Optimizer names whose model preparation is the WeLore split.
 WELORE_OPTIMIZERS = ("welore_adamw", "welore_adamw_8bit")
 #: Fields of [`WeLoreConfig`] that decide what trains (as opposed to how much is compressed).
@@ -398,21 +401,12 @@ def is_compressed(model: nn.Module) -> bool:
 
 
 def _record(model: nn.Module) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    record = getattr(config, CONFIG_KEY, None) if config is not None else getattr(model, "_welore_record", None)
-    return record if isinstance(record, dict) else None
+    """A copy of the WeLore record (factor ranks, τ, `train_*` flags) of `model`, or None."""
+    return loading.get_record(model, QUANT_METHOD)
 
 
 def _set_record(model: nn.Module, record: dict[str, Any] | None) -> None:
-    config = getattr(model, "config", None)
-    if config is not None:
-        if record is None:
-            if hasattr(config, CONFIG_KEY):
-                delattr(config, CONFIG_KEY)
-        else:
-            setattr(config, CONFIG_KEY, record)
-    else:
-        model._welore_record = record
+    loading.set_record(model, QUANT_METHOD, record)
 
 
 def _conv1d_skips(model: nn.Module, targets: TargetSpec) -> list[tuple[str, str]]:
@@ -516,10 +510,7 @@ def analyze(
     return plan
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+_replace_module = loading.set_submodule
 
 
 def _factorize(model: nn.Module, ranks: Mapping[str, int], from_weights: bool) -> None:
@@ -586,18 +577,23 @@ def apply_trainable(model: nn.Module, config: WeLoreConfig | None = None) -> int
         [`InvalidConfigError`]: when nothing would be trainable (no LRC and no `train_*` flag that matches).
     """
     config = config or WeLoreConfig()
-    names = trainable_parameter_names(model, config)
+    names = _require_trainable(model, config)
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in names)
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if count == 0:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _require_trainable(model: nn.Module, config: WeLoreConfig) -> set[str]:
+    """[`trainable_parameter_names`], or [`InvalidConfigError`] when it is empty (checked before changing anything)."""
+    names = trainable_parameter_names(model, config)
+    if not any(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n in names):
         raise InvalidConfigError(
             "After the WeLore split nothing is trainable: no weight became an LRC (min_reduction="
             f"{config.min_reduction}, target_compression={config.target_compression}) and no train_* flag is set. "
             "Lower min_reduction (e.g. min_reduction=0.5), raise target_compression, or set train_norms/"
             "train_biases/train_heads=true."
         )
-    return count
+    return names
 
 
 def compress(
@@ -632,7 +628,11 @@ def compress(
             f"{type(model).__name__} is already WeLore-compressed (it holds LowRankLinear layers); the split is "
             "one-shot. Train it as is, or hf_galore.welore.merge() it first to compress a dense model again."
         )
+    loading.check_can_record(model, QUANT_METHOD)
     plan = plan or analyze(model, config, target_modules)
+    if not plan.ranks:
+        # No LRC: the split changes no module, so the trainable set is known now; refuse before touching the model.
+        _require_trainable(model, config)
     _factorize(model, plan.ranks, from_weights=True)
     record = {
         "format_version": FORMAT_VERSION,
@@ -693,27 +693,23 @@ def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _load_state_dict_files(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _finish(model: nn.Module, record: dict[str, Any]) -> None:
+    """After loading: re-apply the recorded trainable set (LRC factors plus the opted-in tensors)."""
+    flags = {k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(WeLoreConfig)}}
+    apply_trainable(model, WeLoreConfig(**flags))
 
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single, device="cpu")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name), device="cpu"))
-        return state
-    binary = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"{path!r} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; pass the directory "
-        "written by save_pretrained / Trainer.save_model."
+
+loading.register_format(
+    loading.ModelFormat(
+        quant_method=QUANT_METHOD,
+        name="WeLore",
+        module_names=lambda record: list(record["ranks"]),
+        build=lambda model, record: _factorize(model, record["ranks"], from_weights=False),
+        finish=_finish,
+        merge=lambda model: merge(model),
+        legacy_config_key=LEGACY_CONFIG_KEY,
     )
+)
 
 
 def from_pretrained(
@@ -722,16 +718,17 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Load a factorized WeLore checkpoint written by `save_pretrained` / `Trainer.save_model`.
+    """Load a factorized WeLore checkpoint written by `save_pretrained` / `Trainer.save_model` (in eval mode).
 
-    Plain `AutoModel.from_pretrained` cannot rebuild the [`LowRankLinear`] structure (it would load a dense model
-    with randomly initialised LRC weights); this loader builds the model from `config.json`, swaps in factor modules
-    of the recorded ranks, loads the weights strictly, and re-applies the recorded trainable set.
+    A thin wrapper of the stock `from_pretrained`, which itself rebuilds the [`LowRankLinear`] structure after
+    `import hf_galore` (see `hf_galore.loading`): it checks the checkpoint is a WeLore one, with a clear error
+    otherwise, defaults the class to `config.architectures[0]`, and the dtype to the checkpoint's. The recorded
+    trainable set is re-applied.
 
     Args:
-        path (`str`): Directory holding `config.json` (with a `welore` entry) and the weights.
+        path (`str`): Directory holding `config.json` (with a WeLore `quantization_config`) and the weights.
         model_cls (`type`, *optional*): The model class; defaults to `config.architectures[0]` in `transformers`.
-        dtype (`torch.dtype`, *optional*): Dtype to build the model in; defaults to the checkpoint's `dtype`.
+        dtype (`torch.dtype`, *optional*): Dtype to load the model in; defaults to the checkpoint's `dtype`.
         device (`torch.device` or `str`, *optional*): Device to move the model to after loading.
 
     Returns:
@@ -739,48 +736,9 @@ def from_pretrained(
 
     Raises:
         [`InvalidConfigError`]: when the checkpoint is not a WeLore checkpoint or does not match `model_cls`.
-        `FileNotFoundError`: when no weights file is found.
     """
-    import transformers
-
-    path = os.fspath(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    record = getattr(config, CONFIG_KEY, None)
-    if not isinstance(record, dict) or "ranks" not in record:
-        raise InvalidConfigError(
-            f"{path!r} is not a WeLore checkpoint: its config.json has no '{CONFIG_KEY}' entry with factor ranks. Load "
-            "it with the model class' own from_pretrained, or compress it first (hf_galore.welore.compress or "
-            "`hf-galore welore compress`)."
-        )
-    if model_cls is None:
-        architectures = getattr(config, "architectures", None) or []
-        model_cls = getattr(transformers, architectures[0], None) if architectures else None
-        if model_cls is None:
-            raise InvalidConfigError(
-                f"{path!r}: config.architectures={architectures!r} names no transformers class; pass model_cls=..."
-            )
-    if dtype is None:
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        dtype = getattr(torch, saved) if isinstance(saved, str) else saved
-    build = getattr(model_cls, "_from_config", None) or model_cls.from_config
-    model = build(config, dtype=dtype) if dtype is not None else build(config)
-    _factorize(model, record["ranks"], from_weights=False)
-    state = _load_state_dict_files(path)
-    result = model.load_state_dict(state, strict=False)
-    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    missing = [k for k in result.missing_keys if k in params and id(params[k]) not in loaded]
-    if missing or result.unexpected_keys:
-        raise InvalidConfigError(
-            f"The checkpoint in {path!r} does not match {model_cls.__name__} with its WeLore ranks: missing "
-            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}. Pass the model_cls it was saved from."
-        )
-    config_fields = {k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(WeLoreConfig)}}
-    apply_trainable(model, WeLoreConfig(**config_fields))
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model
+    model = loading.from_pretrained(path, QUANT_METHOD, model_cls, dtype=dtype if dtype is not None else "auto")
+    return model.to(device) if device is not None else model
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -827,6 +785,7 @@ def prepare_for_training(
                 )
         if record:
             record.update({flag: getattr(config, flag) for flag in TRAINABLE_FLAGS})
+            _set_record(model, record)
     apply_trainable(model, config)
     return None
 

@@ -6,8 +6,19 @@ import pytest
 import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
-from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
-from transformers import LlamaForCausalLM, RobertaForSequenceClassification
+from trainer_utils import (
+    assert_stock_load_without_hf_galore,
+    classification_dataset,
+    lm_dataset,
+    make_trainer,
+    training_args,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaForCausalLM,
+    RobertaForSequenceClassification,
+)
 
 from hf_galore import REGISTRY, QGaLoreAdamW8bit, QGaLoreConfig
 from hf_galore.errors import InvalidConfigError, UnsupportedSetupError
@@ -240,12 +251,20 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == (14 if kind == "llama" else 12)
 
     trainer.save_model(str(tmp_path / "out"))
-    reloaded = from_pretrained(str(tmp_path / "out"))
-    assert sum(isinstance(m, Int8Linear) for m in reloaded.modules()) == (14 if kind == "llama" else 12)
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSequenceClassification
+    reloaded = auto.from_pretrained(str(tmp_path / "out"))  # the stock call (#14): INT8 Linears, bit for bit
+    assert [(n, type(m)) for n, m in reloaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    assert list(reloaded.state_dict()) == list(model.state_dict())
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
+    inputs = dataset[:4]
+    inputs = {k: torch.tensor(v) for k, v in inputs.items() if k == "input_ids"}
+    model.eval()
+    assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
     eval_args = training_args(tmp_path / "eval", "adamw_torch")
     assert make_trainer(reloaded, eval_args, dataset).evaluate()["eval_loss"] == after
+    wrapped = from_pretrained(str(tmp_path / "out"))  # the thin wrapper loads the same
+    assert all(torch.equal(t, reloaded.state_dict()[k]) for k, t in wrapped.state_dict().items())
 
     expected = {n: m.dequantize_weight() for n, m in reloaded.named_modules() if isinstance(m, Int8Linear)}
     merged = merge_to_dense(reloaded)
@@ -253,6 +272,8 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     for n, weight in expected.items():
         assert type(merged.get_submodule(n)) is nn.Linear and torch.equal(merged.get_submodule(n).weight, weight)
     assert make_trainer(merged, eval_args, dataset).evaluate()["eval_loss"] == pytest.approx(after, abs=1e-6)
+    merged.save_pretrained(tmp_path / "dense")
+    assert_stock_load_without_hf_galore(auto.__name__, tmp_path / "out", "hf_galore_q_galore", tmp_path / "dense")
 
 
 def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
@@ -267,7 +288,7 @@ def test_resume_equals_uninterrupted_training_bitwise(tmp_path):
     make_trainer(model, training_args(tmp_path, "q_galore_adamw_8bit", **run), dataset).train()
     uninterrupted = model.state_dict()
 
-    resumed = fresh()  # plain Linears: the checkpoint's INT8 weights come back through the optimizer state
+    resumed = fresh()  # plain Linears: Trainer(...) makes them INT8 before train() loads the checkpoint into them
     trainer = make_trainer(resumed, training_args(tmp_path, "q_galore_adamw_8bit", **run), dataset)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
     state = resumed.state_dict()
@@ -286,8 +307,104 @@ def test_quantize_model_is_idempotent_and_rejects_tied_weights():
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     assert len(quantize_model(model, "all-linear")) == 14
     assert quantize_model(model, "all-linear") == []
-    assert set(model.config.hf_galore_q_galore["modules"]) == {
+    assert model.config.quantization_config.quant_method == "hf_galore_q_galore"
+    assert set(model.config.quantization_config.modules) == {
         n for n, m in model.named_modules() if isinstance(m, Int8Linear)
     }
     with pytest.raises(InvalidConfigError, match="tied"):
         quantize_model(LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)), ["lm_head"])
+
+
+# ---------------------------------------------------------------------------------------------------- refused runs
+def _snapshot(model):
+    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        _config(model),
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    tensors, types, flags, config = snapshot
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert _config(model) == config
+
+
+def _config(model):
+    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
+    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
+
+
+def _without_bitsandbytes(monkeypatch):
+    from hf_galore.utils import imports
+
+    monkeypatch.setattr(imports, "is_bitsandbytes_available", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("no_bitsandbytes", "MissingDependencyError", "bitsandbytes"),
+        ("basis_bits", "InvalidConfigError", "proj_bits"),
+        ("bad_beta", "InvalidConfigError", "betas"),
+        ("two_processes", "UnsupportedSetupError", "2 processes"),
+        ("layerwise_fp16", "UnsupportedSetupError", "fp16"),
+        ("layerwise_data_parallel", "UnsupportedSetupError", "DataParallel"),
+    ],
+)
+def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, error, match):
+    """Every check that can refuse the run runs before the INT8 surgery (#14): a retry gets the model it passed."""
+    import hf_galore.errors
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    snapshot = _snapshot(model)
+    name, overrides = "q_galore_adamw_8bit", {}
+    if case == "no_bitsandbytes":
+        _without_bitsandbytes(monkeypatch)
+    elif case == "basis_bits":
+        overrides["optim_args"] = Q_ARGS + ", basis_bits=4"
+    elif case == "bad_beta":
+        overrides["adam_beta2"] = 1.5
+    elif case == "two_processes":
+        from transformers import TrainingArguments
+
+        monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    elif case == "layerwise_fp16":
+        name, overrides["fp16"] = "q_galore_adamw_8bit_layerwise", True
+    else:
+        from transformers import TrainingArguments
+
+        name = "q_galore_adamw_8bit_layerwise"
+        monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    args = training_args(tmp_path, name, **{"optim_args": Q_ARGS, **overrides})
+    with pytest.raises(getattr(hf_galore.errors, error), match=match):
+        make_trainer(model, args, lm_dataset(n=8)).train()
+    _assert_unchanged(model, snapshot)
+
+
+def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_path):
+    """fp32 scales/zeros of a bf16 model survive the stock load; transformers 4.x casts them to bf16 while loading,
+    which the format's finishing step repairs from the checkpoint (simulated here on the installed version)."""
+    from hf_galore import q_galore
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+    quantize_model(model, "all-linear", weight_group_size=64)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    for key, tensor in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == tensor.dtype and torch.equal(loaded.state_dict()[key], tensor), key
+    layer = loaded.model.layers[1].mlp.down_proj
+    stored = layer.weight_scales.clone()
+    layer.weight_scales.data = stored.to(torch.bfloat16)  # what transformers 4.x does to every float tensor
+    assert not torch.equal(layer.weight_scales.float(), stored)
+    q_galore._finish(loaded, loaded.config.quantization_config.record())
+    assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, stored)

@@ -10,8 +10,14 @@ import pytest
 import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
-from trainer_utils import classification_dataset, lm_dataset, make_trainer, training_args
-from transformers import LlamaForCausalLM, RobertaForSequenceClassification
+from trainer_utils import (
+    assert_stock_load_without_hf_galore,
+    classification_dataset,
+    lm_dataset,
+    make_trainer,
+    training_args,
+)
+from transformers import AutoModelForSequenceClassification, LlamaForCausalLM, RobertaForSequenceClassification
 
 import hf_galore
 from hf_galore import InvalidConfigError, LowRankLinear, NoTargetModulesError, WeLoreCallback, WeLoreConfig, welore
@@ -162,7 +168,7 @@ def test_split_freezes_everything_but_the_lrc_factors_and_keeps_outputs_close():
         module = model.get_submodule(name)
         assert isinstance(module, LowRankLinear) and module.rank == rank
         assert module.up.bias is not None  # RoBERTa's biases are kept
-    assert model.config.welore["ranks"] == plan.ranks
+    assert model.config.quantization_config.ranks == plan.ranks
     assert model(input_ids=ids).logits.shape == (2, 2)
 
 
@@ -199,6 +205,66 @@ def test_bad_optim_args_fail_before_training(tmp_path):
     with pytest.raises(InvalidConfigError, match="target_compression"):
         make_trainer(model, args, classification_dataset())  # the split runs at Trainer init
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _snapshot(model):
+    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        _config(model),
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    tensors, types, flags, config = snapshot
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert _config(model) == config
+
+
+def _config(model):
+    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
+    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("no_bitsandbytes", hf_galore.MissingDependencyError, "bitsandbytes"),
+        ("negative_lr", InvalidConfigError, "learning_rate"),
+        ("bad_beta", InvalidConfigError, "betas"),
+        ("nothing_trainable", InvalidConfigError, "nothing is trainable"),
+        ("callback_bad_key", InvalidConfigError, "update_gap"),
+    ],
+)
+def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, error, match):
+    """Every check that can refuse the run runs before the split (#14): a retry gets the model it passed."""
+    model = _roberta()
+    snapshot = _snapshot(model)
+    name, overrides, callbacks = "welore_adamw", {}, None
+    if case == "no_bitsandbytes":
+        from hf_galore.utils import imports
+
+        monkeypatch.setattr(imports, "is_bitsandbytes_available", lambda: False)
+        name = "welore_adamw_8bit"
+    elif case == "negative_lr":
+        overrides["learning_rate"] = -1e-3
+    elif case == "bad_beta":
+        overrides["adam_beta1"] = 1.0
+    elif case == "nothing_trainable":
+        overrides["optim_args"] = "target_compression=0.5, min_reduction=0.99"
+    else:  # the callback splits inside the stock constructor; the optimizer's settings are checked before it
+        name, callbacks = "galore_adamw", [WeLoreCallback(config="target_compression=0.5")]
+        overrides["optim_args"] = "rank=4, update_gap=10"
+    args = _welore_args(tmp_path, name, **overrides)
+    with pytest.raises(error, match=match):
+        make_trainer(model, args, classification_dataset(n=8), callbacks=callbacks).train()
+    _assert_unchanged(model, snapshot)
 
 
 def test_model_with_no_eligible_linear_names_the_conv1d_layers():
@@ -241,15 +307,21 @@ def test_save_load_gives_identical_outputs_a_smaller_file_and_merge_equals_u_v(t
     assert os.path.getsize(tmp_path / "welore" / "model.safetensors") < 0.65 * os.path.getsize(
         tmp_path / "dense" / "model.safetensors"
     )
-    assert json.loads((tmp_path / "welore" / "config.json").read_text())["welore"]["ranks"] == plan.ranks
+    recorded = json.loads((tmp_path / "welore" / "config.json").read_text())["quantization_config"]
+    assert recorded["quant_method"] == "hf_galore_welore" and recorded["ranks"] == plan.ranks
 
-    loaded = welore.from_pretrained(tmp_path / "welore")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "welore")  # the stock call (#14)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
     ids = torch.randint(3, 99, (2, 12))
     model.eval()
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
+    wrapped = welore.from_pretrained(tmp_path / "welore")  # the thin wrapper loads the same
+    assert all(torch.equal(t, loaded.state_dict()[k]) for k, t in wrapped.state_dict().items())
 
     merged = welore.merge(loaded, inplace=False)
     for name in plan.lrc_names:
@@ -258,7 +330,25 @@ def test_save_load_gives_identical_outputs_a_smaller_file_and_merge_equals_u_v(t
         assert torch.equal(lin.weight, low.up.weight @ low.down.weight)
         assert torch.equal(lin.bias, low.up.bias)
     torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    assert not hasattr(merged.config, "welore")
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path / "dense_again")
+    assert_stock_load_without_hf_galore(
+        "AutoModelForSequenceClassification", tmp_path / "welore", "hf_galore_welore", tmp_path / "dense_again"
+    )
+
+
+def test_checkpoint_with_the_record_under_the_old_welore_key_still_loads(tmp_path):
+    model = _roberta()
+    welore.compress(model, target_compression=0.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    record = config.pop("quantization_config")
+    del record["quant_method"]
+    config["welore"] = record  # the layout before the record moved into quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = welore.from_pretrained(tmp_path)
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
 
 
 def test_loading_a_dense_checkpoint_with_the_welore_loader_is_refused(tmp_path):
@@ -297,7 +387,9 @@ def test_trainer_trains_only_lrc_factors_and_n_lrc_is_unchanged(tmp_path, kind, 
         if name in dense_before:
             assert torch.equal(param, dense_before[name]), name
     if use_callback:
-        assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(model.config.welore["ranks"])
+        assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(
+            model.config.quantization_config.ranks
+        )
 
 
 @pytest.mark.parametrize("use_callback", [True, False], ids=["callback", "optim-name-only"])

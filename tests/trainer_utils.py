@@ -51,3 +51,34 @@ def training_args(output_dir, optim: str, **overrides) -> TrainingArguments:
 
 def make_trainer(model, args, dataset, **kwargs) -> Trainer:
     return Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, **kwargs)
+
+
+def assert_stock_load_without_hf_galore(auto_class: str, quantized_dir, quant_method: str, dense_dir) -> None:
+    """In a fresh interpreter that never imports hf_galore, the stock `from_pretrained` of a checkpoint in one of
+    our formats must raise (never load random Linears), naming the unknown `quant_method`, and the merged (dense)
+    export must load."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import transformers
+        cls = getattr(transformers, {auto_class!r})
+        cls.from_pretrained({str(dense_dir)!r})
+        try:
+            cls.from_pretrained({str(quantized_dir)!r})
+        except Exception as exc:
+            print("REFUSED:", type(exc).__name__, exc)
+        else:
+            print("LOADED")
+        assert "hf_galore" not in sys.modules
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "REFUSED: RuntimeError" in result.stdout and "LOADED" not in result.stdout, output
+    assert f"Unknown quantization type, got {quant_method}" in output, output
+    assert "mismatch" in result.stdout, output

@@ -9,8 +9,9 @@ on version strings:
    place, the Trainer holds a reference to it), on older versions by wrapping `Trainer.get_optimizer_cls_and_kwargs`;
 3. makes an unknown `optim=` name fail with our names and the closest match;
 4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
-   fallback to AdamW), and `Trainer.__init__` to run a method's model surgery (WeLore split, Q-GaLore INT8 Linears)
-   before a checkpoint can be loaded into the model.
+   fallback to AdamW), and `Trainer.__init__` to run every check that can refuse the run ([`check_before_training`])
+   and then a method's model surgery (WeLore split, Q-GaLore INT8 Linears) before a checkpoint can be loaded into
+   the model.
 
 [`unregister`] undoes all of it exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
 `Trainer(optimizer_cls_and_kwargs=...)`.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import os
 from typing import Any
@@ -34,7 +36,7 @@ from ..errors import (
     UnsupportedTransformersVersionError,
 )
 from ..optim.layerwise import is_layerwise
-from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, unknown_name_message
+from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, optimizer_settings, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,25 @@ def check_supported_setup(args: Any, name: str) -> None:
             f"optim={name!r} updates each weight inside backward and does not support: {'; '.join(problems)}. "
             f"Change those settings, or use the non-layer-wise optim={base!r}, which supports them."
         )
+
+
+def check_before_training(args: Any, name: str) -> None:
+    """Run every check that can refuse `optim=name` with these `TrainingArguments`, touching no model.
+
+    [`check_supported_setup`] (the method's own setup check, DeepSpeed/FSDP, the layer-wise limits) and the full
+    validation of the optimizer's settings ([`optimizer_settings`]: bitsandbytes, every `optim_args` key and range,
+    the learning rate, the optimizer's constructor checks). The `Trainer.__init__` wrapper runs it before any model
+    surgery, so a refused run leaves the caller's model exactly as it was.
+    """
+    check_supported_setup(args, name)
+    optimizer_settings(
+        name,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        optim_args=args.optim_args,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
 
 
 def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,7 +299,8 @@ def prepare_model_for(args: Any, model: nn.Module | None) -> None:
 
     Called at the end of `Trainer.__init__`, so the surgery (WeLore's split, Q-GaLore's INT8 Linears) happens before
     `train(resume_from_checkpoint=...)` loads the checkpoint's weights into the model, before the optimizer exists
-    and before any DDP wrap. The optimizer handler calls it again and finds the model already prepared.
+    and before any DDP wrap; [`check_before_training`] ran before the stock constructor. The optimizer handler calls
+    it again and finds the model already prepared.
     """
     name = str(getattr(args.optim, "value", args.optim))
     spec = REGISTRY.get(name)
@@ -288,9 +310,42 @@ def prepare_model_for(args: Any, model: nn.Module | None) -> None:
     spec.prepare_model(model, args.optim_target_modules, configs)
 
 
+def _has_welore_callback(callbacks: Any) -> bool:
+    from .callbacks import WeLoreCallback
+
+    return any(c is WeLoreCallback or isinstance(c, WeLoreCallback) for c in callbacks or ())
+
+
+def _check_before_init(signature: inspect.Signature, trainer: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    """The checks of [`check_before_training`] for a `Trainer(...)` call that will touch the model.
+
+    They run before the stock constructor, because the model can be changed inside it (`WeLoreCallback` splits in
+    `on_init_end`) and right after it (the method's surgery below). Only when the Trainer builds one of our
+    optimizers by name and something will touch the model (a method with model surgery, or a `WeLoreCallback`);
+    otherwise the same checks run when the optimizer is built, as for every optimizer.
+    """
+    try:
+        bound = signature.bind(trainer, *args, **kwargs).arguments
+    except TypeError:
+        return  # the stock constructor raises its own error for a malformed call
+    training_args = bound.get("args")
+    if training_args is None:
+        return
+    name = str(getattr(training_args.optim, "value", training_args.optim))
+    spec = REGISTRY.get(name)
+    optimizers = bound.get("optimizers") or (None, None)
+    if spec is None or optimizers[0] is not None or bound.get("optimizer_cls_and_kwargs") is not None:
+        return
+    if spec.prepare_model is not None or _has_welore_callback(bound.get("callbacks")):
+        check_before_training(training_args, name)
+
+
 def _wrap_init(original: Any) -> Any:
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        _check_before_init(signature, self, args, kwargs)
         original(self, *args, **kwargs)
         if getattr(self, "optimizer_cls_and_kwargs", None) is None and getattr(self, "optimizer", None) is None:
             prepare_model_for(self.args, self.model)

@@ -37,7 +37,7 @@ from ..projection.quant import dequantize, num_groups, quantize
 _OWNERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
 
 #: Buffers that follow the module's device but never its dtype.
-_FIXED_DTYPE_BUFFERS = ("weight_scales", "weight_zeros")
+FIXED_DTYPE_BUFFERS = ("weight_scales", "weight_zeros")
 
 
 def owner_of(carrier: torch.Tensor) -> Int8Linear | None:
@@ -205,15 +205,15 @@ class Int8Linear(nn.Module):
         params, buffers = self._parameters, self._buffers
         carrier = params["grad_carrier"]
         self._parameters = {k: v for k, v in params.items() if k != "grad_carrier"}
-        self._buffers = {k: v for k, v in buffers.items() if k not in _FIXED_DTYPE_BUFFERS}
+        self._buffers = {k: v for k, v in buffers.items() if k not in FIXED_DTYPE_BUFFERS}
         try:
             super()._apply(fn, recurse)
             probe = fn(torch.zeros((), dtype=carrier.dtype, device=carrier.device))
         finally:
             moved_params, moved_buffers = self._parameters, self._buffers
             self._parameters = {k: (carrier if k == "grad_carrier" else moved_params[k]) for k in params}
-            self._buffers = {k: (buffers[k] if k in _FIXED_DTYPE_BUFFERS else moved_buffers[k]) for k in buffers}
-        for name in _FIXED_DTYPE_BUFFERS:
+            self._buffers = {k: (buffers[k] if k in FIXED_DTYPE_BUFFERS else moved_buffers[k]) for k in buffers}
+        for name in FIXED_DTYPE_BUFFERS:
             tensor = self._buffers[name]
             # A meta tensor (`to_empty` after a meta-device init) has no values to move: start from ones.
             moved = torch.ones_like(tensor, device=probe.device) if tensor.is_meta else tensor.to(probe.device)
@@ -221,6 +221,18 @@ class Int8Linear(nn.Module):
         # Keep the Parameter object (optimizers hold it); only its data becomes a view on the new device/dtype.
         carrier.data = _zero_carrier((self.out_features, self.in_features), probe.dtype, probe.device)
         return self
+
+    def carrier_to_codes_device_(self) -> None:
+        """Move the carrier to the codes' device, keeping its dtype (e.g. off the meta device after a loader filled
+        the buffers of a module built there; the carrier is never in a checkpoint, so no loader moves it)."""
+        old = self.grad_carrier
+        if old.device == self.qweight.device:
+            return
+        # A new Parameter: `.data` cannot change a tensor's device type (meta -> cpu). Nothing holds the old one yet.
+        self.grad_carrier = nn.Parameter(
+            _zero_carrier((self.out_features, self.in_features), old.dtype, self.qweight.device), old.requires_grad
+        )
+        _OWNERS[id(self.grad_carrier)] = self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A deep copy or an unpickled module has a new carrier: register its owner again.

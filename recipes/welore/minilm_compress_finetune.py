@@ -122,7 +122,7 @@ def run_variant(name: str, args: argparse.Namespace, tokenizer: Any, train: Any,
         train_seconds = time.perf_counter() - start
         after = trainer.evaluate()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    record = getattr(model.config, "welore", None) or {}
+    record = hf_galore.loading.get_record(model, welore.QUANT_METHOD) or {}
     return {
         "variant": name,
         "optim": optim,
