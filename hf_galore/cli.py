@@ -702,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             logger.exception("%s failed:", args.command)
         message = " ".join(str(exc).split())  # one line, whatever the message's own line breaks
+        if isinstance(exc, re.error):  # raised by a --targets regex (before targeting wraps it in our own error)
+            message = f"invalid regular expression {exc.pattern!r}: {message}"
         print(f"hf-galore: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -311,6 +311,7 @@ def test_check_targets_invalid_regex_is_one_error_line(roberta_dir, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
     assert captured.err.startswith("hf-galore: error: ") and captured.err.count("\n") == 1
+    assert "'attention.(query'" in captured.err
 
 
 def test_check_targets_requires_targets(roberta_dir):
