@@ -3,6 +3,10 @@
 `import hf_galore` registers our optimizer names with the stock `transformers.TrainingArguments` / `Trainer`
 (reversible with [`unregister`]); everything else is importable without side effects.
 
+The public names below are imported lazily (PEP 562), on first access: registration imports the Trainer anyway, but
+the `hf-galore` command line, which skips registration (see [`_started_by_console_script`]), then starts without
+importing torch or transformers for `--help` and `--version`.
+
 Example:
     ```python
     >>> import hf_galore  # registers galore_adamw, galore_adamw_8bit, galore_adafactor and *_layerwise
@@ -15,19 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from . import loading, q_galore, welore
-from .configs import (
-    AdafactorConfig,
-    Blockwise8bitConfig,
-    FloraConfig,
-    GaLoreConfig,
-    MultiTensorConfig,
-    QGaLoreConfig,
-    WeLoreConfig,
-    parse_optim_args,
-)
+# Light (no torch): the errors are what every caller catches.
 from .errors import (
     HfGaloreError,
     InvalidConfigError,
@@ -38,23 +39,97 @@ from .errors import (
     UnsupportedSetupError,
     UnsupportedTransformersVersionError,
 )
-from .integrations.callbacks import WeLoreCallback
-from .integrations.transformers import is_registered, optimizer_cls_and_kwargs, register, unregister
-from .modules.int8_linear import Int8Linear
-from .modules.low_rank_linear import LowRankLinear
-from .optim import (
-    GaLoreAdafactor,
-    GaLoreAdafactorLayerwise,
-    GaLoreAdamW,
-    GaLoreAdamW8bit,
-    GaLoreAdamW8bitLayerwise,
-    GaLoreAdamWLayerwise,
-    LowRankOptimizer,
-)
-from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
-from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
-from .registry import REGISTRY, OptimizerSpec, build_param_groups, get_spec, register_optimizer
-from .targeting import TargetResolution, resolve_target_modules
+
+#: Public name -> the submodule (relative to this package) that defines it, imported on first access.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "AdafactorConfig",
+            "Blockwise8bitConfig",
+            "FloraConfig",
+            "GaLoreConfig",
+            "MultiTensorConfig",
+            "QGaLoreConfig",
+            "WeLoreConfig",
+            "parse_optim_args",
+        ],
+        ".configs",
+    ),
+    "WeLoreCallback": ".integrations.callbacks",
+    **dict.fromkeys(
+        ["is_registered", "optimizer_cls_and_kwargs", "register", "unregister"], ".integrations.transformers"
+    ),
+    "Int8Linear": ".modules.int8_linear",
+    "LowRankLinear": ".modules.low_rank_linear",
+    **dict.fromkeys(
+        [
+            "GaLoreAdafactor",
+            "GaLoreAdafactorLayerwise",
+            "GaLoreAdamW",
+            "GaLoreAdamW8bit",
+            "GaLoreAdamW8bitLayerwise",
+            "GaLoreAdamWLayerwise",
+            "LowRankOptimizer",
+        ],
+        ".optim",
+    ),
+    **dict.fromkeys(
+        ["FloraAdafactor", "FloraAdafactorLayerwise", "FloraAdamW", "FloraAdamWLayerwise"], ".optim.flora"
+    ),
+    **dict.fromkeys(["QGaLoreAdamW8bit", "QGaLoreAdamW8bitLayerwise"], ".optim.q_galore"),
+    **dict.fromkeys(
+        ["REGISTRY", "OptimizerSpec", "build_param_groups", "get_spec", "register_optimizer"], ".registry"
+    ),
+    **dict.fromkeys(["TargetResolution", "resolve_target_modules"], ".targeting"),
+}
+#: Submodules exposed as attributes (`hf_galore.welore.analyze(...)`).
+_SUBMODULES = ("loading", "q_galore", "welore")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
+
+if TYPE_CHECKING:  # what static analysis and IDEs see; at run time these come from __getattr__
+    from . import loading, q_galore, welore
+    from .configs import (
+        AdafactorConfig,
+        Blockwise8bitConfig,
+        FloraConfig,
+        GaLoreConfig,
+        MultiTensorConfig,
+        QGaLoreConfig,
+        WeLoreConfig,
+        parse_optim_args,
+    )
+    from .integrations.callbacks import WeLoreCallback
+    from .integrations.transformers import is_registered, optimizer_cls_and_kwargs, register, unregister
+    from .modules.int8_linear import Int8Linear
+    from .modules.low_rank_linear import LowRankLinear
+    from .optim import (
+        GaLoreAdafactor,
+        GaLoreAdafactorLayerwise,
+        GaLoreAdamW,
+        GaLoreAdamW8bit,
+        GaLoreAdamW8bitLayerwise,
+        GaLoreAdamWLayerwise,
+        LowRankOptimizer,
+    )
+    from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
+    from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
+    from .registry import REGISTRY, OptimizerSpec, build_param_groups, get_spec, register_optimizer
+    from .targeting import TargetResolution, resolve_target_modules
 
 __all__ = [
     "REGISTRY",
@@ -95,7 +170,6 @@ __all__ = [
     "build_param_groups",
     "get_spec",
     "is_registered",
-    "loading",
     "optimizer_cls_and_kwargs",
     "parse_optim_args",
     "q_galore",
@@ -106,5 +180,23 @@ __all__ = [
     "welore",
 ]
 
-register()
-loading.register_with_transformers()  # stock from_pretrained loads the Q-GaLore / WeLore formats
+#: The program name of the `hf-galore` console script, as pip/setuptools launchers write `sys.argv[0]`.
+_CONSOLE_SCRIPT = re.compile(r"hf-galore(-script\.pyw?|\.exe)?")
+
+
+def _started_by_console_script() -> bool:
+    """Whether this process is the `hf-galore` command line (the launcher imports us to reach `hf_galore.cli`).
+
+    The command line reads our registry directly and never needs the names registered with transformers, and
+    registering imports the Trainer (seconds). The launcher's `sys.argv[0]` is its own path when it imports
+    `hf_galore.cli`, so that is how it is told apart; `python -m hf_galore.cli` registers as usual.
+    """
+    return bool(sys.argv) and _CONSOLE_SCRIPT.fullmatch(os.path.basename(sys.argv[0] or "")) is not None
+
+
+if importlib.util.find_spec("transformers") is not None and not _started_by_console_script():
+    from . import loading
+    from .integrations.transformers import register
+
+    register()
+    loading.register_with_transformers()  # stock from_pretrained loads the Q-GaLore / WeLore formats

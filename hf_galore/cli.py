@@ -2,11 +2,13 @@
 
 Commands:
 
-* `hf-galore list [--json]`: every registered `optim=` name with its optimizer class, whether it is layer-wise,
-  whether it needs bitsandbytes, and the `optim_args` knobs it accepts (name, type, default, help).
-* `hf-galore check-targets MODEL_DIR_OR_CONFIG --targets T [T ...] [--include-heads]`: a dry run of
+* `hf-galore list [NAME ...] [--all] [--json]`: one line per registered `optim=` name (method, layer-wise,
+  bitsandbytes, a valid example `optim_args`); with NAMEs or `--all`, each one's summary, optimizer class and the
+  `optim_args` knobs it accepts (name, type, default, help).
+* `hf-galore check-targets MODEL_DIR_OR_CONFIG --targets T [T ...] [--task TASK] [--include-heads]`: a dry run of
   `optim_target_modules` resolution on a model built from its `config.json` on the meta device (no weights are
-  loaded and no memory is allocated), printing the projected modules with their weight shapes and the skipped ones.
+  loaded and no memory is allocated), printing the projected modules with their weight shapes and a summary of the
+  matched modules that are not projected.
 * `hf-galore estimate-memory --model CONFIG --optim NAME [--rank R --batch B --seq S ...] [--json]`: predicted bytes
   of weights, gradients, optimizer states, bases, refresh workspace and (roughly) activations, see `hf_galore.memory`.
 * `hf-galore welore analyze|compress|merge`: WeLore's spectrum report and LRC/N-LRC split, factorized compression
@@ -14,12 +16,19 @@ Commands:
 
 Each command is one `_add_<command>_parser(subparsers)` function registered in `_COMMANDS`; it sets `func` on its
 parser to a handler `(args) -> exit code`. Exit codes: 0 on success, 2 on a usage error or an [`HfGaloreError`]
-(the message goes to stderr, without a traceback).
+(one `hf-galore: error: ...` line on stderr, without a traceback; `--verbose` adds the traceback).
+
+Start-up: this module imports only the standard library at import time, and the console script does not register
+the optimizers with transformers (see `hf_galore._started_by_console_script`), so `--help` and `--version` never
+import torch or transformers; `list` imports torch (the registry holds the optimizer classes), the model commands
+import transformers.
 
 Example:
     ```bash
     hf-galore list
+    hf-galore list flora_adamw
     hf-galore check-targets ./my-llama --targets all-linear
+    hf-galore check-targets ./all-MiniLM-L6-v2 --task sequence-classification --targets ".*attention.*"
     hf-galore check-targets ./my-roberta/config.json --targets query value
     ```
 """
@@ -29,20 +38,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .errors import HfGaloreError
-from .registry import REGISTRY, OptimizerSpec
-from .targeting import ALL_LINEAR, TargetResolution, TargetSpec, resolve_target_modules, summarize_names
-from .utils.imports import is_bitsandbytes_available
+from .utils.imports import BNB_INSTALL, is_bitsandbytes_available
+
+if TYPE_CHECKING:  # imported inside the commands that need them: they import torch
+    from .registry import OptimizerSpec
+    from .targeting import TargetResolution, TargetSpec
 
 logger = logging.getLogger(__name__)
 
-#: How to install the optional bitsandbytes dependency of the 8-bit optimizers.
-BNB_INSTALL = 'pip install "hf_galore[bnb]"'
+#: `--task` values of check-targets -> the transformers auto class that builds the task model.
+TASK_AUTO_CLASSES = {
+    "base": "AutoModel",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
 
 #: Exit code of a failed command (same as argparse's usage errors).
 EXIT_ERROR = 2
@@ -84,6 +105,16 @@ def _qualified_name(cls: type) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def example_optim_args(spec: OptimizerSpec) -> str:
+    """A valid `optim_args` string for `spec`: the first two keys of its first config, at their defaults.
+
+    Derived from the config dataclass, so it is valid by construction for every method (GaLore's `rank=128,
+    update_proj_gap=200`, FLoRA's `rank=128, kappa=1000`, WeLore's `target_compression=0.5, min_reduction=0.5`).
+    """
+    fields = [(name, default) for name, _, default, _ in spec.config_classes[0].field_docs() if default is not None]
+    return ", ".join(f"{name}={default}" for name, default in fields[:2])
+
+
 def optimizer_info(spec: OptimizerSpec) -> dict[str, Any]:
     """JSON-serialisable description of one registered optimizer, as printed by `hf-galore list`.
 
@@ -92,8 +123,9 @@ def optimizer_info(spec: OptimizerSpec) -> dict[str, Any]:
 
     Returns:
         `dict`: `name`, `method`, `optimizer_class`, `layerwise`, `adam_style`, `needs_bitsandbytes`, `install`
-        (the pip command of the extra it needs, or `None`), `summary`, and `optim_args`: one
-        `{"name", "type", "default", "help", "section"}` dict per accepted `optim_args` key.
+        (the pip command of the dependency it needs, or `None`), `summary`, `example_optim_args` (a valid
+        `optim_args` string) and `optim_args`: one `{"name", "type", "default", "help", "section"}` dict per
+        accepted `optim_args` key.
     """
     knobs = []
     for config_cls in spec.config_classes:
@@ -109,29 +141,44 @@ def optimizer_info(spec: OptimizerSpec) -> dict[str, Any]:
         "needs_bitsandbytes": spec.needs_bitsandbytes,
         "install": BNB_INSTALL if spec.needs_bitsandbytes else None,
         "summary": spec.summary,
+        "example_optim_args": example_optim_args(spec),
         "optim_args": knobs,
     }
 
 
+def _bnb_note(infos: Sequence[dict[str, Any]], bnb_available: bool) -> list[str]:
+    if not any(info["needs_bitsandbytes"] for info in infos):
+        return []
+    state = "installed" if bnb_available else "NOT installed"
+    return ["", f"BITSANDBYTES=yes needs bitsandbytes ({state}): {BNB_INSTALL}"]
+
+
 def format_optimizer_list(infos: Sequence[dict[str, Any]], bnb_available: bool) -> str:
-    """Plain-text rendering of [`optimizer_info`] dicts: an overview table, then each optimizer's knobs."""
+    """The compact overview printed by `hf-galore list`: one row per optimizer, with a valid `optim_args`."""
     lines = ["Registered optimizers (pass the name as TrainingArguments(optim=...)):", ""]
     overview = [
         [
             info["name"],
             info["method"],
-            info["optimizer_class"],
             _yes_no(info["layerwise"]),
             _yes_no(info["needs_bitsandbytes"]),
+            f'optim_args="{info["example_optim_args"]}"',
         ]
         for info in infos
     ]
-    lines += _format_table(["NAME", "METHOD", "OPTIMIZER", "LAYER-WISE", "BITSANDBYTES"], overview, indent="  ")
-    if any(info["needs_bitsandbytes"] for info in infos):
-        state = "installed" if bnb_available else "NOT installed"
-        lines += ["", f"  BITSANDBYTES=yes needs the bnb extra: {BNB_INSTALL} (bitsandbytes is {state})."]
+    lines += _format_table(["NAME", "METHOD", "LAYER-WISE", "BITSANDBYTES", "EXAMPLE"], overview, indent="  ")
+    lines += _bnb_note(infos, bnb_available)
+    lines += ["", "Every optim_args key of one optimizer: hf-galore list NAME (all of them: --all, or --json)."]
+    return "\n".join(lines)
+
+
+def format_optimizer_details(infos: Sequence[dict[str, Any]], bnb_available: bool) -> str:
+    """Each optimizer's summary, class and `optim_args` knobs, as printed by `hf-galore list NAME` / `--all`."""
+    lines: list[str] = []
     for info in infos:
-        lines += ["", f"{info['name']}: {info['summary']}"]
+        if lines:
+            lines.append("")
+        lines.append(f"{info['name']}: {info['summary']}")
         details = [
             f"method={info['method']}",
             f"optimizer={info['optimizer_class']}",
@@ -140,17 +187,23 @@ def format_optimizer_list(infos: Sequence[dict[str, Any]], bnb_available: bool) 
         ]
         lines.append("  " + ", ".join(details))
         if info["install"]:
-            lines.append(f"  needs bitsandbytes: {info['install']}")
-        lines.append('  optim_args (e.g. optim_args="rank=8, update_proj_gap=200"):')
+            state = "installed" if bnb_available else "NOT installed"
+            lines.append(f"  needs bitsandbytes ({state}): {info['install']}")
+        lines.append(f'  optim_args (e.g. optim_args="{info["example_optim_args"]}"):')
         rows = [[k["name"], k["type"], str(k["default"]), f"{k['help']} [{k['section']}]"] for k in info["optim_args"]]
         lines += _format_table(["KEY", "TYPE", "DEFAULT", "HELP"], rows, indent="    ")
     return "\n".join(lines)
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    infos = [optimizer_info(spec) for spec in REGISTRY.values()]
+    from .registry import REGISTRY, get_spec
+
+    specs = [get_spec(name) for name in args.names] if args.names else list(REGISTRY.values())
+    infos = [optimizer_info(spec) for spec in specs]
     if args.json:
         print(json.dumps(infos, indent=2))
+    elif args.names or args.all:
+        print(format_optimizer_details(infos, is_bitsandbytes_available()))
     else:
         print(format_optimizer_list(infos, is_bitsandbytes_available()))
     return 0
@@ -159,11 +212,14 @@ def _run_list(args: argparse.Namespace) -> int:
 def _add_list_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "list",
-        help="List the registered optim= names and their optim_args knobs.",
-        description="List every optimizer hf_galore registers as a TrainingArguments `optim=` choice, with the "
-        "`optim_args` keys it accepts (name, type, default, help).",
+        help="List the registered optim= names; with NAME, its optim_args knobs.",
+        description="List every optimizer hf_galore registers as a TrainingArguments `optim=` choice with a valid "
+        "example `optim_args`; with NAME (or --all), also its summary, optimizer class and every `optim_args` key "
+        "it accepts (name, type, default, help).",
     )
-    parser.add_argument("--json", action="store_true", help="Print the list as JSON instead of a table.")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="Show these optimizers in full (e.g. flora_adamw).")
+    parser.add_argument("--all", action="store_true", help="Show every optimizer in full.")
+    parser.add_argument("--json", action="store_true", help="Print the full description as JSON.")
     parser.set_defaults(func=_run_list)
 
 
@@ -184,14 +240,17 @@ def _config_path(path: str) -> Path:
     return candidate
 
 
-def build_meta_model(path: str) -> Any:
+def build_meta_model(path: str, task: str | None = None) -> Any:
     """Build the model described by a local `config.json` on the meta device: no weights, no memory.
 
-    The class is `config.architectures[0]` looked up in `transformers`, or `AutoModel` (the bare backbone, without
-    a task head) when the config names no architecture or one transformers does not have.
+    The class is the auto class of `task` when given (e.g. `AutoModelForSequenceClassification`, which names the
+    weights as the fine-tuned task model does: `bert.encoder.*` plus the `classifier` head); otherwise
+    `config.architectures[0]` looked up in `transformers`, or `AutoModel` (the bare backbone, without a task head)
+    when the config names no architecture or one transformers does not have.
 
     Args:
         path (`str`): A directory containing `config.json`, or the path of a `config.json` file.
+        task (`str`, *optional*): A key of `TASK_AUTO_CLASSES` (e.g. `"sequence-classification"`).
 
     Returns:
         `PreTrainedModel`: The model, with every parameter on the meta device.
@@ -207,17 +266,25 @@ def build_meta_model(path: str) -> Any:
     # A file path is accepted by `from_pretrained`; a directory must be passed as itself (for sibling files).
     source = str(config_file.parent) if config_file.name == "config.json" else str(config_file)
     config = transformers.AutoConfig.from_pretrained(source)
+    if task is not None:
+        auto_cls = getattr(transformers, TASK_AUTO_CLASSES[task])
+        logger.info("Building %s(%s) from %s on the meta device.", auto_cls.__name__, config.model_type, config_file)
+        with torch.device("meta"):
+            return auto_cls.from_config(config)
     architectures = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
     if model_cls is None:
         if architectures:
             logger.warning(
-                "transformers %s has no class %r; using AutoModel (the backbone without its task head).",
+                "transformers %s has no class %r; using AutoModel (the backbone without its task head; pick one "
+                "with --task).",
                 transformers.__version__,
                 architectures[0],
             )
         else:
-            logger.warning("%s names no `architectures`; using AutoModel (no task head).", config_file)
+            logger.warning(
+                "%s names no `architectures`; using AutoModel (no task head; pick one with --task).", config_file
+            )
     logger.info("Building %s from %s on the meta device.", getattr(model_cls, "__name__", "AutoModel"), config_file)
     with torch.device("meta"):
         if model_cls is None:
@@ -233,11 +300,32 @@ def _targets_value(values: Sequence[str]) -> TargetSpec:
 
 
 def _describe_targets(targets: TargetSpec) -> str:
+    from .targeting import ALL_LINEAR
+
     if isinstance(targets, str) and targets in ALL_LINEAR:
         return f"{targets!r} (every trainable nn.Linear except output heads/classifiers)"
     if isinstance(targets, str):
         return f"{targets!r} (a single value is a regex matched against the whole module name)"
     return f"{targets!r} (a list matches exact module names or dot-suffixes)"
+
+
+def format_skipped(skipped: Sequence[tuple[str, str]], examples: int = 3) -> list[str]:
+    """Matched-but-not-projected modules as one line per reason: its count and a few names, layer indices folded.
+
+    A regex such as `.*attention.*` also matches every dropout and LayerNorm under it; listing each one would bury
+    the few that matter (a frozen or quantized Linear), so they are counted per reason instead.
+    """
+    from .targeting import summarize_names
+
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    rows = []
+    for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        patterns = summarize_names(names).split(", ")
+        shown = ", ".join(patterns[:examples]) + (", ..." if len(patterns) > examples else "")
+        rows.append([str(len(names)), reason, shown])
+    return _format_table(["COUNT", "REASON", "E.G."], rows, indent="  ")
 
 
 def format_resolution(
@@ -246,8 +334,15 @@ def format_resolution(
     targets: TargetSpec,
     resolution: TargetResolution,
     heads_left_out: Sequence[tuple[str, tuple[int, ...]]] = (),
+    all_skipped: bool = False,
 ) -> str:
-    """Plain-text report of a target resolution: projected modules with weight shapes, skipped ones, summary."""
+    """Plain-text report of a target resolution: projected modules with weight shapes, skipped ones, summary.
+
+    The skipped modules are summarised per reason (see [`format_skipped`]), or listed one by one with
+    `all_skipped=True`.
+    """
+    from .targeting import summarize_names
+
     lines = [
         f"Model:   {type(model).__name__} (meta device, no weights loaded)",
         f"Config:  {config_file}",
@@ -258,9 +353,14 @@ def format_resolution(
     rows = [[name, "x".join(str(d) for d in module.weight.shape)] for name, module in resolution.modules]
     lines += _format_table(["NAME", "WEIGHT SHAPE"], rows, indent="  ")
     lines.append("")
-    if resolution.skipped:
+    if resolution.skipped and all_skipped:
         lines.append(f"Skipped modules ({len(resolution.skipped)}):")
         lines += _format_table(["NAME", "REASON"], [[n, r] for n, r in resolution.skipped], indent="  ")
+    elif resolution.skipped:
+        lines.append(
+            f"Skipped modules ({len(resolution.skipped)}, matched but not projected; --all-skipped lists each):"
+        )
+        lines += format_skipped(resolution.skipped)
     else:
         lines.append("Skipped modules (0): none")
     if heads_left_out:
@@ -271,27 +371,37 @@ def format_resolution(
     return "\n".join(lines)
 
 
+def _model_argument(args: argparse.Namespace) -> str:
+    """The model path of check-targets, given as the positional argument or as --model (not both)."""
+    if args.model and args.model_option and args.model != args.model_option:
+        raise CommandError(f"got two models, {args.model!r} and --model {args.model_option!r}; give one.")
+    model = args.model or args.model_option
+    if not model:
+        raise CommandError("give the model: hf-galore check-targets MODEL_DIR_OR_CONFIG (or --model ...).")
+    return model
+
+
 def _run_check_targets(args: argparse.Namespace) -> int:
+    from .targeting import ALL_LINEAR, resolve_target_modules
+
+    path = _model_argument(args)
     try:
-        model = build_meta_model(args.model)
+        model = build_meta_model(path, args.task)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot build a model from {args.model!r}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        hint = "" if args.task else " If the config names no task model, pick one with --task."
+        raise CommandError(f"cannot build a model from {path!r}: {exc}{hint}") from exc
     targets = _targets_value(args.targets)
     all_linear = isinstance(targets, str) and targets in ALL_LINEAR
     if args.include_heads and not all_linear:
         logger.warning("--include-heads only changes 'all-linear'; %r is used as given.", targets)
-    try:
-        resolution = resolve_target_modules(model, targets, include_heads=args.include_heads)
-    except HfGaloreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    resolution = resolve_target_modules(model, targets, include_heads=args.include_heads)
     heads_left_out: list[tuple[str, tuple[int, ...]]] = []
     if all_linear and not args.include_heads:
         projected = set(resolution.names)
         with_heads = resolve_target_modules(model, targets, include_heads=True)
         heads_left_out = [(n, tuple(m.weight.shape)) for n, m in with_heads.modules if n not in projected]
-    print(format_resolution(model, str(_config_path(args.model)), targets, resolution, heads_left_out))
+    config_file = str(_config_path(path))
+    print(format_resolution(model, config_file, targets, resolution, heads_left_out, args.all_skipped))
     return 0
 
 
@@ -306,8 +416,18 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "model",
+        nargs="?",
         metavar="MODEL_DIR_OR_CONFIG",
         help="A local model directory containing config.json, or a config.json.",
+    )
+    parser.add_argument("--model", dest="model_option", metavar="MODEL_DIR_OR_CONFIG", help="The same, as an option.")
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASK_AUTO_CLASSES),
+        default=None,
+        help="Build the task model with its transformers auto class (e.g. sequence-classification: "
+        "AutoModelForSequenceClassification, whose weights are named bert.encoder.* with a classifier head) "
+        "instead of config.architectures[0] (default; AutoModel, the bare backbone, when the config names none).",
     )
     parser.add_argument(
         "--targets",
@@ -320,6 +440,11 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
         "--include-heads",
         action="store_true",
         help="With all-linear, also project output heads / task classifiers (lm_head, classifier.*, score, ...).",
+    )
+    parser.add_argument(
+        "--all-skipped",
+        action="store_true",
+        help="List every matched-but-skipped module instead of counting them per reason.",
     )
     parser.set_defaults(func=_run_check_targets)
 
@@ -401,17 +526,6 @@ def _run_welore_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _welore_handler(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (HfGaloreError, OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-
-    return handler
-
-
 def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "welore",
@@ -436,7 +550,7 @@ def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("model", metavar="MODEL_DIR", help="A local model directory (config.json + weights).")
     add_split_options(analyze)
     analyze.add_argument("--json", action="store_true", help="Print the full report as JSON.")
-    analyze.set_defaults(func=_welore_handler(_run_welore_analyze))
+    analyze.set_defaults(func=_run_welore_analyze)
 
     compress = commands.add_parser(
         "compress",
@@ -446,7 +560,7 @@ def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("model", metavar="MODEL_DIR", help="A local dense model directory.")
     compress.add_argument("out", metavar="OUT", help="Output directory of the factorized checkpoint.")
     add_split_options(compress)
-    compress.set_defaults(func=_welore_handler(_run_welore_compress))
+    compress.set_defaults(func=_run_welore_compress)
 
     merge = commands.add_parser(
         "merge",
@@ -455,7 +569,7 @@ def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("model", metavar="OUT", help="A factorized checkpoint written by compress or save_model.")
     merge.add_argument("out", metavar="DENSE_OUT", help="Output directory of the dense checkpoint.")
-    merge.set_defaults(func=_welore_handler(_run_welore_merge))
+    merge.set_defaults(func=_run_welore_merge)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,24 +580,20 @@ def _add_welore_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_estimate_memory(args: argparse.Namespace) -> int:
     from .memory import estimate_memory
 
-    try:
-        estimate = estimate_memory(
-            args.model,
-            args.optim,
-            rank=args.rank,
-            batch=args.batch,
-            seq=args.seq,
-            layerwise=True if args.layerwise else None,
-            grad_checkpointing=args.grad_checkpointing,
-            dtype=args.dtype,
-            optim_args=args.optim_args,
-            target_modules=_targets_value(args.targets),
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            max_grad_norm=args.max_grad_norm,
-        )
-    except (OSError, ValueError, HfGaloreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    estimate = estimate_memory(
+        args.model,
+        args.optim,
+        rank=args.rank,
+        batch=args.batch,
+        seq=args.seq,
+        layerwise=True if args.layerwise else None,
+        grad_checkpointing=args.grad_checkpointing,
+        dtype=args.dtype,
+        optim_args=args.optim_args,
+        target_modules=_targets_value(args.targets),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+    )
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
     return 0
 
@@ -495,21 +605,39 @@ def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Build the model of --model on the meta device and count, from its parameter shapes and the "
         "optimizer's storage rules, the bytes of weights, gradients, optimizer states, projection bases and the "
         "refresh workspace; activations are a rough transformer formula.",
+        epilog="Not modelled: the FLoRA names (their state rules are not in the estimator yet; galore_adafactor has "
+        "the same factored second moment) and the WeLore names (the LRC/N-LRC split needs the weights' singular "
+        "values; run `hf-galore welore analyze MODEL_DIR`, which reports WeLore's parameters and memory). Asking "
+        "for one exits with an error saying so.",
     )
     parser.add_argument("--model", required=True, metavar="CONFIG_DIR_OR_JSON", help="config.json or its folder.")
     parser.add_argument("--optim", required=True, help="A registered optim= name, or adamw_torch / adamw_8bit.")
-    parser.add_argument("--rank", type=int, default=None, help="Projection rank (default: optim_args or 128).")
-    parser.add_argument("--batch", type=int, default=1, help="Per-device batch size.")
-    parser.add_argument("--seq", type=int, default=512, help="Sequence length.")
-    parser.add_argument("--layerwise", action="store_true", help="Use the optimizer's layer-wise form.")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="Activations with gradient checkpointing.")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-steps per step.")
     parser.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="Clipping (TrainingArguments' default 1.0; 0 = off)."
+        "--rank", type=int, default=None, help="Projection rank (default: the optim_args rank, else 128)."
     )
-    parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="fp32", help="Weight/gradient dtype.")
-    parser.add_argument("--optim-args", default=None, help='As TrainingArguments.optim_args, e.g. "proj_type=full".')
-    parser.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T", help="optim_target_modules.")
+    parser.add_argument("--batch", type=int, default=1, help="Per-device batch size (default: 1).")
+    parser.add_argument("--seq", type=int, default=512, help="Sequence length (default: 512).")
+    parser.add_argument(
+        "--layerwise", action="store_true", help="Use the optimizer's layer-wise form (default: as --optim names it)."
+    )
+    parser.add_argument(
+        "--grad-checkpointing", action="store_true", help="Activations with gradient checkpointing (default: off)."
+    )
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="Micro-steps per step (default: 1)."
+    )
+    parser.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="Clipping norm, 0 = off (default: 1.0, as TrainingArguments)."
+    )
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp32", "fp16"], default="fp32", help="Weight/gradient dtype (default: fp32)."
+    )
+    parser.add_argument(
+        "--optim-args", default=None, help='As TrainingArguments.optim_args, e.g. "proj_type=full" (default: none).'
+    )
+    parser.add_argument(
+        "--targets", nargs="+", default=["all-linear"], metavar="T", help="optim_target_modules (default: all-linear)."
+    )
     parser.add_argument("--json", action="store_true", help="Print the estimate as JSON instead of a table.")
     parser.set_defaults(func=_run_estimate_memory)
 
@@ -527,14 +655,26 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+class CommandError(HfGaloreError, ValueError):
+    """A command-line value that cannot work (e.g. two different models); printed as one line, exit code 2."""
+
+
+#: Errors printed as one `hf-galore: error: ...` line (exit code 2) instead of a traceback: ours, a missing or
+#: unreadable file, a value transformers cannot parse (a config.json), an invalid regex.
+_USER_ERRORS = (HfGaloreError, OSError, ValueError, re.error)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-galore` argument parser, one subparser per command."""
     parser = argparse.ArgumentParser(
         prog="hf-galore",
-        description="GaLore-family optimizers for the Hugging Face Trainer: inspect the registered optimizers and "
-        "check which weights optim_target_modules selects.",
+        description="GaLore-family optimizers for the Hugging Face Trainer: inspect the registered optimizers, "
+        "check which weights optim_target_modules selects, estimate memory, run WeLore's compression.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show INFO diagnostics on stderr.")
+    parser.add_argument("--version", action="version", version=f"hf-galore {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="Show INFO diagnostics, and the traceback of an error, on stderr."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in _COMMANDS:
         add_command(subparsers)
@@ -548,14 +688,24 @@ def main(argv: list[str] | None = None) -> int:
         argv (`list[str]`, *optional*): The arguments without the program name; defaults to `sys.argv[1:]`.
 
     Returns:
-        `int`: The exit code: 0 on success, 2 when the command failed (the reason is printed to stderr).
-        Usage errors and `--help` exit through argparse's `SystemExit` as usual.
+        `int`: The exit code: 0 on success, 2 when the command failed (one `hf-galore: error: ...` line on stderr,
+        the traceback too with `--verbose`). Usage errors, `--help` and `--version` exit through argparse's
+        `SystemExit` as usual.
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("hf_galore").setLevel(logging.INFO)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            logger.exception("%s failed:", args.command)
+        message = " ".join(str(exc).split())  # one line, whatever the message's own line breaks
+        if isinstance(exc, re.error):  # raised by a --targets regex (before targeting wraps it in our own error)
+            message = f"invalid regular expression {exc.pattern!r}: {message}"
+        print(f"hf-galore: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -247,17 +247,31 @@ def _convert(value: str, annotation: Any, key: str) -> Any:
 
 
 def split_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, str]:
-    """Split transformers' `"k=v, k2=v2"` string into a dict (a dict is returned as a copy)."""
+    """Split transformers' `"k=v, k2=v2"` string into a dict (a dict is returned as a copy).
+
+    The grammar is transformers' own (spaces removed, items split on commas, each exactly `key=value`), checked
+    strictly: a string this accepts is one transformers' parser accepts too, so a malformed item (`"rank"`,
+    `"rank=4=5"`, a trailing or doubled comma) gets this clear error instead of transformers' `not enough values to
+    unpack` from inside `Trainer.create_optimizer`.
+
+    Raises:
+        [`InvalidConfigError`]: naming the malformed item, the whole string and the expected form.
+    """
     if optim_args is None:
         return {}
     if isinstance(optim_args, dict):
         return {str(k): v for k, v in optim_args.items()}
     result: dict[str, str] = {}
+    if not optim_args:
+        return result
     for item in optim_args.replace(" ", "").split(","):
-        if not item:
-            continue
-        if item.count("=") != 1:
-            raise InvalidConfigError(f"optim_args entry {item!r} is not of the form key=value (e.g. 'rank=8').")
+        if item.count("=") != 1 or not item.split("=")[0]:
+            problem = "an empty item (a trailing or doubled comma)" if not item else f"the item {item!r}"
+            raise InvalidConfigError(
+                f"optim_args={optim_args!r} has {problem}; every comma-separated item must be key=value with one "
+                "'=' and no empty items, e.g. optim_args=\"rank=8, update_proj_gap=200\". Fix the string in "
+                "`TrainingArguments(optim_args=...)`."
+            )
         key, value = item.split("=")
         result[key] = value
     return result

@@ -114,3 +114,6 @@ def test_minilm_demo_short_run(tmp_path, capsys):
     assert 0 < metrics["optimizer_state_bytes"] < metrics["adamw_state_bytes"]
     out = capsys.readouterr().out
     assert "accuracy" in out and "→" in out and "GaLoreAdamW" in out
+    # The before-accuracy is printed when it is measured, ahead of training and of the final summary.
+    before = f"Before training: validation accuracy {metrics['accuracy_before']:.4f}"
+    assert before in out and out.index(before) < out.index("=" * 78)

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from ..configs import parse_optim_args
+from ..configs import parse_optim_args, split_optim_args
 from ..errors import (
     HfGaloreError,
     OptimizerMismatchError,
@@ -79,6 +79,22 @@ def _member_name(value: str) -> str:
     return value.upper()
 
 
+def optimizer_name_from_pickle(value: str) -> Any:
+    """The `OptimizerNames` member `value`, registering hf_galore first: how a pickled member we added loads.
+
+    A pickled `TrainingArguments` (the Trainer's `training_args.bin`) holds its `optim` as an `OptimizerNames`
+    member; for a name transformers does not know, the stock unpickling (`OptimizerNames("flora_adamw")`) fails
+    unless `import hf_galore` ran first. Our members pickle as a call to this function instead, so loading them
+    imports and registers hf_galore (or, where it is not installed, fails naming `hf_galore`).
+    """
+    register()
+    return _optimizer_names()(value)
+
+
+def _reduce_member(value: str, protocol: int) -> tuple[Any, tuple[str]]:
+    return optimizer_name_from_pickle, (value,)
+
+
 def _add_enum_member(enum_cls: type, value: str) -> bool:
     """Add `value` to the closed Enum `enum_cls` in place; False if it already exists."""
     if value in enum_cls._value2member_map_:
@@ -89,6 +105,7 @@ def _add_enum_member(enum_cls: type, value: str) -> bool:
     member._value_ = value
     member.__objclass__ = enum_cls
     member._sort_order_ = len(enum_cls._member_names_)
+    member.__reduce_ex__ = functools.partial(_reduce_member, value)  # see optimizer_name_from_pickle
     enum_cls._member_names_.append(name)
     enum_cls._member_map_[name] = member
     enum_cls._value2member_map_[value] = member
@@ -281,14 +298,21 @@ def _missing(cls: type, value: Any) -> Any:
     raise ValueError(unknown_name_message(str(value), ours, list(cls._value2member_map_)))
 
 
-def _wrap_get_cls_and_kwargs(original: Any) -> Any:
+def _wrap_get_cls_and_kwargs(original: Any, route: bool = True) -> Any:
+    """Wrap `Trainer.get_optimizer_cls_and_kwargs`: validate our names' `optim_args` before transformers' parser
+    (which fails on a malformed item with a bare `not enough values to unpack`), and with `route` (transformers
+    without the handler table) build our optimizers here instead of through the table.
+    """
+
     @functools.wraps(original)
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
         name = str(getattr(args.optim, "value", args.optim))
         if name in REGISTRY:
-            if model is None:
-                raise HfGaloreError(f"optim={name!r} needs the model to select the weights to project.")
-            return optimizer_cls_and_kwargs(args, model)
+            split_optim_args(args.optim_args)  # raises our InvalidConfigError naming the malformed item
+            if route:
+                if model is None:
+                    raise HfGaloreError(f"optim={name!r} needs the model to select the weights to project.")
+                return optimizer_cls_and_kwargs(args, model)
         return original(args, model)
 
     return staticmethod(get_optimizer_cls_and_kwargs)
@@ -398,7 +422,7 @@ def register() -> None:
         raise UnsupportedTransformersVersionError(
             f"hf_galore supports transformers {SUPPORTED_TRANSFORMERS}; the installed {transformers.__version__} has "
             "neither the optimizer handler table nor Trainer.get_optimizer_cls_and_kwargs. "
-            'Install a supported version: pip install "transformers>=4.57"'
+            'Install a supported version: pip install "transformers>=4.57,<6"'
         )
     for name in REGISTRY:
         if _add_enum_member(names, name):
@@ -408,9 +432,11 @@ def register() -> None:
             member = names(name)
             _STATE.replaced_handlers[member] = table.get(member)
             table[member] = _handler
-    else:
-        _STATE.original_get_cls_and_kwargs = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
-        Trainer.get_optimizer_cls_and_kwargs = _wrap_get_cls_and_kwargs(_STATE.original_get_cls_and_kwargs.__func__)
+    # With the table, the wrapper only validates optim_args (transformers parses them before calling the handler).
+    _STATE.original_get_cls_and_kwargs = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+    Trainer.get_optimizer_cls_and_kwargs = _wrap_get_cls_and_kwargs(
+        _STATE.original_get_cls_and_kwargs.__func__, route=table is None
+    )
     _STATE.had_own_missing = "_missing_" in names.__dict__
     _STATE.missing_hook = names.__dict__.get("_missing_")
     names._missing_ = classmethod(_missing)

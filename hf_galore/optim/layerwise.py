@@ -50,6 +50,11 @@ def _always_sync() -> bool:
     return True
 
 
+def _norm_sq(tensor: torch.Tensor) -> torch.Tensor:
+    """‖tensor‖², accumulated in fp32 for bf16/fp16 gradients and in float64 for float64 ones."""
+    return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32)).square()
+
+
 class LayerwiseMixin:
     """Turn a [`LowRankOptimizer`] subclass into a layer-wise one (mix in *before* the optimizer class).
 
@@ -154,15 +159,15 @@ class LayerwiseMixin:
             return
         if accumulated is not None:
             self._norm_is_exact = False
-            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+            self._add_norm(_norm_sq(low))
         else:
-            self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
+            self._add_norm(_norm_sq(p.grad))
         p.grad = None
         self._finish(p, low, group)
 
     def _complete_full(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         """A full (accumulated, reduced) gradient is final: record its norm, refresh/project it, and finish."""
-        self._add_norm(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+        self._add_norm(_norm_sq(grad))
         prepared = self._prepare_gradient(p, grad, group)  # type: ignore[attr-defined]
         p.grad = None
         if prepared is not None:
@@ -203,7 +208,7 @@ class LayerwiseMixin:
         for p in list(self._low_rank_grads):
             low = self._low_rank_grads.pop(p)
             self._norm_is_exact = False
-            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+            self._add_norm(_norm_sq(low))
             self._finish(p, low, self._group_of(p))
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
@@ -242,7 +247,7 @@ class LayerwiseMixin:
                 low = self._compress_gradient(p, torch.zeros_like(p), state)
             low = self._all_reduce_mean(low)
             self._norm_is_exact = False
-            self._add_norm(torch.linalg.vector_norm(low, dtype=torch.float32).square())
+            self._add_norm(_norm_sq(low))
             self._ready.append((p, low))
 
     # ------------------------------------------------------------------------------------------------ step
@@ -266,7 +271,7 @@ class LayerwiseMixin:
             for p in group["params"]:
                 if id(p) in self._deferred and p.grad is not None and id(p) not in self._applied:
                     # DDP has reduced its own gradients already; deferred (tied) ones are complete now.
-                    self._add_norm(torch.linalg.vector_norm(p.grad, dtype=torch.float32).square())
+                    self._add_norm(_norm_sq(p.grad))
                     prepared = self._prepare_gradient(p, p.grad, group)  # type: ignore[attr-defined]
                     if prepared is not None:
                         self._ready.append((p, prepared))

@@ -2,7 +2,7 @@
 # The README's first command: fine-tune the real all-MiniLM-L6-v2 on movie-review sentiment with
 # optim="galore_adamw" through the stock transformers Trainer, on CPU, with no Hugging Face Hub access.
 #
-#   bash recipes/demo/run.sh                        # defaults: ~4-5 minutes on 2 CPU cores
+#   bash recipes/demo/run.sh                        # defaults: 4 min (idle 2-core CPU) to 25 min (busy one)
 #   bash recipes/demo/run.sh --max-steps 50         # any option of minilm_sentiment.py (see --help)
 #
 # It installs into the current Python environment (use a fresh virtualenv).

@@ -32,10 +32,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--float64", action="store_true", help="Train in float64 (round-off far below any tolerance).")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(tiny_roberta_config())
+    if args.float64:
+        model = model.double()
     training = training_args(
         args.out,
         args.optim,
