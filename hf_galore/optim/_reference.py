@@ -21,18 +21,29 @@ def reference_canonical_signs(basis: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reference_bases(grad: torch.Tensor, side: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(P, Q)` from one full SVD G = U S Vᵀ: P = U[:, :r] (left), Q = V[:, :r] (right)."""
+def reference_bases(
+    grad: torch.Tensor, side: str, rank: int, signs: str = "canonical"
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(P, Q)` from one full SVD G = U S Vᵀ: P = U[:, :r] (left), Q = V[:, :r] (right).
+
+    `signs="canonical"` flips each column so its largest-magnitude entry is positive; `"svd"` keeps the SVD's
+    signs, as galore-torch does.
+    """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    p = reference_canonical_signs(u[:, :rank]) if side in ("left", "both") else None
-    q = reference_canonical_signs(vh[:rank].T) if side in ("right", "both") else None
+    fix = reference_canonical_signs if signs == "canonical" else torch.clone
+    p = fix(u[:, :rank]) if side in ("left", "both") else None
+    q = fix(vh[:rank].T) if side in ("right", "both") else None
     return p, q
 
 
-def reference_side(shape: tuple[int, int], proj_type: str, rank: int) -> str:
-    """The side table of the GaLore reference implementation, written out case by case."""
+def reference_side(shape: tuple[int, int], proj_type: str, rank: int, full_basis: bool = False) -> str:
+    """The side table of the GaLore reference implementation, written out case by case.
+
+    A weight with rank ≥ min(m, n) is `"none"` (not projected), unless `full_basis`: galore-torch projects it all
+    the same, with a basis of all min(m, n) singular vectors.
+    """
     m, n = shape
-    if rank >= min(m, n):
+    if rank >= min(m, n) and not full_basis:
         return "none"
     table = {
         ("std", True): "left",
@@ -69,15 +80,19 @@ class ReferenceGaLoreAdamW:
     """GaLore-Adam on a list of 2-D weights, one at a time, with exact SVD refreshes at steps 0, T, 2T, ...
 
     Projected weights: W ← W(1 − lr·wd) − lr·α·Back(M̂ / (√V̂ + ε)), with M, V the Adam moments of the projected
-    gradient. Weights with rank ≥ min(m, n) and `project=False` ones get plain AdamW.
+    gradient. `project=False` weights get plain AdamW. Weights with rank ≥ min(m, n) get plain AdamW with its
+    direction multiplied by α (hf_galore's rule), or, with `full_basis=True`, are projected on all their singular
+    vectors (galore-torch's behaviour). `signs` is the basis sign convention (see `reference_bases`); galore-torch
+    is `signs="svd", full_basis=True`.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=4, update_proj_gap=200,
-                 scale=1.0, proj_type="std", project=None):  # fmt: skip
+                 scale=1.0, proj_type="std", project=None, signs="canonical", full_basis=False):  # fmt: skip
         self.params = list(params)
         self.project = project if project is not None else [True] * len(self.params)
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.rank, self.gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
+        self.signs, self.full_basis = signs, full_basis
         self.state: list[dict] = [{} for _ in self.params]
 
     @torch.no_grad()
@@ -86,11 +101,12 @@ class ReferenceGaLoreAdamW:
         for i, w in enumerate(self.params):
             g = w.grad.float()
             st = self.state[i]
-            side = reference_side(tuple(w.shape), self.proj_type, self.rank) if self.project[i] else "none"
+            shape = tuple(w.shape)
+            side = reference_side(shape, self.proj_type, self.rank, self.full_basis) if self.project[i] else "none"
             if side != "none":
                 t = st.get("t", 0)
                 if t % self.gap == 0:
-                    st["P"], st["Q"] = reference_bases(g, side, self.rank)
+                    st["P"], st["Q"] = reference_bases(g, side, min(self.rank, *shape), self.signs)
                 g = reference_project(g, side, st["P"], st["Q"])
             st["t"] = st.get("t", 0) + 1
             t = st["t"]
@@ -101,6 +117,8 @@ class ReferenceGaLoreAdamW:
             direction = m_hat / (torch.sqrt(v_hat) + self.eps)
             if side != "none":
                 direction = self.scale * reference_project_back(direction, side, st["P"], st["Q"])
+            elif self.project[i]:  # too small to project: the plain direction, scaled as a projected one would be
+                direction = self.scale * direction
             new_w = w.float() * (1 - self.lr * self.wd) - self.lr * direction
             w.copy_(new_w)
 
