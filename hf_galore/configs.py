@@ -77,7 +77,8 @@ class GaLoreConfig(_OptionsMixin):
     Args:
         rank (`int`, defaults to 128):
             Rank r of the projection. Optimizer states of a projected m×n weight are r×max(m, n) instead of m×n.
-            A weight with min(m, n) ≤ rank gains nothing from projection and falls back to the plain inner update.
+            A weight with min(m, n) ≤ rank gains nothing from projection and falls back to the plain inner update,
+            still multiplied by `scale` (its step size stays the projected weights').
         update_proj_gap (`int`, defaults to 200):
             Optimizer steps between two subspace refreshes (T in the paper).
         scale (`float`, defaults to 0.25):
