@@ -9,20 +9,21 @@ defined up to sign, so how the new basis' signs are chosen decides what the carr
 * `aligned`: each vector flipped when its dot product with the previous basis' vector is negative;
 * `rotate`: aligned, and the moments rotated into the new basis (M ← L M R, V ← (L∘L) V (R∘R)).
 
-Setups (the evidence recipes of `recipes/evidence/`, shortened so the whole sweep fits in about 35 minutes of a
-busy 2-core CPU; gaps small enough for several refreshes):
+Setups (the evidence recipes of `recipes/evidence/`, shortened so the whole sweep takes at most about 35
+CPU-minutes, one thread per run, on a busy 2-core machine; gaps small enough for several refreshes):
 
 * `movie_reviews`, `sms_spam`: all-MiniLM-L6-v2 fine-tuned through `recipes/glue/run_glue.py` exactly as
   `recipes/evidence/sentiment_table.py` runs `galore_r8` (rank 8, scale 4, lr 1e-4, batch 32, length 64, linear
-  schedule, 10 warm-up steps, evaluation on the 1,000 held-out examples), but 60 / 40 steps instead of 100 / 60
-  and `update_proj_gap` 10 instead of 50 (6 / 4 bases per weight);
+  schedule, 10 warm-up steps, evaluation on the 1,000 held-out examples), but 40 / 30 steps instead of 100 / 60
+  and `update_proj_gap` 8 / 6 instead of 50 (5 bases per weight);
 * `pretrain`: the small LLaMA of `recipes/evidence/pretrain_small_llama.py` with `galore_adamw` (rank 32, scale
-  0.25, lr 1e-2), 400 steps instead of 1,500 and gap 25 instead of 200 (16 bases per weight).
+  0.25, lr 1e-2), 240 steps instead of 1,500 and gap 20 instead of 200 (12 bases per weight).
 
 Every variant of a setup sees the same initialisation and batches; only `refresh_signs` differs. Each run's result
 is written as soon as it finishes (`--json`), and runs already in the file are skipped, so the sweep resumes. ::
 
-    python benchmarks/refresh_signs.py --json benchmarks/results/refresh_signs_cpu.json --workdir /tmp/refresh_signs
+    OMP_NUM_THREADS=1 python benchmarks/refresh_signs.py --json benchmarks/results/refresh_signs_cpu.json \\
+        --workdir /tmp/refresh_signs --seeds 1
 """
 
 from __future__ import annotations

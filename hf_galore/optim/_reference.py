@@ -26,14 +26,25 @@ def reference_bases(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`(P, Q)` from one full SVD G = U S Vᵀ: P = U[:, :r] (left), Q = V[:, :r] (right).
 
-    `signs="canonical"` flips each column so its largest-magnitude entry is positive; `"svd"` keeps the SVD's
-    signs, as galore-torch does.
+    `signs="svd"` keeps the SVD's signs, as galore-torch does; any other value flips each column so its
+    largest-magnitude entry is positive (`aligned`/`rotate` then realign them, see `reference_aligned`).
     """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    fix = reference_canonical_signs if signs == "canonical" else torch.clone
+    fix = torch.clone if signs == "svd" else reference_canonical_signs
     p = fix(u[:, :rank]) if side in ("left", "both") else None
     q = fix(vh[:rank].T) if side in ("right", "both") else None
     return p, q
+
+
+def reference_aligned(new: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:
+    """Column by column: flip a new basis vector whose dot product with the old one of the same index is negative."""
+    if new is None or old is None:
+        return new
+    out = new.clone()
+    for j in range(out.shape[1]):
+        if float(torch.dot(out[:, j], old[:, j])) < 0:
+            out[:, j] = -out[:, j]
+    return out
 
 
 def reference_side(shape: tuple[int, int], proj_type: str, rank: int, full_basis: bool = False) -> str:
@@ -82,8 +93,8 @@ class ReferenceGaLoreAdamW:
     Projected weights: W ← W(1 − lr·wd) − lr·α·Back(M̂ / (√V̂ + ε)), with M, V the Adam moments of the projected
     gradient. `project=False` weights get plain AdamW. Weights with rank ≥ min(m, n) get plain AdamW with its
     direction multiplied by α (hf_galore's rule), or, with `full_basis=True`, are projected on all their singular
-    vectors (galore-torch's behaviour). `signs` is the basis sign convention (see `reference_bases`); galore-torch
-    is `signs="svd", full_basis=True`.
+    vectors (galore-torch's behaviour). `signs` is the basis sign convention (`svd`, `canonical`, `aligned`,
+    `rotate`, as `refresh_signs`); galore-torch is `signs="svd", full_basis=True`.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=4, update_proj_gap=200,
@@ -106,7 +117,12 @@ class ReferenceGaLoreAdamW:
             if side != "none":
                 t = st.get("t", 0)
                 if t % self.gap == 0:
-                    st["P"], st["Q"] = reference_bases(g, side, min(self.rank, *shape), self.signs)
+                    p_new, q_new = reference_bases(g, side, min(self.rank, *shape), self.signs)
+                    if self.signs in ("aligned", "rotate") and "P" in st:
+                        p_new, q_new = reference_aligned(p_new, st["P"]), reference_aligned(q_new, st["Q"])
+                    if self.signs == "rotate" and "m" in st:
+                        self._rotate(st, p_new, q_new)
+                    st["P"], st["Q"] = p_new, q_new
                 g = reference_project(g, side, st["P"], st["Q"])
             st["t"] = st.get("t", 0) + 1
             t = st["t"]
@@ -121,6 +137,19 @@ class ReferenceGaLoreAdamW:
                 direction = self.scale * direction
             new_w = w.float() * (1 - self.lr * self.wd) - self.lr * direction
             w.copy_(new_w)
+
+    @staticmethod
+    def _rotate(st: dict, p_new, q_new) -> None:
+        """Moments into the new basis: coordinates c_old ↦ P_newᵀ P_old c_old (left), c_old Q_oldᵀ Q_new (right);
+        V by the squared entries of the same matrices."""
+        m, v = st["m"], st["v"]
+        if p_new is not None:
+            rot = torch.matmul(p_new.T, st["P"])
+            m, v = torch.matmul(rot, m), torch.matmul(rot * rot, v)
+        if q_new is not None:
+            rot = torch.matmul(st["Q"].T, q_new)
+            m, v = torch.matmul(m, rot), torch.matmul(v, rot * rot)
+        st["m"], st["v"] = m, v
 
 
 class ReferenceGaLoreAdafactor:
