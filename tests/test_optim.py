@@ -331,6 +331,22 @@ def test_galore_adafactor_matches_reference(proj_type):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("signs", ["svd", "canonical", "aligned", "rotate"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_galore_adafactor_matches_reference_for_every_sign_convention(shape, signs):
+    torch.manual_seed(8)
+    a, b = _pair(shape)
+    w0 = a.detach().clone()
+    kwargs = dict(lr=1e-2, rank=4, update_proj_gap=2, scale=0.5)
+    ours = GaLoreAdafactor([{"params": [a], "low_rank": True}], svd="exact", refresh_signs=signs, **kwargs)
+    ref = ReferenceGaLoreAdafactor([b], signs=signs, **kwargs)
+    for _ in range(7):
+        _feed([a, b], torch.randn(*shape))
+        ours.step()
+        ref.step()
+        assert float((a - b).norm()) <= 1e-4 * float((b - w0).norm())
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -153,13 +153,17 @@ class ReferenceGaLoreAdamW:
 
 
 class ReferenceGaLoreAdafactor:
-    """GaLore-Adafactor (no momentum, fixed lr): factored second moment of the projected gradient."""
+    """GaLore-Adafactor (no momentum, fixed lr): factored second moment of the projected gradient.
+
+    `signs` as in [`ReferenceGaLoreAdamW`]; with `rotate` the statistic along a rotated (rank) axis is mixed by the
+    squared entries of the rotation at a refresh, the other one kept.
+    """
 
     def __init__(self, params, lr, rank=4, update_proj_gap=200, scale=1.0, proj_type="std", eps1=1e-30,
-                 clip_threshold=1.0, decay_rate=-0.8):  # fmt: skip
+                 clip_threshold=1.0, decay_rate=-0.8, signs="canonical"):  # fmt: skip
         self.params = list(params)
         self.lr, self.rank, self.gap, self.scale, self.proj_type = lr, rank, update_proj_gap, scale, proj_type
-        self.eps1, self.clip, self.decay = eps1, clip_threshold, decay_rate
+        self.eps1, self.clip, self.decay, self.signs = eps1, clip_threshold, decay_rate, signs
         self.state: list[dict] = [{} for _ in self.params]
 
     @torch.no_grad()
@@ -169,7 +173,17 @@ class ReferenceGaLoreAdafactor:
             side = reference_side(tuple(w.shape), self.proj_type, self.rank)
             g = w.grad.float()
             if st.get("t", 0) % self.gap == 0:
-                st["P"], st["Q"] = reference_bases(g, side, self.rank)
+                p_new, q_new = reference_bases(g, side, self.rank, self.signs)
+                if self.signs in ("aligned", "rotate") and "P" in st:
+                    p_new, q_new = reference_aligned(p_new, st["P"]), reference_aligned(q_new, st["Q"])
+                if self.signs == "rotate" and "row" in st:
+                    if p_new is not None:
+                        rot = torch.matmul(p_new.T, st["P"])
+                        st["row"] = torch.matmul(rot * rot, st["row"])
+                    if q_new is not None:
+                        rot = torch.matmul(st["Q"].T, q_new)
+                        st["col"] = torch.matmul(st["col"], rot * rot)
+                st["P"], st["Q"] = p_new, q_new
             g = reference_project(g, side, st["P"], st["Q"])
             st["t"] = st.get("t", 0) + 1
             beta2 = 1.0 - st["t"] ** self.decay
