@@ -110,11 +110,12 @@ class GaLoreConfig(_OptionsMixin):
             at rank 1024 the bf16 bases take 1.75 GiB, 8-bit ones 0.89 GiB, 4-bit ones 0.46 GiB.
         basis_group_size (`int`, defaults to 256):
             Elements sharing one scale and zero of a quantized basis.
-        refresh_signs (`str`, defaults to `"canonical"`):
+        refresh_signs (`str`, defaults to `"rotate"`):
             How a refreshed basis relates to the moments carried over from the previous one: `svd` keeps the
             decomposition's signs (galore-torch), `canonical` flips each vector so its largest entry is positive,
             `aligned` flips each vector whose dot product with the previous basis' vector is negative, `rotate`
-            aligns and also rotates the moments into the new basis. See docs/methods/galore.md for measurements.
+            aligns and also rotates the moments into the new basis (the lowest loss on all three measured setups,
+            `benchmarks/refresh_signs.py`; see docs/methods/galore.md).
     """
 
     section: ClassVar[str] = "GaLore projection"
@@ -131,7 +132,7 @@ class GaLoreConfig(_OptionsMixin):
     basis_bits: int = field(default=16, metadata={"help": "Bits of the stored bases: 16 (gradient dtype), 8 or 4."})
     basis_group_size: int = field(default=256, metadata={"help": "Elements per scale/zero of 8/4-bit bases."})
     refresh_signs: str = field(
-        default="canonical", metadata={"help": f"Basis signs at a refresh, one of {REFRESH_SIGNS}."}
+        default="rotate", metadata={"help": f"Basis signs at a refresh, one of {REFRESH_SIGNS}."}
     )
 
     def __post_init__(self) -> None:

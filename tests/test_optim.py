@@ -203,7 +203,7 @@ def test_projected_adam_by_hand_with_refresh_every_step():
     p = nn.Parameter(w0.clone())
     lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
     opt = GaLoreAdamW([{"params": [p], "low_rank": True}], lr=lr, betas=(b1, b2), eps=eps, rank=3,
-                      update_proj_gap=1, scale=1.0, svd="exact")  # fmt: skip
+                      update_proj_gap=1, scale=1.0, svd="exact", refresh_signs="canonical")  # fmt: skip
     g1, g2 = torch.randn(6, 4), torch.randn(6, 4)
     w = w0.clone()
     m = torch.zeros(6, 3)

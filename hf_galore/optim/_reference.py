@@ -98,7 +98,7 @@ class ReferenceGaLoreAdamW:
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=4, update_proj_gap=200,
-                 scale=1.0, proj_type="std", project=None, signs="canonical", full_basis=False):  # fmt: skip
+                 scale=1.0, proj_type="std", project=None, signs="rotate", full_basis=False):  # fmt: skip
         self.params = list(params)
         self.project = project if project is not None else [True] * len(self.params)
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
@@ -160,7 +160,7 @@ class ReferenceGaLoreAdafactor:
     """
 
     def __init__(self, params, lr, rank=4, update_proj_gap=200, scale=1.0, proj_type="std", eps1=1e-30,
-                 clip_threshold=1.0, decay_rate=-0.8, signs="canonical"):  # fmt: skip
+                 clip_threshold=1.0, decay_rate=-0.8, signs="rotate"):  # fmt: skip
         self.params = list(params)
         self.lr, self.rank, self.gap, self.scale, self.proj_type = lr, rank, update_proj_gap, scale, proj_type
         self.eps1, self.clip, self.decay, self.signs = eps1, clip_threshold, decay_rate, signs

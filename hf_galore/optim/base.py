@@ -53,7 +53,7 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "basis_bits": 16,
     "basis_group_size": 256,
-    "refresh_signs": "canonical",
+    "refresh_signs": "rotate",
 }
 
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
