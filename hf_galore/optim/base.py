@@ -368,6 +368,11 @@ class LowRankOptimizer(Optimizer):
         the new basis: a projected gradient R = Pᵀ G (left) becomes L R with L = P_newᵀ P_old, G Q (right) becomes
         R C with C = Q_oldᵀ Q_new."""
         old_p, old_q = self._bases(state)
+        if any(
+            new is not None and (old is None or old.shape != new.shape)
+            for new, old in ((p_basis, old_p), (q_basis, old_q))
+        ):
+            return  # the side or rank changed (a resume with other settings): nothing to relate the new basis to
         if p_basis is not None and old_p is not None:
             align_signs(p_basis, old_p)
         if q_basis is not None and old_q is not None:
