@@ -17,6 +17,7 @@ from .errors import InvalidConfigError
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("randomized", "exact")
+REFRESH_SIGNS = ("svd", "canonical", "aligned", "rotate")
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -76,7 +77,8 @@ class GaLoreConfig(_OptionsMixin):
     Args:
         rank (`int`, defaults to 128):
             Rank r of the projection. Optimizer states of a projected m×n weight are r×max(m, n) instead of m×n.
-            A weight with min(m, n) ≤ rank gains nothing from projection and falls back to the plain inner update.
+            A weight with min(m, n) ≤ rank gains nothing from projection and falls back to the plain inner update,
+            still multiplied by `scale` (its step size stays the projected weights').
         update_proj_gap (`int`, defaults to 200):
             Optimizer steps between two subspace refreshes (T in the paper).
         scale (`float`, defaults to 0.25):
@@ -108,6 +110,12 @@ class GaLoreConfig(_OptionsMixin):
             at rank 1024 the bf16 bases take 1.75 GiB, 8-bit ones 0.89 GiB, 4-bit ones 0.46 GiB.
         basis_group_size (`int`, defaults to 256):
             Elements sharing one scale and zero of a quantized basis.
+        refresh_signs (`str`, defaults to `"rotate"`):
+            How a refreshed basis relates to the moments carried over from the previous one: `svd` keeps the
+            decomposition's signs (galore-torch), `canonical` flips each vector so its largest entry is positive,
+            `aligned` flips each vector whose dot product with the previous basis' vector is negative, `rotate`
+            aligns and also rotates the moments into the new basis (the lowest loss on all three measured setups,
+            `benchmarks/refresh_signs.py`; see docs/methods/galore.md).
     """
 
     section: ClassVar[str] = "GaLore projection"
@@ -123,6 +131,9 @@ class GaLoreConfig(_OptionsMixin):
     seed: int = field(default=0, metadata={"help": "Seed of the range finder's random test matrices."})
     basis_bits: int = field(default=16, metadata={"help": "Bits of the stored bases: 16 (gradient dtype), 8 or 4."})
     basis_group_size: int = field(default=256, metadata={"help": "Elements per scale/zero of 8/4-bit bases."})
+    refresh_signs: str = field(
+        default="rotate", metadata={"help": f"Basis signs at a refresh, one of {REFRESH_SIGNS}."}
+    )
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, f"rank must be a positive integer, got {self.rank}.")
@@ -138,6 +149,10 @@ class GaLoreConfig(_OptionsMixin):
             f"proj_type={self.proj_type!r} is not valid; choose one of {', '.join(PROJ_TYPES)}.",
         )
         _check(self.svd in SVD_METHODS, f"svd={self.svd!r} is not valid; choose one of {', '.join(SVD_METHODS)}.")
+        _check(
+            self.refresh_signs in REFRESH_SIGNS,
+            f"refresh_signs={self.refresh_signs!r} is not valid; choose one of {', '.join(REFRESH_SIGNS)}.",
+        )
         _check(self.power_iters >= 0, f"power_iters must be ≥ 0, got {self.power_iters}.")
         _check(self.oversample >= 0, f"oversample must be ≥ 0, got {self.oversample}.")
 

@@ -19,6 +19,7 @@ from hf_galore.optim import (
     GaLoreAdamWLayerwise,
 )
 from hf_galore.optim._reference import ReferenceGaLoreAdafactor, ReferenceGaLoreAdamW
+from hf_galore.projection.subspace import Side
 
 SHAPES = {"tall": (23, 11), "wide": (11, 23), "square": (16, 16)}
 PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
@@ -54,6 +55,147 @@ def test_galore_adamw_matches_reference_over_refreshes(shape, proj_type, weight_
     assert ours.state[a]["refresh_count"] == 3
 
 
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_svd_signs_follow_galore_torchs_trajectory_over_many_refreshes(shape):
+    """`refresh_signs="svd"`, `svd="exact"`: the SVD's own signs, as galore-torch uses them, so the moments carried
+    across each of the 5 refreshes meet the same basis as in the reference, step for step."""
+    torch.manual_seed(4)
+    kwargs = dict(lr=1e-2, weight_decay=0.01, rank=4, update_proj_gap=2, scale=0.25)
+    a, b = _pair(shape)
+    w0 = a.detach().clone()
+    ours = GaLoreAdamW([{"params": [a], "low_rank": True}], svd="exact", refresh_signs="svd", **kwargs)
+    ref = ReferenceGaLoreAdamW([b], signs="svd", **kwargs)
+    for _ in range(10):  # refreshes at steps 0, 2, 4, 6, 8
+        _feed([a, b], torch.randn(*shape))
+        ours.step()
+        ref.step()
+        # on the scale of the distance travelled, so the check does not depend on fp32 noise of the weights
+        assert float((a - b).norm()) <= 1e-4 * float((b - w0).norm())
+    assert ours.state[a]["refresh_count"] == 5
+
+
+@pytest.mark.parametrize("signs", ["canonical", "aligned", "rotate"])
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_every_sign_convention_matches_the_reference(shape, proj_type, signs):
+    torch.manual_seed(7)
+    kwargs = dict(lr=1e-2, weight_decay=0.01, rank=4, update_proj_gap=2, scale=0.25)
+    a, b = _pair(shape)
+    w0 = a.detach().clone()
+    ours = GaLoreAdamW([{"params": [a], "low_rank": True}], svd="exact", refresh_signs=signs, proj_type=proj_type,
+                       **kwargs)  # fmt: skip
+    ref = ReferenceGaLoreAdamW([b], signs=signs, proj_type=proj_type, **kwargs)
+    for _ in range(9):
+        _feed([a, b], torch.randn(*shape))
+        ours.step()
+        ref.step()
+        assert float((a - b).norm()) <= 1e-4 * float((b - w0).norm())
+
+
+@pytest.mark.parametrize("signs", ["canonical", "aligned", "rotate"])
+def test_other_sign_conventions_leave_the_svd_trajectory(signs):
+    """The knob is live: with a refresh every 2 steps, another convention moves the weights elsewhere."""
+    torch.manual_seed(4)
+    kwargs = dict(lr=1e-2, rank=4, update_proj_gap=2, scale=0.25, svd="exact")
+    a, b = _pair((23, 11))
+    ours = GaLoreAdamW([{"params": [a], "low_rank": True}], refresh_signs=signs, **kwargs)
+    svd = GaLoreAdamW([{"params": [b], "low_rank": True}], refresh_signs="svd", **kwargs)
+    for _ in range(6):
+        _feed([a, b], torch.randn(23, 11))
+        ours.step()
+        svd.step()
+    assert not torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_aligned_signs_agree_with_the_previous_basis():
+    torch.manual_seed(5)
+    w = nn.Parameter(torch.randn(30, 12))
+    opt = GaLoreAdamW([{"params": [w], "low_rank": True}], lr=1e-2, rank=4, update_proj_gap=1, svd="exact",
+                      refresh_signs="aligned")  # fmt: skip
+    previous = None
+    for _ in range(4):
+        w.grad = torch.randn(30, 12)
+        opt.step()
+        basis = opt.state[w]["proj_right"]
+        if previous is not None:
+            assert bool(((basis * previous).sum(dim=0) >= 0).all())
+        previous = basis.clone()
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor])
+def test_rotate_carries_the_first_moment_into_a_rotated_basis_of_the_same_subspace(cls):
+    """A new gradient whose top-4 right singular space is the old one but whose singular vectors are rotated inside
+    it: with `rotate` the back-projected first moment M Qᵀ is unchanged by the refresh; with `aligned` it is not."""
+    torch.manual_seed(6)
+    grad = torch.randn(30, 12)
+    u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+    mix, _ = torch.linalg.qr(torch.randn(4, 4))
+    rotated = u[:, :4] @ torch.diag(s[:4]) @ mix @ vh[:4]  # same row space, other singular vectors
+
+    def momentum_before_and_after(signs):
+        w = nn.Parameter(torch.zeros(30, 12))
+        extra = {"beta1": 0.9} if cls is GaLoreAdafactor else {"min_8bit_size": 0} if cls is GaLoreAdamW8bit else {}
+        opt = cls([{"params": [w], "low_rank": True}], lr=1e-2, rank=4, update_proj_gap=100, svd="exact",
+                  refresh_signs=signs, **extra)  # fmt: skip
+        w.grad = grad.clone()
+        opt.step()
+        state = opt.state[w]
+        moment = opt._load_moments(state)[0] if cls is not GaLoreAdafactor else state["exp_avg"]
+        before = moment.float() @ state["proj_right"].T
+        opt._refresh(rotated, state, opt.param_groups[0], Side(state["side"]))
+        moment = opt._load_moments(state)[0] if cls is not GaLoreAdafactor else state["exp_avg"]
+        return before, moment.float() @ state["proj_right"].T
+
+    before, after = momentum_before_and_after("rotate")
+    tolerance = 0.02 if cls is GaLoreAdamW8bit else 1e-5  # 8-bit moments are re-quantised after the rotation
+    assert float((after - before).norm()) <= tolerance * float(before.norm())
+    before, after = momentum_before_and_after("aligned")
+    assert float((after - before).norm()) > 0.1 * float(before.norm())
+
+
+def test_refresh_signs_is_validated():
+    w = nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(InvalidConfigError, match=r"refresh_signs='flip'.*svd, canonical, aligned, rotate"):
+        GaLoreAdamW([{"params": [w], "low_rank": True}], refresh_signs="flip")
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor])
+def test_galore_torch_readme_param_groups_project(cls):
+    """galore-torch's README usage: the group that sets `rank` is projected (no `low_rank` key needed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 160), nn.ReLU(), nn.Linear(160, 300))
+    mats = [p for p in model.parameters() if p.dim() == 2]  # 160×300 (wide: left) and 300×160 (tall: right)
+    others = [p for p in model.parameters() if p.dim() != 2]
+    param_groups = [
+        {"params": others},
+        {"params": mats, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    ]
+    optimizer = cls(param_groups, lr=0.01)
+    model(torch.randn(4, 300)).sum().backward()
+    optimizer.step()
+    assert optimizer.param_groups[1]["low_rank"] and not optimizer.param_groups[0]["low_rank"]
+    wide, tall = mats
+    assert optimizer.state[wide]["proj_left"].shape == (160, 128) and "proj_right" not in optimizer.state[wide]
+    assert optimizer.state[tall]["proj_right"].shape == (160, 128) and "proj_left" not in optimizer.state[tall]
+    if cls is GaLoreAdafactor:  # factored second moment of the r×n / m×r projected gradient
+        assert optimizer.state[wide]["exp_avg_sq_row"].shape == (128,)
+        assert optimizer.state[tall]["exp_avg_sq_col"].shape == (128,)
+    else:
+        key = "exp_avg_q" if cls is GaLoreAdamW8bit else "exp_avg"
+        assert optimizer.state[wide][key].shape == (128, 300)
+        assert optimizer.state[tall][key].shape == (300, 128)
+    for p in others:
+        assert optimizer.state[p]["side"] == 0
+
+
+def test_a_rank_group_that_says_low_rank_false_stays_plain():
+    w = nn.Parameter(torch.randn(20, 30))
+    optimizer = GaLoreAdamW([{"params": [w], "rank": 4, "low_rank": False}], lr=0.01)
+    w.grad = torch.randn(20, 30)
+    optimizer.step()
+    assert optimizer.state[w]["side"] == 0 and optimizer.state[w]["exp_avg"].shape == (20, 30)
+
+
 def test_projected_adam_by_hand_with_refresh_every_step():
     """Two steps of GaLore-Adam written out by hand: rank = min dim - 1, exact SVD, gap 1, scale 1."""
     torch.manual_seed(3)
@@ -61,7 +203,7 @@ def test_projected_adam_by_hand_with_refresh_every_step():
     p = nn.Parameter(w0.clone())
     lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
     opt = GaLoreAdamW([{"params": [p], "low_rank": True}], lr=lr, betas=(b1, b2), eps=eps, rank=3,
-                      update_proj_gap=1, scale=1.0, svd="exact")  # fmt: skip
+                      update_proj_gap=1, scale=1.0, svd="exact", refresh_signs="canonical")  # fmt: skip
     g1, g2 = torch.randn(6, 4), torch.randn(6, 4)
     w = w0.clone()
     m = torch.zeros(6, 3)
@@ -98,8 +240,8 @@ def test_non_target_parameters_follow_torch_adamw_exactly(cls):
 def test_rank_at_least_min_dim_falls_back_to_adamw_with_one_warning():
     a, b = _pair((2, 30))  # e.g. a 2-label classifier at rank 8
     c, d = _pair((3, 30))
-    with pytest.warns(UserWarning, match=r"2 projected weight\(s\) have min\(m, n\) ≤ rank") as record:
-        ours = GaLoreAdamW([{"params": [a, c], "low_rank": True}], lr=1e-2, rank=8)
+    with pytest.warns(UserWarning, match=r"2 projected weight\(s\) have min\(m, n\) ≤ rank.*`scale`") as record:
+        ours = GaLoreAdamW([{"params": [a, c], "low_rank": True}], lr=1e-2, rank=8, scale=1.0)
     assert len([w for w in record if "≤ rank" in str(w.message)]) == 1
     ref = torch.optim.AdamW([b, d], lr=1e-2, weight_decay=0.0, foreach=False)
     for _ in range(4):
@@ -107,8 +249,73 @@ def test_rank_at_least_min_dim_falls_back_to_adamw_with_one_warning():
         _feed([c, d], torch.randn(3, 30))
         ours.step()
         ref.step()
-    assert torch.equal(a, b) and torch.equal(c, d)
+    assert torch.equal(a, b) and torch.equal(c, d)  # scale 1: exactly torch.optim.AdamW
     assert ours.state[a]["side"] == 0 and "proj_left" not in ours.state[a]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_too_small_weight_keeps_scale_and_matches_the_reference(foreach):
+    """The plain update of a weight too small to project is multiplied by `scale` (AdamW direction × α·lr), weight
+    decay unscaled; a weight of a plain group next to it is not scaled."""
+    torch.manual_seed(0)
+    (a, b), (c, d) = _pair((5, 30)), _pair((30, 5))
+    e, f = _pair((7, 9))
+    kwargs = dict(lr=1e-2, weight_decay=0.05, rank=8, update_proj_gap=3, scale=0.25)
+    with pytest.warns(UserWarning, match="≤ rank"):
+        ours = GaLoreAdamW(
+            [{"params": [a, c], "low_rank": True}, {"params": [e]}], svd="exact", foreach=foreach, **kwargs
+        )
+    ref = ReferenceGaLoreAdamW([b, d, f], project=[True, True, False], **kwargs)
+    for _ in range(5):
+        for x, y in ((a, b), (c, d), (e, f)):
+            _feed([x, y], torch.randn(x.shape))
+        ours.step()
+        ref.step()
+    for x, y in ((a, b), (c, d), (e, f)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (6, 40), (6, 6)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdamWLayerwise])
+def test_too_small_weight_takes_galore_torchs_step_size(cls, shape):
+    """galore-torch projects a weight with rank ≥ min(m, n) on a full basis and applies `scale`; the step of our
+    plain fallback has the same size (Adam's first step is a rotation of the same ±1 pattern) at rank 8, scale 0.25."""
+    torch.manual_seed(1)
+    w0, grad = torch.randn(shape), torch.randn(shape)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    settings = dict(lr=1e-2, rank=8, update_proj_gap=200, scale=0.25, proj_type="std")
+    with pytest.warns(UserWarning, match="≤ rank"):
+        ours = cls([{"params": [a], **{k: settings[k] for k in ("rank", "update_proj_gap", "scale", "proj_type")}}],
+                   lr=settings["lr"])  # fmt: skip
+    ref = ReferenceGaLoreAdamW([b], signs="svd", full_basis=True, **settings)
+    if cls is GaLoreAdamWLayerwise:
+        (a * grad).sum().backward()  # the update happens in the gradient hook
+    else:
+        a.grad = grad.clone()
+        ours.step()
+    b.grad = grad.clone()
+    ref.step()
+    ours_step, ref_step = (a - w0).norm(), (b - w0).norm()
+    assert ref_step > 0
+    torch.testing.assert_close(ours_step, ref_step, rtol=1e-4, atol=0)
+
+
+def test_too_small_weight_keeps_scale_with_adafactor():
+    """Adafactor's update does not depend on the weight (scale_parameter=False): the fallback's weight change is
+    exactly `scale` times the plain group's, step after step."""
+    torch.manual_seed(2)
+    w0 = 1e-3 * torch.randn(4, 30)  # small weights: their fp32 rounding stays far below the changes compared
+    low, plain = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    with pytest.warns(UserWarning, match="≤ rank"):
+        ours = GaLoreAdafactor([{"params": [low], "rank": 8, "scale": 0.25}], lr=1e-2, beta1=0.9)
+    reference = GaLoreAdafactor([plain], lr=1e-2, beta1=0.9)
+    for _ in range(3):
+        before_low, before_plain = low.detach().clone(), plain.detach().clone()
+        _feed([low, plain], torch.randn(4, 30))
+        ours.step()
+        reference.step()
+        expected = 0.25 * (plain - before_plain)
+        assert float((low - before_low - expected).norm()) <= 1e-4 * float(expected.norm())
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
@@ -122,6 +329,22 @@ def test_galore_adafactor_matches_reference(proj_type):
         ours.step()
         ref.step()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("signs", ["svd", "canonical", "aligned", "rotate"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_galore_adafactor_matches_reference_for_every_sign_convention(shape, signs):
+    torch.manual_seed(8)
+    a, b = _pair(shape)
+    w0 = a.detach().clone()
+    kwargs = dict(lr=1e-2, rank=4, update_proj_gap=2, scale=0.5)
+    ours = GaLoreAdafactor([{"params": [a], "low_rank": True}], svd="exact", refresh_signs=signs, **kwargs)
+    ref = ReferenceGaLoreAdafactor([b], signs=signs, **kwargs)
+    for _ in range(7):
+        _feed([a, b], torch.randn(*shape))
+        ours.step()
+        ref.step()
+        assert float((a - b).norm()) <= 1e-4 * float((b - w0).norm())
 
 
 @pytest.mark.parametrize(

@@ -21,18 +21,40 @@ def reference_canonical_signs(basis: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reference_bases(grad: torch.Tensor, side: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(P, Q)` from one full SVD G = U S Vᵀ: P = U[:, :r] (left), Q = V[:, :r] (right)."""
+def reference_bases(
+    grad: torch.Tensor, side: str, rank: int, signs: str = "canonical"
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(P, Q)` from one full SVD G = U S Vᵀ: P = U[:, :r] (left), Q = V[:, :r] (right).
+
+    `signs="svd"` keeps the SVD's signs, as galore-torch does; any other value flips each column so its
+    largest-magnitude entry is positive (`aligned`/`rotate` then realign them, see `reference_aligned`).
+    """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    p = reference_canonical_signs(u[:, :rank]) if side in ("left", "both") else None
-    q = reference_canonical_signs(vh[:rank].T) if side in ("right", "both") else None
+    fix = torch.clone if signs == "svd" else reference_canonical_signs
+    p = fix(u[:, :rank]) if side in ("left", "both") else None
+    q = fix(vh[:rank].T) if side in ("right", "both") else None
     return p, q
 
 
-def reference_side(shape: tuple[int, int], proj_type: str, rank: int) -> str:
-    """The side table of the GaLore reference implementation, written out case by case."""
+def reference_aligned(new: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:
+    """Column by column: flip a new basis vector whose dot product with the old one of the same index is negative."""
+    if new is None or old is None:
+        return new
+    out = new.clone()
+    for j in range(out.shape[1]):
+        if float(torch.dot(out[:, j], old[:, j])) < 0:
+            out[:, j] = -out[:, j]
+    return out
+
+
+def reference_side(shape: tuple[int, int], proj_type: str, rank: int, full_basis: bool = False) -> str:
+    """The side table of the GaLore reference implementation, written out case by case.
+
+    A weight with rank ≥ min(m, n) is `"none"` (not projected), unless `full_basis`: galore-torch projects it all
+    the same, with a basis of all min(m, n) singular vectors.
+    """
     m, n = shape
-    if rank >= min(m, n):
+    if rank >= min(m, n) and not full_basis:
         return "none"
     table = {
         ("std", True): "left",
@@ -69,15 +91,19 @@ class ReferenceGaLoreAdamW:
     """GaLore-Adam on a list of 2-D weights, one at a time, with exact SVD refreshes at steps 0, T, 2T, ...
 
     Projected weights: W ← W(1 − lr·wd) − lr·α·Back(M̂ / (√V̂ + ε)), with M, V the Adam moments of the projected
-    gradient. Weights with rank ≥ min(m, n) and `project=False` ones get plain AdamW.
+    gradient. `project=False` weights get plain AdamW. Weights with rank ≥ min(m, n) get plain AdamW with its
+    direction multiplied by α (hf_galore's rule), or, with `full_basis=True`, are projected on all their singular
+    vectors (galore-torch's behaviour). `signs` is the basis sign convention (`svd`, `canonical`, `aligned`,
+    `rotate`, as `refresh_signs`); galore-torch is `signs="svd", full_basis=True`.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=4, update_proj_gap=200,
-                 scale=1.0, proj_type="std", project=None):  # fmt: skip
+                 scale=1.0, proj_type="std", project=None, signs="rotate", full_basis=False):  # fmt: skip
         self.params = list(params)
         self.project = project if project is not None else [True] * len(self.params)
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.rank, self.gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
+        self.signs, self.full_basis = signs, full_basis
         self.state: list[dict] = [{} for _ in self.params]
 
     @torch.no_grad()
@@ -86,11 +112,17 @@ class ReferenceGaLoreAdamW:
         for i, w in enumerate(self.params):
             g = w.grad.float()
             st = self.state[i]
-            side = reference_side(tuple(w.shape), self.proj_type, self.rank) if self.project[i] else "none"
+            shape = tuple(w.shape)
+            side = reference_side(shape, self.proj_type, self.rank, self.full_basis) if self.project[i] else "none"
             if side != "none":
                 t = st.get("t", 0)
                 if t % self.gap == 0:
-                    st["P"], st["Q"] = reference_bases(g, side, self.rank)
+                    p_new, q_new = reference_bases(g, side, min(self.rank, *shape), self.signs)
+                    if self.signs in ("aligned", "rotate") and "P" in st:
+                        p_new, q_new = reference_aligned(p_new, st["P"]), reference_aligned(q_new, st["Q"])
+                    if self.signs == "rotate" and "m" in st:
+                        self._rotate(st, p_new, q_new)
+                    st["P"], st["Q"] = p_new, q_new
                 g = reference_project(g, side, st["P"], st["Q"])
             st["t"] = st.get("t", 0) + 1
             t = st["t"]
@@ -101,18 +133,37 @@ class ReferenceGaLoreAdamW:
             direction = m_hat / (torch.sqrt(v_hat) + self.eps)
             if side != "none":
                 direction = self.scale * reference_project_back(direction, side, st["P"], st["Q"])
+            elif self.project[i]:  # too small to project: the plain direction, scaled as a projected one would be
+                direction = self.scale * direction
             new_w = w.float() * (1 - self.lr * self.wd) - self.lr * direction
             w.copy_(new_w)
 
+    @staticmethod
+    def _rotate(st: dict, p_new, q_new) -> None:
+        """Moments into the new basis: coordinates c_old ↦ P_newᵀ P_old c_old (left), c_old Q_oldᵀ Q_new (right);
+        V by the squared entries of the same matrices."""
+        m, v = st["m"], st["v"]
+        if p_new is not None:
+            rot = torch.matmul(p_new.T, st["P"])
+            m, v = torch.matmul(rot, m), torch.matmul(rot * rot, v)
+        if q_new is not None:
+            rot = torch.matmul(st["Q"].T, q_new)
+            m, v = torch.matmul(m, rot), torch.matmul(v, rot * rot)
+        st["m"], st["v"] = m, v
+
 
 class ReferenceGaLoreAdafactor:
-    """GaLore-Adafactor (no momentum, fixed lr): factored second moment of the projected gradient."""
+    """GaLore-Adafactor (no momentum, fixed lr): factored second moment of the projected gradient.
+
+    `signs` as in [`ReferenceGaLoreAdamW`]; with `rotate` the statistic along a rotated (rank) axis is mixed by the
+    squared entries of the rotation at a refresh, the other one kept.
+    """
 
     def __init__(self, params, lr, rank=4, update_proj_gap=200, scale=1.0, proj_type="std", eps1=1e-30,
-                 clip_threshold=1.0, decay_rate=-0.8):  # fmt: skip
+                 clip_threshold=1.0, decay_rate=-0.8, signs="rotate"):  # fmt: skip
         self.params = list(params)
         self.lr, self.rank, self.gap, self.scale, self.proj_type = lr, rank, update_proj_gap, scale, proj_type
-        self.eps1, self.clip, self.decay = eps1, clip_threshold, decay_rate
+        self.eps1, self.clip, self.decay, self.signs = eps1, clip_threshold, decay_rate, signs
         self.state: list[dict] = [{} for _ in self.params]
 
     @torch.no_grad()
@@ -122,7 +173,17 @@ class ReferenceGaLoreAdafactor:
             side = reference_side(tuple(w.shape), self.proj_type, self.rank)
             g = w.grad.float()
             if st.get("t", 0) % self.gap == 0:
-                st["P"], st["Q"] = reference_bases(g, side, self.rank)
+                p_new, q_new = reference_bases(g, side, self.rank, self.signs)
+                if self.signs in ("aligned", "rotate") and "P" in st:
+                    p_new, q_new = reference_aligned(p_new, st["P"]), reference_aligned(q_new, st["Q"])
+                if self.signs == "rotate" and "row" in st:
+                    if p_new is not None:
+                        rot = torch.matmul(p_new.T, st["P"])
+                        st["row"] = torch.matmul(rot * rot, st["row"])
+                    if q_new is not None:
+                        rot = torch.matmul(st["Q"].T, q_new)
+                        st["col"] = torch.matmul(st["col"], rot * rot)
+                st["P"], st["Q"] = p_new, q_new
             g = reference_project(g, side, st["P"], st["Q"])
             st["t"] = st.get("t", 0) + 1
             beta2 = 1.0 - st["t"] ** self.decay

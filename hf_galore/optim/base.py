@@ -29,7 +29,15 @@ from torch.optim import Optimizer
 from ..configs import GaLoreConfig
 from ..errors import InvalidConfigError
 from ..projection.quant import dequantize_packed, quantize_packed
-from ..projection.subspace import Side, add_projected_back_, choose_side, compute_bases, low_rank_shape, project
+from ..projection.subspace import (
+    Side,
+    add_projected_back_,
+    align_signs,
+    choose_side,
+    compute_bases,
+    low_rank_shape,
+    project,
+)
 
 #: GaLore knobs, valid as optimizer kwargs and as per-group overrides.
 LOW_RANK_DEFAULTS: dict[str, Any] = {
@@ -45,6 +53,7 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "basis_bits": 16,
     "basis_group_size": 256,
+    "refresh_signs": "rotate",
 }
 
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
@@ -77,9 +86,10 @@ class LowRankOptimizer(Optimizer):
 
     Args:
         params (`Iterable`):
-            Parameters or param groups. Groups with `low_rank=True` hold 2-D weights to project; any GaLore key
+            Parameters or param groups. Groups with `low_rank=True` hold 2-D weights to project; a group that sets
+            `rank` is such a group unless it says `low_rank=False` (galore-torch's param-group API). Any GaLore key
             (`rank`, `update_proj_gap`, `scale`, `proj_type`, `svd`, `power_iters`, `oversample`, `stagger`,
-            `seed`) can be overridden per group. Unknown group keys raise [`InvalidConfigError`].
+            `seed`, ...) can be overridden per group. Unknown group keys raise [`InvalidConfigError`].
         lr (`float`): Learning rate.
         weight_decay (`float`): Decoupled weight decay, applied to the full weight.
         **kwargs: GaLore defaults (see [`GaLoreConfig`]) and the inner optimizer's hyperparameters.
@@ -123,6 +133,9 @@ class LowRankOptimizer(Optimizer):
             raise InvalidConfigError(
                 f"Unknown param-group key(s) {unknown} for {type(self).__name__}; valid keys are {sorted(allowed)}."
             )
+        if "rank" in param_group and "low_rank" not in param_group:
+            # galore-torch's API: a group that sets `rank` is the group to project.
+            param_group = {**param_group, "low_rank": True}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_hyperparameters(group)
@@ -153,8 +166,9 @@ class LowRankOptimizer(Optimizer):
         if shapes:
             warnings.warn(
                 f"{len(shapes)} projected weight(s) have min(m, n) ≤ rank and use the plain full-rank update "
-                f"instead (shapes: {sorted(set(shapes))}). Lower `rank` or leave them out of optim_target_modules "
-                "to silence this.",
+                f"instead, still multiplied by `scale` so their step size stays the projected weights' "
+                f"(shapes: {sorted(set(shapes))}). Lower `rank` or leave them out of optim_target_modules to "
+                "silence this.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -310,9 +324,17 @@ class LowRankOptimizer(Optimizer):
             return False
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(_mix_seed(state["seed"], state["refresh_count"]))
+        mode = group["refresh_signs"]
         try:
             p_basis, q_basis = compute_bases(
-                grad, side, group["rank"], group["svd"], group["power_iters"], group["oversample"], generator
+                grad,
+                side,
+                group["rank"],
+                group["svd"],
+                group["power_iters"],
+                group["oversample"],
+                generator,
+                canonical=mode != "svd",
             )
         except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
             self._warn_once(
@@ -328,9 +350,46 @@ class LowRankOptimizer(Optimizer):
                 "refresh, the update of that weight is skipped).",
             )
             return False
+        if mode in ("aligned", "rotate") and self._has_basis(state):
+            self._relate_to_previous(state, group, p_basis, q_basis, rotate=mode == "rotate")
         self._store_bases(state, group, p_basis, q_basis)
         state["refresh_count"] += 1
         return True
+
+    def _relate_to_previous(
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        p_basis: torch.Tensor | None,
+        q_basis: torch.Tensor | None,
+        rotate: bool,
+    ) -> None:
+        """Align the new bases' signs to the previous ones (in place); with `rotate`, also carry the moments into
+        the new basis: a projected gradient R = Pᵀ G (left) becomes L R with L = P_newᵀ P_old, G Q (right) becomes
+        R C with C = Q_oldᵀ Q_new."""
+        old_p, old_q = self._bases(state)
+        if any(
+            new is not None and (old is None or old.shape != new.shape)
+            for new, old in ((p_basis, old_p), (q_basis, old_q))
+        ):
+            return  # the side or rank changed (a resume with other settings): nothing to relate the new basis to
+        if p_basis is not None and old_p is not None:
+            align_signs(p_basis, old_p)
+        if q_basis is not None and old_q is not None:
+            align_signs(q_basis, old_q)
+        if not rotate:
+            return
+        left = p_basis.float().T @ old_p.float() if p_basis is not None and old_p is not None else None
+        right = old_q.float().T @ q_basis.float() if q_basis is not None and old_q is not None else None
+        self._rotate_moments(state, group, left, right)
+
+    def _rotate_moments(
+        self, state: dict[str, Any], group: dict[str, Any], left: torch.Tensor | None, right: torch.Tensor | None
+    ) -> None:
+        """Express the low-rank moments in the new basis: a first moment M becomes `left @ M @ right` (missing
+        factors are identities); an elementwise second moment V mixes with the squared entries, (left∘left) V
+        (right∘right), its expectation when the coordinates are uncorrelated. Subclasses know their moments."""
+        raise NotImplementedError(f"{type(self).__name__} does not support refresh_signs='rotate'.")
 
     def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return self.state[p] if self.state[p] else self._init_state(p, group)
@@ -362,6 +421,11 @@ class LowRankOptimizer(Optimizer):
             self._plain_update(p, grad, state, group)
             return
         self._low_rank_update(p, grad, state, group, self._back_projector(p, state, group))
+
+    def _fallback_scale(self, group: dict[str, Any]) -> float:
+        """Factor of the plain update: `scale` in a low-rank group, whose weights too small to project (rank ≥
+        min(m, n)) take the plain update in place of the projected one and keep its step size α·lr; 1 elsewhere."""
+        return float(group["scale"]) if group["low_rank"] else 1.0
 
     def _back_projector(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> ApplyBack:
         """`apply_back(update, alpha, beta=1.0)`: weight ← beta · weight + alpha · scale · back-projection of

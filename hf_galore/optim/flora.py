@@ -45,6 +45,7 @@ _GALORE_ONLY = (
     "stagger",
     "basis_bits",
     "basis_group_size",
+    "refresh_signs",
 )
 _FLORA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -115,6 +116,9 @@ class _FloraMixin:
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         raise NotImplementedError
+
+    def _fallback_scale(self, group: dict[str, Any]) -> float:
+        return 1.0  # FLoRA has no `scale`: a weight it cannot compress takes the plain update as it is
 
     # ------------------------------------------------------------------------------------------------ projections
     def projection(self, state: dict[str, Any], stream: int, index: int, rank: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from ..configs import Blockwise8bitConfig
 from ..errors import InvalidConfigError
-from ..projection.subspace import Side
+from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
 from .base import ApplyBack, LowRankOptimizer, bias_corrections, rms
 
@@ -89,6 +89,12 @@ class GaLoreAdamW(LowRankOptimizer):
     def _store_moments_many(self, token: Any) -> None:
         """32-bit moments were updated in place: nothing to store."""
 
+    def _rotate_moments(self, state, group, left, right) -> None:
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        exp_avg.copy_(change_basis(exp_avg, left, right))
+        exp_avg_sq.copy_(change_basis(exp_avg_sq, left, right, squared=True))
+        self._store_moments(state, exp_avg, exp_avg_sq)
+
     def _update_moments(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
         """Update the moments with `grad`; return `(exp_avg, denom, step_size)` of the bias-corrected Adam step."""
         beta1, beta2 = group["betas"]
@@ -107,7 +113,7 @@ class GaLoreAdamW(LowRankOptimizer):
             self._plain_update_in_slices(p, grad, state, group)
             return
         exp_avg, denom, step_size = self._update_moments(grad, state, group)
-        self._apply_plain(p, exp_avg, denom, step_size, state, group)
+        self._apply_plain(p, exp_avg, denom, step_size * self._fallback_scale(group), state, group)
 
     # A plain AdamW update is elementwise (and 8-bit blocks are independent), so a parameter larger than a chunk (a
     # 7B model's 131M-element embedding) is updated slice by slice: the same numbers, with temporaries (fp32 moments
@@ -132,6 +138,7 @@ class GaLoreAdamW(LowRankOptimizer):
             end = min(start + length, p.numel())
             part = self._state_slice(state, start, end)
             exp_avg, denom, step_size = self._update_moments(flat_grad[start:end], part, group)
+            step_size *= self._fallback_scale(group)
             self._apply_plain(flat_p[start:end], exp_avg, denom, step_size, part, group)
 
     def _low_rank_update(self, p, low, state, group, apply_back: ApplyBack) -> None:
@@ -205,7 +212,7 @@ class GaLoreAdamW(LowRankOptimizer):
                     [prepared[indices[k]][0] for k in plain],
                     [avgs[k] for k in plain],
                     [denoms[k] for k in plain],
-                    step_size,
+                    step_size * self._fallback_scale(group),
                     [states[indices[k]] for k in plain],
                     group,
                 )
@@ -351,6 +358,17 @@ class GaLoreAdafactor(LowRankOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, **kwargs)
 
+    def _rotate_moments(self, state, group, left, right) -> None:
+        if "exp_avg" in state:
+            state["exp_avg"].copy_(change_basis(state["exp_avg"], left, right))
+        # The factored second moment: only the statistic along a rotated (rank) axis moves, by the squared entries.
+        if left is not None:
+            row = state["exp_avg_sq_row"]
+            row.copy_((left * left) @ row)
+        if right is not None:
+            col = state["exp_avg_sq_col"]
+            col.copy_(col @ (right * right))
+
     @staticmethod
     def _step_size(group: dict[str, Any], step: int, p: torch.Tensor) -> float:
         step_size = group["lr"]
@@ -393,7 +411,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         update = self._momentum(update, state, group)
         if group["weight_decay"] != 0:
             p32.add_(p32, alpha=-group["weight_decay"] * step_size)
-        p32.add_(-update)
+        p32.add_(update, alpha=-self._fallback_scale(group))
         if p32 is not p:
             p.copy_(p32)
 

@@ -62,14 +62,32 @@ def canonicalize_signs(basis: torch.Tensor) -> torch.Tensor:
     return basis.mul_(signs)
 
 
-def exact_left_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` left singular vectors of `matrix` (fp32) by a full SVD."""
+def align_signs(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Flip each column of `basis` whose dot product with the same column of `previous` is negative (in place;
+    returns `basis`).
+
+    After a refresh the carried moments are read in the new basis; where a new vector nearly equals an old one up
+    to sign, aligning keeps the moment's coordinate on it meaning the same direction.
+    """
+    dots = (basis.float() * previous.to(device=basis.device, dtype=torch.float32)).sum(dim=0)
+    signs = torch.where(dots < 0, -1.0, 1.0).to(basis.dtype)
+    return basis.mul_(signs)
+
+
+def exact_left_basis(matrix: torch.Tensor, rank: int, canonical: bool = True) -> torch.Tensor:
+    """Top-`rank` left singular vectors of `matrix` (fp32) by a full SVD; `canonical=False` keeps the SVD's signs."""
     u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
-    return canonicalize_signs(u[:, :rank].contiguous())
+    basis = u[:, :rank].contiguous()
+    return canonicalize_signs(basis) if canonical else basis
 
 
 def randomized_left_basis(
-    matrix: torch.Tensor, rank: int, power_iters: int, oversample: int, generator: torch.Generator
+    matrix: torch.Tensor,
+    rank: int,
+    power_iters: int,
+    oversample: int,
+    generator: torch.Generator,
+    canonical: bool = True,
 ) -> torch.Tensor:
     """Top-`rank` left singular vectors of `matrix` (fp32) by a randomized range finder (Halko et al., 2011).
 
@@ -96,7 +114,8 @@ def randomized_left_basis(
     # underflows in fp32; the eigenvectors do not depend on the scale.
     small = small / small.abs().amax().clamp_min(torch.finfo(small.dtype).tiny)
     _, eigenvectors = torch.linalg.eigh(small @ small.T)  # eigenvalues ascending: the top r are the last columns
-    return canonicalize_signs((q @ eigenvectors[:, -rank:].flip(-1)).contiguous())
+    basis = (q @ eigenvectors[:, -rank:].flip(-1)).contiguous()
+    return canonicalize_signs(basis) if canonical else basis
 
 
 def left_basis(
@@ -106,15 +125,20 @@ def left_basis(
     power_iters: int = 1,
     oversample: int = 32,
     generator: torch.Generator | None = None,
+    canonical: bool = True,
 ) -> torch.Tensor:
-    """Top-`rank` left singular vectors of `matrix`, computed in fp32 whatever its dtype, returned in fp32."""
+    """Top-`rank` left singular vectors of `matrix`, computed in fp32 whatever its dtype, returned in fp32.
+
+    `canonical=True` flips each vector so its largest-magnitude entry is positive ([`canonicalize_signs`]);
+    `False` keeps the signs the decomposition returned.
+    """
     work = matrix.detach().to(torch.float32)
     if method == "exact":
-        return exact_left_basis(work, rank)
+        return exact_left_basis(work, rank, canonical)
     if method == "randomized":
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
-        return randomized_left_basis(work, rank, power_iters, oversample, generator)
+        return randomized_left_basis(work, rank, power_iters, oversample, generator, canonical)
     raise ValueError(f"Unknown subspace method {method!r}; choose 'randomized' or 'exact'.")
 
 
@@ -126,20 +150,30 @@ def compute_bases(
     power_iters: int = 1,
     oversample: int = 32,
     generator: torch.Generator | None = None,
+    canonical: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`(P, Q)` for `side`: P (m×r) for LEFT/BOTH, Q (n×r) for RIGHT/BOTH, in the gradient's dtype.
 
     The decomposition itself always runs in fp32 (bf16/fp16 SVD is unsupported or inaccurate); the result is cast
-    back so that the per-step projections run in the gradient's dtype.
+    back so that the per-step projections run in the gradient's dtype. `exact` takes both sides from one SVD of G;
+    `randomized` computes Q as the left basis of Gᵀ.
 
     Raises:
         torch.linalg.LinAlgError / RuntimeError: when the decomposition fails; callers keep the previous basis.
     """
     p = q = None
+    if method == "exact":  # one SVD G = U S Vᵀ gives both sides, with the signs galore-torch sees (P = U, Q = V)
+        u, _, vh = torch.linalg.svd(grad.detach().to(torch.float32), full_matrices=False)
+        fix = canonicalize_signs if canonical else (lambda basis: basis)
+        if side in (Side.LEFT, Side.BOTH):
+            p = fix(u[:, :rank].contiguous()).to(grad.dtype)
+        if side in (Side.RIGHT, Side.BOTH):
+            q = fix(vh[:rank].T.contiguous()).to(grad.dtype)
+        return p, q
     if side in (Side.LEFT, Side.BOTH):
-        p = left_basis(grad, rank, method, power_iters, oversample, generator).to(grad.dtype)
+        p = left_basis(grad, rank, method, power_iters, oversample, generator, canonical).to(grad.dtype)
     if side in (Side.RIGHT, Side.BOTH):
-        q = left_basis(grad.T, rank, method, power_iters, oversample, generator).to(grad.dtype)
+        q = left_basis(grad.T, rank, method, power_iters, oversample, generator, canonical).to(grad.dtype)
     return p, q
 
 
@@ -202,3 +236,19 @@ def low_rank_shape(shape: tuple[int, int] | torch.Size, side: Side, rank: int) -
     if side == Side.BOTH:
         return (rank, rank)
     return (m, n)
+
+
+def change_basis(
+    low_rank: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, squared: bool = False
+) -> torch.Tensor:
+    """`left @ low_rank @ right` (a missing factor is the identity): a projected tensor re-expressed in a new basis.
+
+    With `squared=True` the factors' entries are squared first: how a second moment (a mean of squares) moves when
+    its coordinates are uncorrelated. Computed in fp32, returned in fp32.
+    """
+    out = low_rank.float()
+    if left is not None:
+        out = (left * left if squared else left) @ out
+    if right is not None:
+        out = out @ (right * right if squared else right)
+    return out
