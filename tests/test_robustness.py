@@ -306,12 +306,13 @@ def test_a_changed_setting_that_converts_is_used_and_reported():
     assert "proj_left_q" in weight_state or "proj_right_q" in weight_state
 
 
-def test_an_unchanged_resume_warns_nothing():
+def test_an_unchanged_resume_warns_nothing_and_restores_the_scheduled_lr():
     state = _checkpoint(GaLoreAdamW8bit)
-    optimizer = GaLoreAdamW8bit(_groups(_mlp()), **_knobs(GaLoreAdamW8bit))
+    optimizer = GaLoreAdamW8bit(_groups(_mlp()), **_knobs(GaLoreAdamW8bit, lr=0.5))  # lr: the scheduler's business
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.load_state_dict(state)
+    assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 3e-2]
 
 
 def test_the_trainer_refuses_to_resume_a_checkpoint_with_another_optimizer(tmp_path):

@@ -61,8 +61,8 @@ _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
 STATE_FORMAT = 1
 #: Top-level key of `state_dict()` holding its signature: `{"kind": optimizer class, "format": STATE_FORMAT}`.
 SIGNATURE_KEY = "hf_galore"
-#: Group keys restored from the checkpoint as `torch.optim` does: the LR scheduler drives them.
-_RESTORED_GROUP_KEYS = {"params", "lr", "initial_lr"}
+#: Group keys restored from the checkpoint as `torch.optim` does: the LR scheduler drives `lr` and `initial_lr`.
+_RESTORED_GROUP_KEYS = {"lr"} | _FOREIGN_GROUP_KEYS
 #: Group keys of projected groups that the saved per-weight state depends on (shapes, stored seeds, stagger
 #: offsets, Q-GaLore's similarity queue): a checkpoint saved with other values cannot be converted.
 _LAYOUT_KEYS = ("rank", "proj_type", "seed", "stagger", "queue_size")
