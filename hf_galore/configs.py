@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,6 +27,43 @@ _FALSE = {"false", "0", "no", "n", "off"}
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise InvalidConfigError(message)
+
+
+def _bound(value: float) -> str:
+    return "∞" if value == math.inf else "-∞" if value == -math.inf else f"{value:g}"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Raise [`InvalidConfigError`] unless `value` is a finite real number in the interval [`low`, `high`] (ends
+    excluded when open); a NaN or an infinity is never valid, whatever the bounds.
+
+    The message names the key, the value and the valid range.
+    """
+    if value is None and allow_none:
+        return
+    low_open, high_open = low_open or low == -math.inf, high_open or high == math.inf
+    interval = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    valid = (
+        number
+        and math.isfinite(value)
+        and (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
+    _check(
+        valid,
+        f"{name}={value!r} is not valid: it must be a finite number in {interval}"
+        + (" or none." if allow_none else "."),
+    )
 
 
 class _OptionsMixin:
@@ -143,7 +181,7 @@ class GaLoreConfig(_OptionsMixin):
         )
         _check(self.basis_group_size >= 1, f"basis_group_size must be ≥ 1, got {self.basis_group_size}.")
         _check(self.update_proj_gap >= 1, f"update_proj_gap must be ≥ 1, got {self.update_proj_gap}.")
-        _check(self.scale > 0, f"scale must be > 0, got {self.scale}.")
+        check_number("scale", self.scale, 0, low_open=True)
         _check(
             self.proj_type in PROJ_TYPES,
             f"proj_type={self.proj_type!r} is not valid; choose one of {', '.join(PROJ_TYPES)}.",
@@ -230,9 +268,9 @@ class AdafactorConfig(_OptionsMixin):
     warmup_init: bool = field(default=False, metadata={"help": "Warm-up of the relative step."})
 
     def __post_init__(self) -> None:
-        _check(self.beta1 is None or 0.0 <= self.beta1 < 1.0, f"beta1 must be in [0, 1), got {self.beta1}.")
-        _check(self.clip_threshold > 0, f"clip_threshold must be > 0, got {self.clip_threshold}.")
-        _check(self.decay_rate < 0, f"decay_rate must be < 0, got {self.decay_rate}.")
+        check_number("beta1", self.beta1, 0, 1, high_open=True, allow_none=True)
+        check_number("clip_threshold", self.clip_threshold, 0, low_open=True)
+        check_number("decay_rate", self.decay_rate, high=0, high_open=True)
         _check(not self.warmup_init or self.relative_step, "warmup_init=true needs relative_step=true.")
 
 
@@ -439,8 +477,8 @@ class QGaLoreConfig(_OptionsMixin):
         for name in ("proj_group_size", "weight_group_size", "queue_size"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be a positive integer, got {value}.")
-        _check(0.0 <= self.cos_threshold <= 1.0, f"cos_threshold must be in [0, 1], got {self.cos_threshold}.")
-        _check(self.gamma_proj >= 1.0, f"gamma_proj must be ≥ 1 (1 disables lazy refresh), got {self.gamma_proj}.")
+        check_number("cos_threshold", self.cos_threshold, 0, 1)
+        check_number("gamma_proj", self.gamma_proj, 1)  # 1 disables the lazy refresh
         _check(
             self.max_proj_gap is None or self.max_proj_gap >= 1,
             f"max_proj_gap must be ≥ 1 or none, got {self.max_proj_gap}.",

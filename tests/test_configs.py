@@ -46,7 +46,7 @@ def test_unknown_key_lists_valid_keys_and_close_match():
         ("proj_type=diagonal", "std, reverse_std, left, right, full"),
         ("svd=lanczos", "randomized, exact"),
         ("update_proj_gap=0", "update_proj_gap"),
-        ("scale=-1", "scale must be > 0"),
+        ("scale=-1", r"scale=-1.0 is not valid: it must be a finite number in \(0, ∞\)"),
         ("stagger=maybe", "expects a bool"),
         ("rank", "key=value"),
     ],

@@ -31,14 +31,34 @@ class LayerwiseGradNormCallback(TrainerCallback):
             state.log_history[-1]["grad_norm"] = value
 
 
+class LayerwiseHooksCallback(TrainerCallback):
+    """Keep a layer-wise optimizer's backward hooks on the model only while its Trainer trains.
+
+    Left on after `train()`, the hooks would consume the gradients of whatever uses the model next (a second
+    Trainer, a plain `loss.backward()`). They are removed at `on_train_end` and installed again at `on_train_begin`
+    (a second `train()` or a resume on the same Trainer). The Trainer integration adds it automatically.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.optimizer.install_hooks()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.optimizer.remove_hooks()
+
+
 def attach_layerwise_callbacks(trainer: Any) -> None:
-    """Add [`LayerwiseGradNormCallback`] in front of the Trainer's callbacks when its optimizer is layer-wise."""
+    """Add [`LayerwiseGradNormCallback`] and [`LayerwiseHooksCallback`] in front of the Trainer's callbacks when its
+    optimizer is layer-wise."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     if not is_layerwise(optimizer):
         return
     callbacks = trainer.callback_handler.callbacks
-    callbacks[:] = [c for c in callbacks if not isinstance(c, LayerwiseGradNormCallback)]
-    callbacks.insert(0, LayerwiseGradNormCallback(optimizer))
+    ours = (LayerwiseGradNormCallback, LayerwiseHooksCallback)
+    callbacks[:] = [c for c in callbacks if not isinstance(c, ours)]
+    callbacks[:0] = [LayerwiseGradNormCallback(optimizer), LayerwiseHooksCallback(optimizer)]
 
 
 class WeLoreCallback(TrainerCallback):

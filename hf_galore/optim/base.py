@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch.optim import Optimizer
 
-from ..configs import GaLoreConfig
+from ..configs import GaLoreConfig, check_number
 from ..errors import InvalidConfigError
 from ..projection.quant import dequantize_packed, quantize_packed
 from ..projection.subspace import (
@@ -38,6 +38,7 @@ from ..projection.subspace import (
     low_rank_shape,
     project,
 )
+from ._hooks import check_unhooked
 
 #: GaLore knobs, valid as optimizer kwargs and as per-group overrides.
 LOW_RANK_DEFAULTS: dict[str, Any] = {
@@ -64,6 +65,47 @@ _PACKED_KEYS = ("q", "scales", "zeros", "rows", "cols")
 
 #: Keys that other code (LR schedulers, our integrations) may add to a group.
 _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
+
+#: Version of the state layout that `state_dict()` writes (bump it when a state key changes meaning).
+STATE_FORMAT = 1
+#: Top-level key of `state_dict()` holding its signature: `{"kind": optimizer class, "format": STATE_FORMAT}`.
+SIGNATURE_KEY = "hf_galore"
+#: Group keys restored from the checkpoint as `torch.optim` does: the LR scheduler drives `lr` and `initial_lr`.
+_RESTORED_GROUP_KEYS = {"lr"} | _FOREIGN_GROUP_KEYS
+#: Group keys of projected groups that the saved per-weight state depends on (shapes, stored seeds, stagger
+#: offsets, Q-GaLore's similarity queue): a checkpoint saved with other values cannot be converted.
+_LAYOUT_KEYS = ("rank", "proj_type", "seed", "stagger", "queue_size")
+
+#: Valid ranges of the float hyperparameters of every inner optimizer, checked wherever a key is present:
+#: `(low, high, low_open, high_open, allow_none)`. A NaN or an infinity is never valid.
+_FLOAT_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
+    "lr": (0.0, math.inf, False, True, True),  # None: Adafactor's relative step
+    "weight_decay": (0.0, math.inf, False, True, False),
+    "betas": (0.0, 1.0, False, True, False),
+    "eps": (0.0, math.inf, False, True, False),
+    "beta1": (0.0, 1.0, False, True, True),
+    "clip_threshold": (0.0, math.inf, True, True, False),
+    "decay_rate": (-math.inf, 0.0, True, True, False),
+    "scale": (0.0, math.inf, True, True, False),
+}
+
+
+def check_float_hyperparameters(hp: dict[str, Any]) -> None:
+    """Check the float hyperparameters of `hp` that [`_FLOAT_RANGES`] knows (`betas`/`eps` may be tuples).
+
+    Raises:
+        [`InvalidConfigError`]: naming the key, the value and the valid range.
+    """
+    for key, (low, high, low_open, high_open, allow_none) in _FLOAT_RANGES.items():
+        if key not in hp:
+            continue
+        value = hp[key]
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if key == "betas" and len(values) != 2:
+            raise InvalidConfigError(f"betas={value!r} is not valid: it must be a pair (beta1, beta2).")
+        for i, item in enumerate(values):
+            label = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
+            check_number(label, item, low, high, low_open=low_open, high_open=high_open, allow_none=allow_none)
 
 
 class ApplyBack(Protocol):
@@ -104,10 +146,6 @@ class LowRankOptimizer(Optimizer):
     foreach_chunk_elements: ClassVar[int] = 1 << 23
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
-        if lr is not None and lr < 0:
-            raise InvalidConfigError(f"Invalid learning rate {lr}: it must be ≥ 0.")
-        if weight_decay < 0:
-            raise InvalidConfigError(f"Invalid weight_decay {weight_decay}: it must be ≥ 0.")
         defaults = {"lr": lr, "weight_decay": weight_decay, **LOW_RANK_DEFAULTS, **self.inner_defaults}
         unknown = [k for k in kwargs if k not in defaults]
         if unknown:
@@ -115,10 +153,12 @@ class LowRankOptimizer(Optimizer):
                 f"{type(self).__name__} got unknown argument(s) {unknown}; valid ones are {sorted(defaults)}."
             )
         defaults.update(kwargs)
+        check_float_hyperparameters(defaults)
         self._validate_hyperparameters(defaults)
         self._ordinals: dict[torch.Tensor, int] = {}
         self._warned: set[str] = set()
         super().__init__(params, defaults)
+        check_unhooked((p for g in self.param_groups for p in g["params"]), self)
         self._index_low_rank_params()
         self._warn_full_rank_fallbacks()
 
@@ -138,6 +178,7 @@ class LowRankOptimizer(Optimizer):
             param_group = {**param_group, "low_rank": True}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        check_float_hyperparameters(group)
         self._validate_hyperparameters(group)
         if group["low_rank"]:
             GaLoreConfig(**{k: group[k] for k in LOW_RANK_DEFAULTS if k != "low_rank"})  # range checks
@@ -198,16 +239,121 @@ class LowRankOptimizer(Optimizer):
         self._init_inner_state(state, shape, p, group, low_rank=side != Side.NONE)
         return state
 
+    @classmethod
+    def _state_kind(cls) -> str:
+        """The optimizer whose state layout this class writes (layer-wise variants write their base's)."""
+        return cls.__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """`torch.optim.Optimizer.state_dict()` plus a plain-data signature (optimizer kind, state format) that
+        `load_state_dict` checks."""
+        state_dict = super().state_dict()
+        state_dict[SIGNATURE_KEY] = {"kind": self._state_kind(), "format": STATE_FORMAT}
+        return state_dict
+
+    def _check_signature(self, signature: dict[str, Any] | None) -> None:
+        """Refuse a state written by another optimizer (its keys and formats differ) or by a newer version."""
+        if signature is None:  # written before signatures existed: nothing to check against
+            return
+        kind, fmt = signature.get("kind"), signature.get("format", 0)
+        if kind != self._state_kind():
+            from ..registry import REGISTRY  # the registry imports the optimizers
+
+            names = sorted(
+                n for n, spec in REGISTRY.items() if spec.optimizer_cls.__name__ in (kind, f"{kind}Layerwise")
+            )
+            raise InvalidConfigError(
+                f"This optimizer state was written by {kind} (optim={' or '.join(map(repr, names)) or '?'}), but it "
+                f"is being loaded into {type(self).__name__}: their states differ (moment layout, quantization, "
+                "projections) and cannot be converted exactly. Resume with the optimizer that wrote the checkpoint, "
+                "or, to switch optimizers, start from the checkpoint's weights without its optimizer state (delete "
+                "optimizer.pt from the checkpoint folder, or load the model with from_pretrained)."
+            )
+        if fmt > STATE_FORMAT:
+            raise InvalidConfigError(
+                f"This optimizer state has format {fmt}, written by a newer hf_galore (this one reads up to "
+                f"{STATE_FORMAT}). Upgrade hf_galore to resume from it."
+            )
+
+    def _layout(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group settings that shape its saved per-weight state (see `_LAYOUT_KEYS`)."""
+        layout: dict[str, Any] = {"low_rank": bool(group.get("low_rank", False))}
+        if layout["low_rank"]:
+            layout.update({k: group[k] for k in _LAYOUT_KEYS if k in group})
+        uses_momentum = getattr(self, "_uses_momentum", None)  # FLoRA: an exp_avg only with momentum on
+        if uses_momentum is not None:
+            layout["momentum"] = bool(uses_momentum(group))
+        elif "beta1" in group:  # Adafactor: an exp_avg unless beta1 is None
+            layout["momentum"] = group["beta1"] is not None
+        return layout
+
+    def _settings_changes(self, saved_groups: list[dict[str, Any]]) -> list[dict[str, tuple[Any, Any]]]:
+        """Per group, the settings of this run that differ from the checkpoint's: `{key: (saved, now)}`.
+
+        Raises [`InvalidConfigError`] when a setting that shapes the saved state differs.
+        """
+
+        def plain(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list) else value
+
+        changes = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved = {**self.defaults, **saved}  # an older checkpoint may lack newer keys
+            now_layout, saved_layout = self._layout(group), self._layout(saved)
+            for key in now_layout:
+                if now_layout[key] != saved_layout.get(key):
+                    what = "momentum on" if key == "momentum" else f"{key}="
+                    raise InvalidConfigError(
+                        f"The checkpoint's optimizer state (param group {index}) was saved with "
+                        f"{what}{saved_layout.get(key)!r}, but this run has {what}{now_layout[key]!r}. The saved "
+                        "per-weight state (moment shapes, stored seeds and refresh offsets) depends on it and cannot "
+                        f"be converted. Resume with the checkpoint's setting ({key}={saved_layout.get(key)!r} in "
+                        "optim_args), or start from the checkpoint's weights without its optimizer state (delete "
+                        "optimizer.pt from the checkpoint folder)."
+                    )
+            changes.append(
+                {
+                    key: (plain(saved[key]), plain(value))
+                    for key, value in group.items()
+                    if key not in _RESTORED_GROUP_KEYS
+                    and key not in now_layout
+                    and plain(saved.get(key)) != plain(value)
+                }
+            )
+        return changes
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load `state_dict`, keeping each state tensor's saved dtype (torch would cast all of them to the param's).
 
         Projection bases, fp32 moments of bf16 weights and uint8 8-bit states must keep their dtype; only their
         device follows the parameter.
+
+        A state written by another optimizer, or with other settings that shape the saved state (`rank`,
+        `proj_type`, `seed`, `stagger`, momentum on/off, ...), is refused with [`InvalidConfigError`]. Other settings
+        changed since the save (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, ...) take this run's
+        values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does (the LR
+        scheduler drives it).
         """
-        super().load_state_dict(state_dict)
+        self._check_signature(state_dict.get(SIGNATURE_KEY))
+        changes = self._settings_changes(state_dict["param_groups"])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != SIGNATURE_KEY})
         for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        for group, changed in zip(self.param_groups, changes):
+            for key, (_, value) in changed.items():
+                group[key] = value
+        described = sorted(
+            {f"{k}: {saved!r} -> {now!r}" for changed in changes for k, (saved, now) in changed.items()}
+        )
+        if described:
+            warnings.warn(
+                "Resuming with settings that differ from the checkpoint's; this run's values are used from now on "
+                f"({'; '.join(described)}). Bases stored in another basis_bits format are converted at their next "
+                "refresh.",
+                UserWarning,
+                stacklevel=2,
+            )
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -229,8 +375,44 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             # The gradients are prepared lazily, chunk by chunk, so only one chunk of them is alive at a time.
             for chunk in self._in_chunks(self._prepared_gradients(group)):
-                self._apply_updates(chunk, group)
+                self._apply_updates(self._finite_only(chunk), group)
         return loss
+
+    # A NaN/Inf gradient of a projected weight would enter its moments (and, at a refresh, its basis) and leave the
+    # weight non-finite for good; its whole update is skipped instead, as a loss scaler skips a step.
+    def _finite_only(
+        self, prepared: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`prepared` without the projected weights whose prepared gradient has a NaN/Inf (counted, see
+        `_skip_nonfinite`); one device synchronisation per device and call."""
+        checked: dict[torch.device, list[int]] = {}
+        for i, (p, _) in enumerate(prepared):
+            if self.state[p].get("side", 0) != Side.NONE:
+                checked.setdefault(prepared[i][1].device, []).append(i)
+        skipped = set()
+        for indices in checked.values():
+            flags = torch.stack([torch.isfinite(prepared[i][1]).all() for i in indices]).tolist()
+            skipped.update(i for i, finite in zip(indices, flags) if not finite)
+        for i in sorted(skipped):
+            self._skip_nonfinite(prepared[i][0])
+        return [pair for i, pair in enumerate(prepared) if i not in skipped] if skipped else prepared
+
+    def _skip_nonfinite(self, p: torch.Tensor) -> None:
+        """Count a skipped update of `p` in its state (`nonfinite_skips`); warn the first time."""
+        state = self.state[p]
+        state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+        self._warn_once(
+            "nonfinite_skip",
+            f"A projected weight of shape {tuple(p.shape)} got a NaN/Inf gradient at its update {state['step'] + 1}: "
+            "its update was skipped (moments, basis and step counter unchanged), as it will be for any later one. "
+            "Later skips are not warned again; optimizer.nonfinite_skips counts them (per weight: "
+            "optimizer.state[p]['nonfinite_skips']). Check the loss scale, the learning rate and the data.",
+        )
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Updates of projected weights skipped because of a NaN/Inf gradient, over the whole run."""
+        return sum(int(state.get("nonfinite_skips", 0)) for state in self.state.values())
 
     def _prepared_gradients(self, group: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`(parameter, prepared gradient)` of every parameter of `group` that has a gradient and a usable basis."""
@@ -407,6 +589,9 @@ class LowRankOptimizer(Optimizer):
         if side == Side.NONE:
             return grad
         if self._refresh_due(state, group):
+            if not bool(torch.isfinite(grad).all()):  # the basis would come from it: skip the whole update
+                self._skip_nonfinite(p)
+                return None
             refreshed = self._refresh(grad, state, group, side)
             if not refreshed and not self._has_basis(state):
                 return None  # no basis yet: skip this weight's update rather than crash
@@ -467,7 +652,7 @@ class LowRankOptimizer(Optimizer):
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Update one parameter from its gradient (used by `step` and by the layer-wise hooks)."""
         prepared = self._prepare_gradient(p, p.grad, group)
-        if prepared is not None:
+        if prepared is not None and self._finite_only([(p, prepared)]):
             self._apply_update(p, prepared, group)
 
     # ------------------------------------------------------------------------------------------------ inner

@@ -35,6 +35,7 @@ activation checkpointing) keep their full gradient and are updated in `step()`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,6 +44,8 @@ import torch.distributed as dist
 
 from ..errors import UnsupportedSetupError
 from ..projection.subspace import Side, project
+from ._hooks import check_unhooked, claim, release
+from .base import LowRankOptimizer
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 
@@ -53,6 +56,13 @@ def _always_sync() -> bool:
 def _norm_sq(tensor: torch.Tensor) -> torch.Tensor:
     """‖tensor‖², accumulated in fp32 for bf16/fp16 gradients and in float64 for float64 ones."""
     return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32)).square()
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    """Finalizer of a layer-wise optimizer: take its hooks off the parameters (holds no reference to it)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class LayerwiseMixin:
@@ -93,12 +103,18 @@ class LayerwiseMixin:
         self._norm_is_exact = True
         self.last_grad_norm: torch.Tensor | None = None
         self._hook_handles: list[Any] = []
+        self._hooks_finalizer: weakref.finalize | None = None
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
                 if self._world_size > 1 and id(p) not in self._ddp_params:
                     dist.broadcast(p.data, src=0)  # DDP does not sync the weights it ignores
-                if id(p) not in self._deferred:
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+        self.install_hooks()
+
+    @classmethod
+    def _state_kind(cls) -> str:
+        # The state is the base optimizer's: a layer-wise checkpoint resumes the plain optimizer and vice versa.
+        base = next(c for c in cls.__mro__ if issubclass(c, LowRankOptimizer) and not issubclass(c, LayerwiseMixin))
+        return base.__name__
 
     @property
     def has_sync_source(self) -> bool:
@@ -130,9 +146,11 @@ class LayerwiseMixin:
         if id(p) in self._applied:
             raise UnsupportedSetupError(
                 f"The gradient hook of a weight of shape {tuple(p.shape)} fired again after its update in the same "
-                "optimizer step: the weight is used in more than one reentrant activation-checkpointing segment (or "
-                "backward ran twice before step()). Use gradient_checkpointing_kwargs={'use_reentrant': False}, or "
-                "pass the weight in deferred_params so it is updated in step()."
+                "optimizer step: the weight is used in more than one reentrant activation-checkpointing segment, or "
+                "backward ran twice before step(). Use gradient_checkpointing_kwargs={'use_reentrant': False}, or "
+                "pass the weight in deferred_params so it is updated in step(). If this optimizer belongs to a "
+                "finished or abandoned training run, its hooks are still on the model and consume the gradients of "
+                "the new one: call its remove_hooks()."
             )
         group = self._group_of(p)
         state = self._state_for(p, group)  # type: ignore[attr-defined]
@@ -198,7 +216,8 @@ class LayerwiseMixin:
             if p.grad is not None:
                 p.grad = None
             return
-        self._apply_update(p, prepared, group)  # type: ignore[attr-defined]
+        if self._finite_only([(p, prepared)]):  # type: ignore[attr-defined]
+            self._apply_update(p, prepared, group)  # type: ignore[attr-defined]
         self._applied.add(id(p))
         p.grad = None
 
@@ -295,7 +314,7 @@ class LayerwiseMixin:
             by_group.setdefault(id(group), (group, []))[1].append((p, prepared))
             p.grad = None
         for group, items in by_group.values():
-            self._apply_updates(items, group)  # type: ignore[attr-defined]
+            self._apply_updates(self._finite_only(items), group)  # type: ignore[attr-defined]
         self._ready.clear()
         self._applied.clear()
         self.last_grad_norm = norm
@@ -303,11 +322,49 @@ class LayerwiseMixin:
         self._norm_is_exact = True
         return loss
 
+    # ------------------------------------------------------------------------------------------------ hooks' lifetime
+    def _hooked_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in self._deferred]  # type: ignore[attr-defined]
+
+    @property
+    def hooks_installed(self) -> bool:
+        """Whether the per-parameter backward hooks are on the model."""
+        return bool(self._hook_handles)
+
+    def install_hooks(self) -> None:
+        """Put the per-parameter backward hooks on the parameters (done at construction; idempotent).
+
+        The hooks hold the optimizer weakly: an optimizer that is garbage no longer consumes gradients, and its
+        finalizer takes the hooks off. The Trainer integration removes them when training ends and installs them
+        again when a training run (or a resumed one) begins.
+
+        Raises:
+            [`UnsupportedSetupError`]: another live layer-wise optimizer hooks some of the parameters.
+        """
+        if self._hook_handles:
+            return
+        params = self._hooked_params()
+        check_unhooked(params, self)
+        this = weakref.ref(self)
+
+        def hook(p: torch.Tensor) -> None:
+            optimizer = this()
+            if optimizer is not None:
+                optimizer._on_gradient(p)
+
+        self._hook_handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
+        claim(params, self)
+        self._hooks_finalizer = weakref.finalize(self, _remove_handles, self._hook_handles)
+
     def remove_hooks(self) -> None:
-        """Detach the per-parameter hooks (the optimizer then only updates deferred parameters in `step()`)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        """Take the per-parameter hooks off the parameters, so that a later backward leaves its gradients in `.grad`
+        for whoever uses the model next (the optimizer then only updates deferred parameters in `step()`). Called by
+        the Trainer integration when training ends; [`install_hooks`] puts them back."""
+        if self._hooks_finalizer is not None:
+            self._hooks_finalizer.detach()
+            self._hooks_finalizer = None
+        _remove_handles(self._hook_handles)
+        release(self._hooked_params(), self)
 
 
 class GaLoreAdamWLayerwise(LayerwiseMixin, GaLoreAdamW):
