@@ -71,16 +71,30 @@ def decompress(low: torch.Tensor, side: Side, projection: torch.Tensor) -> torch
     return project_back(low, side, None, projection)
 
 
+def transfer_scale(dim: int, rank: int) -> float:
+    """√(r / (d + r + 1)): the factor that keeps a transferred statistic's expected squared norm unchanged.
+
+    For C = Pᵀ X with P a d×r Gaussian projection (N(0, 1/r) entries) independent of X, and a fresh P',
+    E‖P'ᵀ P C‖² = E‖P Pᵀ X‖² = (d + r + 1)/r · ‖X‖² = (d + r + 1)/r · E‖C‖², because E[(P Pᵀ)²] = (d + r + 1)/r · I.
+    The derivation is in docs/methods/flora.md ("Momentum transfer").
+    """
+    return (rank / (dim + rank + 1)) ** 0.5
+
+
 def transfer(
     low: torch.Tensor, side: Side, old_projection: torch.Tensor, new_projection: torch.Tensor
 ) -> torch.Tensor:
-    """Re-express a compressed statistic in a new projection: down_new(up_old(C)).
+    """Re-express a compressed statistic in a new projection: s · down_new(up_old(C)), s = [`transfer_scale`].
 
-    Computed through the r×r matrix P_newᵀ P_old (LEFT: (P_newᵀ P_old) C; RIGHT: C (P_oldᵀ P_new)) instead of the
-    m×n decompressed intermediate; mathematically identical.
+    down_new(up_old(·)) alone (the paper's transfer) multiplies the expected squared norm by (d + r + 1)/r at every
+    resampling, so a momentum that survives a few resamplings grows geometrically; s keeps it in expectation and
+    leaves the direction unchanged. Computed through the r×r matrix P_newᵀ P_old (LEFT: (P_newᵀ P_old) C; RIGHT:
+    C (P_oldᵀ P_new)) instead of the m×n decompressed intermediate; mathematically identical.
     """
+    dim, rank = old_projection.shape
+    scale = transfer_scale(dim, rank)
     if side == Side.LEFT:
-        return (new_projection.T @ old_projection) @ low
+        return (new_projection.T @ old_projection).mul_(scale) @ low
     if side == Side.RIGHT:
-        return low @ (old_projection.T @ new_projection)
+        return low @ (old_projection.T @ new_projection).mul_(scale)
     raise ValueError(f"Random projections are one-sided (LEFT or RIGHT), got {side!r}.")
