@@ -18,8 +18,10 @@ from hf_galore.optim.flora import (
     ACCUMULATION_STREAM,
     MOMENTUM_STREAM,
     FloraAdafactor,
+    FloraAdafactorAccumulating,
     FloraAdafactorLayerwise,
     FloraAdamW,
+    FloraAdamWAccumulating,
     FloraAdamWLayerwise,
 )
 from hf_galore.projection.random import compress, decompress, gaussian_projection, transfer, transfer_scale
@@ -262,6 +264,62 @@ def test_layerwise_without_accumulation_uses_the_exact_gradient():
     assert optimizer.state[weight]["exp_avg"].shape == (12, 2)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(
+    "cls,plain", [(FloraAdamWAccumulating, FloraAdamW), (FloraAdafactorAccumulating, FloraAdafactor)]
+)
+def test_plain_names_accumulate_compressed_and_equal_one_big_batch(cls, plain):
+    """#14 item 9: the plain names' hooks accumulate r×n / m×r gradients over 4 micro-batches and step() updates once;
+    the trajectory equals one big batch whose gradient goes through the same window's compression (a sum of
+    compressed gradients is the compression of the sum)."""
+    torch.manual_seed(0)
+
+    def build():
+        torch.manual_seed(0)  # 11×16 (left: r×16 accumulator), 13×11 (right: 13×r), then a plain head
+        return torch.nn.Sequential(torch.nn.Linear(16, 11), torch.nn.Tanh(), torch.nn.Linear(11, 13),
+                                   torch.nn.Tanh(), torch.nn.Linear(13, 3))  # fmt: skip
+
+    def groups(model):
+        low = [model[0].weight, model[2].weight]
+        rest = [p for p in model.parameters() if all(p is not q for q in low)]
+        return [{"params": low, "low_rank": True}, {"params": rest}]
+
+    model, twin = build(), build()
+    flag = [False]
+    kwargs = dict(lr=1e-2, rank=3, kappa=2, weight_decay=0.1)
+    optimizer = cls(groups(model), sync_gradients=lambda: flag[0], **kwargs)
+    reference = plain(groups(twin), **kwargs)
+    low_rank = {model[0].weight: (3, 16), model[2].weight: (13, 3)}
+    for step in range(5):  # resamplings of the momentum projection at steps 2 and 4
+        batches = [torch.randn(2, 16) for _ in range(4)]
+        for i, x in enumerate(batches):
+            flag[0] = i == 3
+            model(x).square().sum().backward()
+            if not flag[0]:
+                for weight, shape in low_rank.items():
+                    assert weight.grad is None and optimizer._low_rank_grads[weight].shape == shape
+                assert model[4].weight.grad is not None  # plain parameters accumulate full-size, as usual
+        optimizer.step()
+        assert not optimizer._low_rank_grads
+        twin(torch.cat(batches)).square().sum().backward()
+        for weight in (twin[0].weight, twin[2].weight):
+            group = reference.param_groups[0]
+            state = reference._state_for(weight, group)
+            side = Side(state["side"])
+            projection = reference.projection(state, ACCUMULATION_STREAM, state["step"], 3)
+            weight.grad = decompress(compress(weight.grad, side, projection), side, projection)
+        reference.step()
+        reference.zero_grad()
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert _rel(a.detach(), b.detach()) < 1e-5, (step, name)
+    state = optimizer.state[model[0].weight]
+    assert state["step"] == 5 and state["resample_count"] == 2
+    assert all(isinstance(v, (int, torch.Tensor)) for v in state.values())
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_input_raises_clear_errors():
     weight = torch.nn.Parameter(torch.randn(4, 6))
@@ -297,20 +355,24 @@ def _model(kind: str):
     return LlamaForCausalLM(tiny_llama_config()), lm_dataset()
 
 
-def _args(path, name, **overrides):
-    # The non-layer-wise names must opt in to full-size accumulation (compressed accumulation is layer-wise only).
-    optim_args = "rank=4, kappa=3" + ("" if REGISTRY[name].layerwise else ", accumulation=full")
+def _args(path, name, accumulation="compressed", **overrides):
+    optim_args = "rank=4, kappa=3" + (", accumulation=full" if accumulation == "full" else "")
     values = dict(optim_args=optim_args, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                   max_steps=12, learning_rate=1e-2)  # fmt: skip
     values.update(overrides)
     return training_args(path, name, **values)
 
 
-@pytest.mark.parametrize("name", FLORA_NAMES)
+@pytest.mark.parametrize(
+    "name,accumulation",
+    [(n, "compressed") for n in FLORA_NAMES] + [("flora_adamw", "full"), ("flora_adafactor", "full")],
+)
 @pytest.mark.parametrize("kind", ["roberta", "llama"])
-def test_trainer_with_gradient_accumulation_trains(tmp_path, name, kind, monkeypatch):
+def test_trainer_with_gradient_accumulation_trains(tmp_path, name, accumulation, kind, monkeypatch):
     from hf_galore.optim.flora import _FloraLayerwiseMixin
 
+    if accumulation == "full" and kind == "llama":
+        pytest.skip("full-size accumulation is the Trainer's own; one model is enough")
     compressed_shapes = set()
     original = _FloraLayerwiseMixin._compress_gradient
 
@@ -321,24 +383,42 @@ def test_trainer_with_gradient_accumulation_trains(tmp_path, name, kind, monkeyp
 
     monkeypatch.setattr(_FloraLayerwiseMixin, "_compress_gradient", spy)
     model, dataset = _model(kind)
-    trainer = make_trainer(model, _args(tmp_path, name), dataset)
+    args = _args(tmp_path, name, accumulation)
+    trainer = make_trainer(model, args, dataset)
     loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < loss_before
     optimizer = trainer.optimizer.optimizer
-    assert type(optimizer) is REGISTRY[name].optimizer_cls
+    spec = REGISTRY[name]
+    expected = (spec.hooked_cls(args) if spec.hooked_cls else None) or spec.optimizer_cls
+    assert type(optimizer) is expected
+    assert (expected is spec.optimizer_cls) == (spec.layerwise or accumulation == "full")
     compressed = [s for s in optimizer.state.values() if s.get("side", 0)]
     assert len(compressed) == (12 if kind == "roberta" else 14)
     assert all(s["step"] == 12 and s["resample_count"] == 4 for s in compressed)
-    if REGISTRY[name].layerwise:  # micro-step gradients were accumulated as r×n / m×r inside the Trainer
+    if accumulation == "compressed":  # micro-step gradients were accumulated as r×n / m×r inside the Trainer
         assert compressed_shapes and all(min(low) == 4 and max(low) == max(full) for full, low in compressed_shapes)
-    else:  # the non-layer-wise names leave accumulation to the Trainer (full-size p.grad)
+    else:  # accumulation=full leaves accumulation to the Trainer (full-size p.grad)
         assert not compressed_shapes
 
 
-@pytest.mark.parametrize("name", ["flora_adamw", "flora_adafactor_layerwise"])
-def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name):
-    args = dict(max_steps=8, save_strategy="steps", save_steps=5, logging_steps=1)
+def test_plain_and_layerwise_names_take_the_same_compressed_trajectory(tmp_path):
+    """The plain name's hooks accumulate exactly what the layer-wise name's do; only where the update runs differs."""
+    final = []
+    for name in ("flora_adamw", "flora_adamw_layerwise"):
+        model, dataset = _model("roberta")
+        make_trainer(model, _args(tmp_path / name, name, max_steps=4, max_grad_norm=0.0), dataset).train()
+        final.append(dict(model.named_parameters()))
+    for n, p in final[0].items():
+        assert _rel(p.detach(), final[1][n].detach()) < 1e-5, n
+
+
+@pytest.mark.parametrize(
+    "name,accumulation", [("flora_adamw", "compressed"), ("flora_adamw", "full"), ("flora_adafactor_layerwise", "")]
+)
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name, accumulation):
+    # Checkpoints are written at optimizer-step boundaries, where the compressed accumulators are empty.
+    args = dict(accumulation=accumulation, max_steps=8, save_strategy="steps", save_steps=5, logging_steps=1)
     model, dataset = _model("roberta")
     make_trainer(model, _args(tmp_path / "full", name, **args), dataset).train()
     uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -352,31 +432,22 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, name):
     assert any("resample_count" in s for s in state["state"].values())
 
 
-def test_gradient_accumulation_without_compression_must_be_asked_for(tmp_path):
+def test_compressed_accumulation_refuses_what_it_cannot_do(tmp_path):
+    from types import SimpleNamespace
+
     from hf_galore.errors import UnsupportedSetupError
 
     model, dataset = _model("roberta")
-    with pytest.raises(
-        UnsupportedSetupError, match="optim='flora_adamw_layerwise', or pass optim_args='accumulation=full'"
-    ):
-        make_trainer(model, _args(tmp_path, "flora_adamw", optim_args="rank=4"), dataset).train()
     with pytest.raises(UnsupportedSetupError, match="accumulation=full is for the non-layer-wise"):
-        make_trainer(
-            model, _args(tmp_path, "flora_adamw_layerwise", optim_args="rank=4, accumulation=full"), dataset
-        ).train()
-    # Without accumulation nothing needs to be asked for.
-    make_trainer(model, _args(tmp_path, "flora_adamw", optim_args="rank=4", gradient_accumulation_steps=1, max_steps=1),
-                 dataset).train()  # fmt: skip
-
-
-@pytest.mark.parametrize("name", ["flora_adamw", "flora_adamw_layerwise"])
-def test_frequent_resampling_trains_in_the_trainer(tmp_path, name):
-    """#14 item 2: rank 4 with kappa 2 (a resampling every other step) must still train. Before the fix the
-    momentum blew up and the loss stayed at ln(vocab) ≈ 4.6 (no NaN, no warning); now it reaches ≈ 2."""
-    import math
-
-    model, dataset = _model("llama")
-    args = training_args(tmp_path, name, optim_args="rank=4, kappa=2", max_steps=40, learning_rate=1e-2)
-    trainer = make_trainer(model, args, dataset)
-    trainer.train()
-    assert trainer.evaluate()["eval_loss"] < 0.6 * math.log(model.config.vocab_size)
+        make_trainer(model, _args(tmp_path, "flora_adamw_layerwise", "full"), dataset).train()
+    check = REGISTRY["flora_adamw"].check_setup
+    args = dict(optim_args="rank=4", gradient_accumulation_steps=4, fp16=False, n_gpu=1, world_size=1)
+    check(SimpleNamespace(**args))
+    with pytest.raises(UnsupportedSetupError, match=r"fp16=True.*optim_args='accumulation=full'"):
+        check(SimpleNamespace(**{**args, "fp16": True}))
+    with pytest.raises(UnsupportedSetupError, match="DataParallel over 2 GPUs"):
+        check(SimpleNamespace(**{**args, "n_gpu": 2}))
+    # Without accumulation, or with accumulation=full, the hooks are not used and nothing is refused.
+    check(SimpleNamespace(**{**args, "fp16": True, "gradient_accumulation_steps": 1}))
+    check(SimpleNamespace(**{**args, "fp16": True, "optim_args": "rank=4, accumulation=full"}))
+    assert REGISTRY["flora_adamw"].hooked_cls(SimpleNamespace(**{**args, "gradient_accumulation_steps": 1})) is None

@@ -7,9 +7,10 @@ For each weight of a `low_rank=True` group (an m×n weight, rank r < min(m, n)):
 * the **first moment** M is kept compressed (r×n or m×r) through a Gaussian projection P (N(0, 1/r) entries,
   E[P Pᵀ] = I) regenerated from an int seed. The applied momentum is β·up(M) + (1−β)·(fresh term), the fresh term
   entering uncompressed; every `kappa` steps P is resampled and M is transferred, M ← down_new(up_old(M));
-* with the **layer-wise** names and gradient accumulation, the micro-step gradients of these weights are
-  accumulated compressed (by the [`LayerwiseMixin`] hooks, through its `_compress_gradient` hook) with a projection
-  that is fixed within one accumulation window and resampled for the next, and decompressed once at the boundary.
+* with gradient accumulation, the micro-step gradients of these weights are accumulated compressed (by the
+  [`LayerwiseMixin`] hooks, through its `_compress_gradient` hook) with a projection that is fixed within one
+  accumulation window and resampled for the next, and decompressed once at the boundary. The layer-wise names update
+  in the hooks; the plain names build `Flora*Accumulating`, whose hooks only accumulate and whose `step()` updates.
 
 Every other parameter gets the plain inner update of the parent class (`transformers.Adafactor` /
 `torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `step`,
@@ -301,9 +302,26 @@ class FloraAdamW(_FloraMixin, GaLoreAdamW):
             p.copy_(p32)
 
 
+class _FloraAccumulatingMixin(_FloraLayerwiseMixin):
+    """Compressed gradient accumulation for the non-layer-wise names: the hooks only accumulate (r×n / m×r per
+    targeted weight, the full gradient freed at every micro-step); every update runs in `step()` at the boundary."""
+
+    updates_in_hooks = False
+
+
 class FloraAdafactorLayerwise(_FloraLayerwiseMixin, FloraAdafactor):
     """[`FloraAdafactor`] stepping each weight in its backward hook, accumulating compressed gradients."""
 
 
 class FloraAdamWLayerwise(_FloraLayerwiseMixin, FloraAdamW):
     """[`FloraAdamW`] stepping each weight in its backward hook, accumulating compressed gradients."""
+
+
+class FloraAdafactorAccumulating(_FloraAccumulatingMixin, FloraAdafactor):
+    """[`FloraAdafactor`] accumulating compressed gradients in backward hooks and stepping in `step()`: what
+    `optim="flora_adafactor"` builds with `gradient_accumulation_steps > 1` (unless `accumulation=full`)."""
+
+
+class FloraAdamWAccumulating(_FloraAccumulatingMixin, FloraAdamW):
+    """[`FloraAdamW`] accumulating compressed gradients in backward hooks and stepping in `step()`: what
+    `optim="flora_adamw"` builds with `gradient_accumulation_steps > 1` (unless `accumulation=full`)."""
