@@ -24,21 +24,38 @@ from hf_galore.optim.flora import (
     FloraAdamWAccumulating,
     FloraAdamWLayerwise,
 )
-from hf_galore.projection.random import compress, decompress, gaussian_projection, transfer, transfer_scale
+from hf_galore.projection.random import (
+    GENERATOR_PHILOX,
+    GENERATOR_TORCH_CPU,
+    compress,
+    decompress,
+    gaussian_projection,
+    philox4x32,
+    philox_normal,
+    transfer,
+    transfer_scale,
+)
 from hf_galore.projection.subspace import Side
 
 FLORA_NAMES = sorted(n for n, spec in REGISTRY.items() if spec.method == "FLoRA")
 
 
 # ------------------------------------------------------------------------------------------------ projections
+def _projections(seed: int, draws: int, dim: int, rank: int) -> torch.Tensor:
+    """`draws` independent dim×rank projections at once (entries of one long stream; cheaper than a call each)."""
+    return (philox_normal(seed, draws * dim * rank) * rank**-0.5).float().view(draws, dim, rank)
+
+
 def test_projection_is_isotropic_in_expectation():
     dim, rank, draws = 8, 4, 3000
-    mean = sum(gaussian_projection(s, dim, rank) @ gaussian_projection(s, dim, rank).T for s in range(draws)) / draws
+    projections = _projections(0, draws, dim, rank)
+    mean = (projections @ projections.transpose(1, 2)).mean(0)
     # Entry std of the mean ≈ sqrt(2/(r·draws)) ≈ 0.013: 0.08 is > 6σ, while one draw is far from I.
     assert (mean - torch.eye(dim)).abs().max() < 0.08
     single = gaussian_projection(0, dim, rank)
     assert (single @ single.T - torch.eye(dim)).abs().max() > 0.3
     assert gaussian_projection(0, 1000, 10).var().item() == pytest.approx(0.1, rel=0.05)
+    torch.testing.assert_close(gaussian_projection(5, 30, 7), _projections(5, 1, 30, 7)[0], rtol=0, atol=0)
 
 
 def test_same_seed_same_matrix_and_distinct_seeds_differ():
@@ -55,13 +72,11 @@ def test_decompressed_gradient_is_unbiased_over_seeds():
     torch.manual_seed(0)
     grad = torch.randn(6, 40)
     draws = 4000
+    projections = _projections(1, draws, 6, 2)
 
     def mean_estimate(scale: float) -> torch.Tensor:
-        total = torch.zeros_like(grad)
-        for s in range(draws):
-            proj = gaussian_projection(s, 6, 2) * scale
-            total += decompress(compress(grad, Side.LEFT, proj), Side.LEFT, proj)
-        return total / draws
+        proj = projections * scale
+        return (proj @ (proj.transpose(1, 2) @ grad)).mean(0)
 
     rel = lambda est: float((est - grad).norm() / grad.norm())  # noqa: E731
     # Expected relative error of the mean ≈ sqrt((m+1)/(r·draws)) ≈ 0.03; one draw is ≈ 1.9 off; a 10% bias in the
@@ -70,6 +85,105 @@ def test_decompressed_gradient_is_unbiased_over_seeds():
     assert rel(mean_estimate(1.1**0.5)) > 0.08
     proj = gaussian_projection(0, 6, 2)
     assert rel(decompress(compress(grad, Side.LEFT, proj), Side.LEFT, proj)) > 0.5
+
+
+# The on-device generator (#16 part 3): Philox4x32-10 in int64 tensor ops, Box-Muller from IEEE basic operations.
+def _philox_reference(counter: tuple[int, int, int, int], key: tuple[int, int]) -> list[int]:
+    """Philox4x32-10 on Python ints (arbitrary precision), straight from Salmon et al. (2011)."""
+    x, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * x[0], 0xCD9E8D57 * x[2]
+        x = [(p1 >> 32) ^ x[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ x[3] ^ k[1], p0 & 0xFFFFFFFF]
+        k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+    return x
+
+
+def _normal_reference(seed: int, index: int) -> float:
+    """Entry `index` of `philox_normal(seed, ·)`: Box-Muller with the math module's log, cos and sin."""
+    import math
+
+    words = _philox_reference((index // 4 & 0xFFFFFFFF, index // 4 >> 32, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+    pair = index % 4 // 2
+    u1, u2 = (words[2 * pair] + 1) * 2.0**-32, words[2 * pair + 1] * 2.0**-32
+    radius, angle = math.sqrt(-2 * math.log(u1)), 2 * math.pi * u2
+    return radius * (math.cos(angle) if index % 2 == 0 else math.sin(angle))
+
+
+def test_philox_matches_known_answers_and_the_python_reference():
+    # Known-answer vectors of Random123 (kat_vectors, philox4x32 10) for the reference itself.
+    assert _philox_reference((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _philox_reference((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    counter, key = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)
+    assert _philox_reference(counter, key) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    # The tensor version (counter = (i mod 2³², i >> 32, 0, 0)) on extreme counters and keys: every word in [0, 2³²).
+    counters = torch.tensor([0, 1, 0xFFFFFFFF, 2**32 + 7, 2**40 + 123, 2**63 - 1])
+    for seed in (0, 5, 0xFFFFFFFF, 2**63 - 1, 0x299F31D0A4093822):
+        words = philox4x32(counters, seed)
+        for i, c in enumerate(counters.tolist()):
+            expected = _philox_reference((c & 0xFFFFFFFF, c >> 32, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+            assert words[:, i].tolist() == expected, (seed, c)
+
+
+def test_philox_normals_match_a_libm_box_muller():
+    """The polynomial log/cos/sin agree with the math module's to float64 rounding noise."""
+    for seed in (0, 2**40 + 3, _mix_seed(9, MOMENTUM_STREAM, 4)):
+        values = philox_normal(seed, 4099)
+        assert values.dtype == torch.float64
+        for index in (0, 1, 2, 3, 17, 1000, 4098):
+            assert float(values[index]) == pytest.approx(_normal_reference(seed, index), rel=1e-12, abs=1e-12)
+    projection = gaussian_projection(7, 5, 3)  # entry (i, j) is value i·rank + j, scaled by rank^-1/2, rounded once
+    expected = torch.tensor(
+        [[_normal_reference(7, 3 * i + j) for j in range(3)] for i in range(5)], dtype=torch.float64
+    )
+    expected = expected * 3**-0.5
+    torch.testing.assert_close(projection, expected.float(), rtol=0, atol=0)
+
+
+def test_philox_normals_have_gaussian_moments():
+    n = 400_000
+    z = philox_normal(3, n)
+    other = philox_normal(4, n)
+    # Standard errors with n draws: mean 1/√n, variance √(2/n), E z⁴ √(96/n), correlations 1/√n. Tolerance 5 SE.
+    se = n**-0.5
+    assert abs(float(z.mean())) < 5 * se
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float(z.pow(4).mean()) - 3) < 5 * (96 / n) ** 0.5
+    assert abs(float(z.pow(3).mean())) < 5 * (15 / n) ** 0.5
+    for a, b in ((z[:-1], z[1:]), (z[:-4], z[4:]), (z, other)):  # within a counter, across counters, across seeds
+        assert abs(float((a * b).mean())) < 5 * se
+    tail = float((z.abs() > 1.959964).double().mean())  # P(|z| > 1.96) = 0.05
+    assert abs(tail - 0.05) < 5 * (0.05 * 0.95 / n) ** 0.5
+
+
+def test_old_checkpoints_keep_the_legacy_cpu_generator():
+    """A FloraAdamW state written before the on-device generator (tests/fixtures/flora_state_v0.pt, made with
+    hf_galore 20d5ce6: weights 6×20 and 20×6, rank 3, kappa 100, lr 1e-2, wd 0.1, six steps, saved after three) has no
+    "generator" key: it resumes with the CPU generator it was written with and continues exactly as that version."""
+    from pathlib import Path
+
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "flora_state_v0.pt", weights_only=True)
+    weights = [torch.nn.Parameter(w.clone()) for w in fixture["weights_after_3"]]
+    optimizer = FloraAdamW([{"params": weights, "low_rank": True}], lr=1e-2, rank=3, kappa=100, weight_decay=0.1)
+    optimizer.load_state_dict(fixture["state_dict_after_3"])
+    state = optimizer.state[weights[0]]
+    assert "generator" not in state
+    legacy = gaussian_projection(_mix_seed(state["seed"], MOMENTUM_STREAM, 0), 6, 3, generator=GENERATOR_TORCH_CPU)
+    assert torch.equal(optimizer.projection(state, MOMENTUM_STREAM, 0, 3), legacy)
+    for grads in fixture["grads"][3:]:
+        for w, g in zip(weights, grads):
+            w.grad = g.clone()
+        optimizer.step()
+    for w, expected in zip(weights, fixture["weights_after_6"]):
+        assert _rel(w.detach(), expected) < 1e-6
+    # New states use the on-device generator; a version this code does not know is a clear error.
+    fresh = torch.nn.Parameter(torch.randn(6, 20))
+    other = FloraAdamW([{"params": [fresh], "low_rank": True}], rank=3)
+    fresh.grad = torch.randn(6, 20)
+    other.step()
+    assert other.state[fresh]["generator"] == GENERATOR_PHILOX
+    other.state[fresh]["generator"] = 7
+    with pytest.raises(InvalidConfigError, match=r"generator 7.*newer version"):
+        other.step()
 
 
 def test_full_rank_orthogonal_compression_equals_plain_accumulation():
@@ -101,10 +215,11 @@ def test_transfer_keeps_the_expected_norm(side):
     (d + r + 1)/r = 17.25 here, which compounds at every resampling)."""
     dim, rank, other, draws = 64, 4, 16, 800
     generator = torch.Generator().manual_seed(0)
+    projections = _projections(11, 2 * draws, dim, rank)
     before, after = torch.empty(draws, dtype=torch.float64), torch.empty(draws, dtype=torch.float64)
     for s in range(draws):
         x = torch.randn((dim, other) if side == Side.LEFT else (other, dim), generator=generator)
-        old, new = gaussian_projection(2 * s, dim, rank), gaussian_projection(2 * s + 1, dim, rank)
+        old, new = projections[2 * s], projections[2 * s + 1]
         low = compress(x, side, old)
         before[s], after[s] = low.square().sum(), transfer(low, side, old, new).square().sum()
     ratio = float(after.mean() / before.mean())

@@ -13,8 +13,10 @@ For each weight of a `low_rank=True` group (an m×n weight, rank r < min(m, n)):
   in the hooks; the plain names build `Flora*Accumulating`, whose hooks only accumulate and whose `step()` updates.
 
 Every other parameter gets the plain inner update of the parent class (`transformers.Adafactor` /
-`torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `step`,
-`resample_count` (the κ phase is `step % kappa`), `rows`, `cols`, `side`; no projection is ever stored.
+`torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `generator` (the
+projection generator's version, see [`hf_galore.projection.random`]; absent in states written before it existed,
+which keep the legacy CPU generator), `step`, `resample_count` (the κ phase is `step % kappa`), `rows`, `cols`,
+`side`; no projection is ever stored.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import InvalidConfigError
-from ..projection.random import compress, decompress, gaussian_projection, projected_dim, transfer
+from ..projection.random import (
+    GENERATOR_PHILOX,
+    GENERATOR_TORCH_CPU,
+    GENERATORS,
+    compress,
+    decompress,
+    gaussian_projection,
+    projected_dim,
+    transfer,
+)
 from ..projection.subspace import Side, choose_side, low_rank_shape
 from .base import _mix_seed, bias_corrections, rms
 from .galore import GaLoreAdafactor, GaLoreAdamW
@@ -105,6 +116,7 @@ class _FloraMixin:
             self._init_inner_state(state, tuple(p.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
             return state
         state["seed"] = _mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
+        state["generator"] = GENERATOR_PHILOX  # states written before this key existed use the legacy CPU generator
         state["resample_count"] = 0
         state["rows"], state["cols"] = (int(d) for d in p.shape)
         kwargs = {"dtype": torch.float32, "device": p.device}
@@ -124,7 +136,17 @@ class _FloraMixin:
         side = Side(state["side"])
         dim = projected_dim((state["rows"], state["cols"]), side)
         device = state["exp_avg_sq_row"].device
-        return gaussian_projection(_mix_seed(state["seed"], stream, index), dim, rank, device=device)
+        # A checkpoint written before the on-device generator has no "generator" key: it keeps the CPU generator
+        # its projections came from, so it resumes exactly.
+        generator = state.get("generator", GENERATOR_TORCH_CPU)
+        if generator not in GENERATORS:
+            raise InvalidConfigError(
+                f"The FLoRA optimizer state names projection generator {generator!r}, which this version of hf_galore "
+                f"does not know (known: {GENERATORS}); the checkpoint was written by a newer version. Upgrade "
+                "hf_galore to resume it."
+            )
+        seed = _mix_seed(state["seed"], stream, index)
+        return gaussian_projection(seed, dim, rank, device=device, generator=generator)
 
     def _accumulation_projection(self, state: dict[str, Any], rank: int) -> torch.Tensor:
         # Indexed by the step being accumulated: fixed within one window, fresh for the next.
