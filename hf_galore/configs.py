@@ -493,8 +493,8 @@ class FloraConfig(_OptionsMixin):
     """Configuration of FLoRA's random-projection compression (Hao et al., 2024, arXiv:2402.03293).
 
     Each targeted m×n weight keeps its first moment compressed through a Gaussian random projection (r×n or m×r)
-    that is regenerated from a seed, never stored, and resampled every `kappa` optimizer steps. With the layer-wise
-    names and gradient accumulation, micro-step gradients are also accumulated compressed.
+    that is regenerated from a seed, never stored, and resampled every `kappa` optimizer steps. With gradient
+    accumulation, micro-step gradients are also accumulated compressed (see [`FloraAccumulationConfig`]).
 
     Args:
         rank (`int`, defaults to 128):
@@ -553,10 +553,9 @@ class FloraAccumulationConfig(_OptionsMixin):
 
     Args:
         accumulation (`str`, defaults to `"compressed"`):
-            `compressed`: micro-step gradients are accumulated as m×r (or r×n) random projections; only the
-            layer-wise names (`flora_*_layerwise`) do this, so a non-layer-wise name with gradient accumulation is
-            refused. `full`: let the Trainer accumulate full-size gradients (non-layer-wise names; only the momentum
-            is compressed).
+            `compressed`: micro-step gradients of the targeted weights are accumulated as m×r (or r×n) random
+            projections in backward hooks (every FLoRA name; refuses fp16 and `nn.DataParallel`). `full`: let the
+            Trainer accumulate full-size gradients (non-layer-wise names only; only the momentum is compressed).
     """
 
     section: ClassVar[str] = "FLoRA accumulation"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,9 @@ class OptimizerSpec:
             `configs`; for methods whose trainable set is not "projected Linears + the rest".
         check_setup: Optional `check_setup(args)` raising [`UnsupportedSetupError`] for TrainingArguments the
             method does not support yet; runs before anything else.
+        hooked_cls: Optional `hooked_cls(args)` returning a class to build instead of `optimizer_cls` for these
+            TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the Trainer
+            like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain names).
     """
 
     name: str
@@ -63,6 +67,7 @@ class OptimizerSpec:
     prepare_model: Callable[..., None] | None = None
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
     check_setup: Callable[[Any], None] | None = None
+    hooked_cls: Callable[[Any], type | None] | None = None
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -220,19 +225,28 @@ _register_q_galore()
 
 
 def _register_flora() -> None:
-    """`flora_adafactor`, `flora_adamw` (+ `_layerwise`, which also accumulate gradients compressed)."""
+    """`flora_adafactor`, `flora_adamw` (+ `_layerwise`); all of them accumulate gradients compressed by default."""
     from .configs import FloraAccumulationConfig, FloraAdafactorConfig, FloraConfig
-    from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
+    from .optim.flora import (
+        FloraAdafactor,
+        FloraAdafactorAccumulating,
+        FloraAdafactorLayerwise,
+        FloraAdamW,
+        FloraAdamWAccumulating,
+        FloraAdamWLayerwise,
+    )
 
     entries = [
-        ("flora_adafactor", FloraAdafactor, False, "FLoRA: Adafactor with momentum compressed by seeded projections."),
-        ("flora_adamw", FloraAdamW, False, "FLoRA: compressed momentum, factored second moment, AdamW lr semantics."),
-        ("flora_adafactor_layerwise", FloraAdafactorLayerwise, True,
+        ("flora_adafactor", FloraAdafactor, FloraAdafactorAccumulating,
+         "FLoRA: Adafactor with momentum compressed by seeded projections; gradient accumulation compressed."),
+        ("flora_adamw", FloraAdamW, FloraAdamWAccumulating,
+         "FLoRA: compressed momentum, factored second moment, AdamW lr; gradient accumulation compressed."),
+        ("flora_adafactor_layerwise", FloraAdafactorLayerwise, None,
          "flora_adafactor in backward hooks; gradient accumulation compressed to m×r."),
-        ("flora_adamw_layerwise", FloraAdamWLayerwise, True,
+        ("flora_adamw_layerwise", FloraAdamWLayerwise, None,
          "flora_adamw in backward hooks; gradient accumulation compressed to m×r."),
     ]  # fmt: skip
-    for name, cls, layerwise, summary in entries:
+    for name, cls, accumulating, summary in entries:
         adafactor = "adafactor" in name
         configs = (FloraConfig, FloraAdafactorConfig) if adafactor else (FloraConfig, MultiTensorConfig)
         register_optimizer(
@@ -241,36 +255,67 @@ def _register_flora() -> None:
                 method="FLoRA",
                 optimizer_cls=cls,
                 config_classes=(*configs, FloraAccumulationConfig),
-                layerwise=layerwise,
+                layerwise=accumulating is None,
                 adam_style=not adafactor,
                 summary=summary,
-                check_setup=_flora_accumulation_check(name, layerwise),
+                check_setup=_flora_accumulation_check(name, accumulating is None),
+                hooked_cls=None if accumulating is None else _flora_hooked_cls(name, accumulating),
             )
         )
 
 
+def _flora_accumulation(name: str, args: Any) -> str:
+    """The `accumulation` key of `args.optim_args` for the FLoRA name `name` (validated)."""
+    from .configs import FloraAccumulationConfig
+
+    configs = parse_optim_args(args.optim_args, get_spec(name).config_classes, name)
+    (accumulation,) = [c for c in configs if isinstance(c, FloraAccumulationConfig)]
+    return accumulation.accumulation
+
+
+def _compresses_accumulation(name: str, args: Any) -> bool:
+    """Whether a plain FLoRA name accumulates compressed: gradient accumulation is on and not `accumulation=full`."""
+    return getattr(args, "gradient_accumulation_steps", 1) > 1 and _flora_accumulation(name, args) == "compressed"
+
+
+def _flora_hooked_cls(name: str, accumulating: type) -> Callable[[Any], type | None]:
+    """`hooked_cls` of a plain FLoRA name: its `*Accumulating` class when it accumulates compressed."""
+
+    def hooked_cls(args: Any) -> type | None:
+        return accumulating if _compresses_accumulation(name, args) else None
+
+    return hooked_cls
+
+
 def _flora_accumulation_check(name: str, layerwise: bool) -> Callable[[Any], None]:
-    """`check_setup` of a FLoRA name: compressed accumulation is asked for (the default) but only layer-wise does it."""
+    """`check_setup` of a FLoRA name: `accumulation=full` only for the plain names; compressed accumulation (hooks
+    that free the full gradients) cannot run under fp16 loss scaling or `nn.DataParallel`."""
 
     def check(args: Any) -> None:
-        from .configs import FloraAccumulationConfig
-
-        spec = get_spec(name)
-        (accumulation,) = [
-            c for c in parse_optim_args(args.optim_args, spec.config_classes, name)
-            if isinstance(c, FloraAccumulationConfig)
-        ]  # fmt: skip
-        steps = getattr(args, "gradient_accumulation_steps", 1)
-        if layerwise and accumulation.accumulation == "full":
+        accumulation = _flora_accumulation(name, args)
+        if layerwise and accumulation == "full":
             raise UnsupportedSetupError(
                 f"optim={name!r} always accumulates compressed; accumulation=full is for the non-layer-wise "
                 f"optim={name.removesuffix('_layerwise')!r}. Remove the key."
             )
-        if not layerwise and steps > 1 and accumulation.accumulation == "compressed":
+        if layerwise or not _compresses_accumulation(name, args):
+            return  # the layer-wise names' own checks run in check_supported_setup
+        problems = []
+        fp16 = getattr(args, "fp16", False) or getattr(args, "mixed_precision", None) == "fp16"
+        if fp16 or os.environ.get("ACCELERATE_MIXED_PRECISION", "") == "fp16":
+            problems.append("fp16=True (the loss scale would stay in the compressed accumulators; use bf16=True)")
+        try:
+            world_size = int(args.world_size)
+        except Exception:  # noqa: BLE001 - the property may need a distributed state; treat as one process
+            world_size = 1
+        n_gpu = getattr(args, "n_gpu", 1)
+        if n_gpu > 1 and world_size == 1:
+            problems.append(f"torch.nn.DataParallel over {n_gpu} GPUs (launch one process per GPU with accelerate)")
+        if problems:
             raise UnsupportedSetupError(
-                f"optim={name!r} with gradient_accumulation_steps={steps} would accumulate full-size gradients: "
-                f"FLoRA's compressed accumulation runs in the layer-wise form. Use optim='{name}_layerwise', or "
-                "pass optim_args='accumulation=full' to accumulate full gradients and compress only the momentum."
+                f"optim={name!r} with gradient_accumulation_steps={args.gradient_accumulation_steps} accumulates "
+                f"compressed gradients in backward hooks, which does not support: {'; '.join(problems)}. Change "
+                "those settings, or pass optim_args='accumulation=full' to accumulate full-size gradients."
             )
 
     return check

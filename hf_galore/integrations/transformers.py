@@ -281,9 +281,11 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
         eps=args.adam_epsilon,
         no_decay_names=_no_decay_names(model),
     )
-    if get_spec(name).layerwise:
+    spec = get_spec(name)
+    hooked_cls = spec.hooked_cls(args) if spec.hooked_cls is not None else None  # FLoRA's compressed accumulation
+    if spec.layerwise or hooked_cls is not None:
         kwargs.update(_layerwise_kwargs(args, model, kwargs["params"]))
-    return optimizer_cls, kwargs
+    return hooked_cls or optimizer_cls, kwargs
 
 
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:

@@ -216,7 +216,7 @@ def reference_down(full: torch.Tensor, side: str, proj: torch.Tensor) -> torch.T
 
 class ReferenceFlora:
     """FLoRA for one weight, straight from the paper: full-size factored second moment, compressed momentum with
-    resampling and transfer M ← down_new(up_old(M)) every `kappa` steps, decoupled weight decay, fixed lr.
+    resampling and transfer M ← s·down_new(up_old(M)), s = √(r/(d+r+1)), every `kappa` steps, decoupled weight decay, fixed lr.
 
     `kind="adafactor"`: U = G/√V̂ (β2ₜ = 1 − t^decay), applied = β1·up(M) + (1−β1)·U, M updated with down(U), the
     applied update RMS-clipped. `kind="adamw"`: row/col EMAs with β2, m = β1·up(M) + (1−β1)·G, bias-corrected
@@ -249,7 +249,8 @@ class ReferenceFlora:
         if self.t % self.kappa == 0:
             self.k += 1
             P_new = self.projection(self.k)
-            self.M = reference_down(reference_up(self.M, self.side, P), self.side, P_new)
+            d, r = P.shape  # norm-preserving scale √(r/(d+r+1)) (docs/methods/flora.md, "Momentum transfer")
+            self.M = math.sqrt(r / (d + r + 1)) * reference_down(reference_up(self.M, self.side, P), self.side, P_new)
             P = P_new
         self.M = self.beta1 * self.M + (1 - self.beta1) * reference_down(fresh, self.side, P)
         w = self.w

@@ -7,13 +7,16 @@ For each weight of a `low_rank=True` group (an m×n weight, rank r < min(m, n)):
 * the **first moment** M is kept compressed (r×n or m×r) through a Gaussian projection P (N(0, 1/r) entries,
   E[P Pᵀ] = I) regenerated from an int seed. The applied momentum is β·up(M) + (1−β)·(fresh term), the fresh term
   entering uncompressed; every `kappa` steps P is resampled and M is transferred, M ← down_new(up_old(M));
-* with the **layer-wise** names and gradient accumulation, the micro-step gradients of these weights are
-  accumulated compressed (by the [`LayerwiseMixin`] hooks, through its `_compress_gradient` hook) with a projection
-  that is fixed within one accumulation window and resampled for the next, and decompressed once at the boundary.
+* with gradient accumulation, the micro-step gradients of these weights are accumulated compressed (by the
+  [`LayerwiseMixin`] hooks, through its `_compress_gradient` hook) with a projection that is fixed within one
+  accumulation window and resampled for the next, and decompressed once at the boundary. The layer-wise names update
+  in the hooks; the plain names build `Flora*Accumulating`, whose hooks only accumulate and whose `step()` updates.
 
 Every other parameter gets the plain inner update of the parent class (`transformers.Adafactor` /
-`torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `step`,
-`resample_count` (the κ phase is `step % kappa`), `rows`, `cols`, `side`; no projection is ever stored.
+`torch.optim.AdamW` semantics). The state holds tensors and Python ints only: per weight `seed`, `generator` (the
+projection generator's version, see [`hf_galore.projection.random`]; absent in states written before it existed,
+which keep the legacy CPU generator), `step`, `resample_count` (the κ phase is `step % kappa`), `rows`, `cols`,
+`side`; no projection is ever stored.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import InvalidConfigError
-from ..projection.random import compress, decompress, gaussian_projection, projected_dim, transfer
+from ..projection.random import (
+    GENERATOR_PHILOX,
+    GENERATOR_TORCH_CPU,
+    GENERATORS,
+    compress,
+    decompress,
+    gaussian_projection,
+    projected_dim,
+    transfer,
+)
 from ..projection.subspace import Side, choose_side, low_rank_shape
 from .base import _mix_seed, bias_corrections, rms
 from .galore import GaLoreAdafactor, GaLoreAdamW
@@ -105,6 +117,7 @@ class _FloraMixin:
             self._init_inner_state(state, tuple(p.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
             return state
         state["seed"] = _mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
+        state["generator"] = GENERATOR_PHILOX  # states written before this key existed use the legacy CPU generator
         state["resample_count"] = 0
         state["rows"], state["cols"] = (int(d) for d in p.shape)
         kwargs = {"dtype": torch.float32, "device": p.device}
@@ -127,7 +140,17 @@ class _FloraMixin:
         side = Side(state["side"])
         dim = projected_dim((state["rows"], state["cols"]), side)
         device = state["exp_avg_sq_row"].device
-        return gaussian_projection(_mix_seed(state["seed"], stream, index), dim, rank, device=device)
+        # A checkpoint written before the on-device generator has no "generator" key: it keeps the CPU generator
+        # its projections came from, so it resumes exactly.
+        generator = state.get("generator", GENERATOR_TORCH_CPU)
+        if generator not in GENERATORS:
+            raise InvalidConfigError(
+                f"The FLoRA optimizer state names projection generator {generator!r}, which this version of hf_galore "
+                f"does not know (known: {GENERATORS}); the checkpoint was written by a newer version. Upgrade "
+                "hf_galore to resume it."
+            )
+        seed = _mix_seed(state["seed"], stream, index)
+        return gaussian_projection(seed, dim, rank, device=device, generator=generator)
 
     def _accumulation_projection(self, state: dict[str, Any], rank: int) -> torch.Tensor:
         # Indexed by the step being accumulated: fixed within one window, fresh for the next.
@@ -305,9 +328,26 @@ class FloraAdamW(_FloraMixin, GaLoreAdamW):
             p.copy_(p32)
 
 
+class _FloraAccumulatingMixin(_FloraLayerwiseMixin):
+    """Compressed gradient accumulation for the non-layer-wise names: the hooks only accumulate (r×n / m×r per
+    targeted weight, the full gradient freed at every micro-step); every update runs in `step()` at the boundary."""
+
+    updates_in_hooks = False
+
+
 class FloraAdafactorLayerwise(_FloraLayerwiseMixin, FloraAdafactor):
     """[`FloraAdafactor`] stepping each weight in its backward hook, accumulating compressed gradients."""
 
 
 class FloraAdamWLayerwise(_FloraLayerwiseMixin, FloraAdamW):
     """[`FloraAdamW`] stepping each weight in its backward hook, accumulating compressed gradients."""
+
+
+class FloraAdafactorAccumulating(_FloraAccumulatingMixin, FloraAdafactor):
+    """[`FloraAdafactor`] accumulating compressed gradients in backward hooks and stepping in `step()`: what
+    `optim="flora_adafactor"` builds with `gradient_accumulation_steps > 1` (unless `accumulation=full`)."""
+
+
+class FloraAdamWAccumulating(_FloraAccumulatingMixin, FloraAdamW):
+    """[`FloraAdamW`] accumulating compressed gradients in backward hooks and stepping in `step()`: what
+    `optim="flora_adamw"` builds with `gradient_accumulation_steps > 1` (unless `accumulation=full`)."""

@@ -68,6 +68,9 @@ def _remove_handles(handles: list[Any]) -> None:
 class LayerwiseMixin:
     """Turn a [`LowRankOptimizer`] subclass into a layer-wise one (mix in *before* the optimizer class).
 
+    A subclass with `updates_in_hooks = False` keeps only the accumulation in the hooks and applies every update in
+    `step()` (FLoRA's non-layer-wise names with compressed gradient accumulation).
+
     Args:
         max_grad_norm (`float`, *optional*): Clip the global gradient norm to this value (0 or None: no clipping).
         sync_gradients (`Callable[[], bool]`, *optional*): Returns False on micro-steps that only accumulate
@@ -78,6 +81,9 @@ class LayerwiseMixin:
         deferred_params (`Iterable[torch.Tensor]`, *optional*): Parameters to update in `step()` from their full
             gradient (e.g. tied weights).
     """
+
+    #: Whether the hooks apply the updates at the accumulation boundary (layer-wise) or leave them to `step()`.
+    updates_in_hooks: bool = True
 
     def __init__(
         self,
@@ -209,8 +215,8 @@ class LayerwiseMixin:
         return project(grad, Side(state["side"]), *self._bases(state))  # type: ignore[attr-defined]
 
     def _finish(self, p: torch.Tensor, prepared: torch.Tensor, group: dict[str, Any]) -> None:
-        """Apply now, or (with clipping) once the global norm is known in `step()`."""
-        if self.max_grad_norm > 0:
+        """Apply now, or (with clipping, or without `updates_in_hooks`) in `step()`."""
+        if self.max_grad_norm > 0 or not self.updates_in_hooks:
             self._ready.append((p, prepared))
             self._applied.add(id(p))
             if p.grad is not None:
