@@ -50,6 +50,9 @@ class OptimizerSpec:
             `configs`; for methods whose trainable set is not "projected Linears + the rest".
         check_setup: Optional `check_setup(args)` raising [`UnsupportedSetupError`] for TrainingArguments the
             method does not support yet; runs before anything else.
+        transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
+            transformers' behaviour is observable it is followed: `"all-linear"` includes the output head, and
+            `Trainer.get_learning_rates()` shows transformers' grouping (see `integrations/transformers.py`).
     """
 
     name: str
@@ -63,6 +66,7 @@ class OptimizerSpec:
     prepare_model: Callable[..., None] | None = None
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
     check_setup: Callable[[Any], None] | None = None
+    transformers_name: bool = False
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -102,7 +106,15 @@ def unknown_name_message(name: str, ours: list[str], others: Iterable[str] = ())
 
 def _galore_spec(name: str, cls: type, configs: tuple[type, ...], summary: str, **kwargs: Any) -> OptimizerSpec:
     return register_optimizer(
-        OptimizerSpec(name=name, method="GaLore", optimizer_cls=cls, config_classes=configs, summary=summary, **kwargs)
+        OptimizerSpec(
+            name=name,
+            method="GaLore",
+            optimizer_cls=cls,
+            config_classes=configs,
+            summary=summary,
+            transformers_name=True,
+            **kwargs,
+        )
     )
 
 
@@ -312,13 +324,15 @@ def build_param_groups(
     no_decay_names: set[str] | None = None,
     low_rank_overrides: dict[str, Any] | None = None,
     description: str = "hf_galore",
+    include_heads: bool = False,
 ) -> list[dict[str, Any]]:
     """Param groups for a GaLore-family optimizer: projected weights, then plain decay / no-decay parameters.
 
     Only `requires_grad` parameters are included. Projected weights get `weight_decay`; the others get it unless
     their name is in `no_decay_names` (biases and norms, as the Trainer decides). Empty groups are dropped.
+    `include_heads` makes `"all-linear"` select the output head too (transformers' rule for its `galore_*` names).
     """
-    resolution = resolve_target_modules(model, target_modules)
+    resolution = resolve_target_modules(model, target_modules, include_heads=include_heads)
     log_resolution(resolution, description)
     no_decay_names = no_decay_names if no_decay_names is not None else set()
     return group_parameters(model, resolution.weights(), weight_decay, no_decay_names.__contains__, low_rank_overrides)
@@ -368,5 +382,5 @@ def make_optimizer_kwargs(
     if spec.build_groups is not None:
         kwargs["params"] = spec.build_groups(**group_kwargs, configs=configs)
     else:
-        kwargs["params"] = build_param_groups(**group_kwargs)
+        kwargs["params"] = build_param_groups(**group_kwargs, include_heads=spec.transformers_name)
     return spec.optimizer_cls, kwargs
