@@ -128,10 +128,16 @@ class _Matcher:
     def of(cls, value: object) -> _Matcher:
         if isinstance(value, str):
             return cls(value, (value,), (_compile(value, value),), True)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(entry, str) for entry in value):
+        if not isinstance(value, (list, tuple)):
             raise InvalidConfigError(
-                f"optim_target_modules={value!r} is not a string or a list of strings "
-                f"(got {type(value).__name__}). {_FIX}"
+                f"optim_target_modules={value!r} is not a string or a list of strings (got {type(value).__name__}). "
+                f"{_FIX}"
+            )
+        wrong = [entry for entry in value if not isinstance(entry, str)]
+        if wrong:
+            raise InvalidConfigError(
+                f"optim_target_modules={value!r} is not a string or a list of strings: entry {wrong[0]!r} is a "
+                f"{type(wrong[0]).__name__}. {_FIX}"
             )
         entries = tuple(value)
         return cls(value, entries, tuple(_compile(entry, value) for entry in entries), False)
