@@ -303,10 +303,10 @@ def _describe_targets(targets: TargetSpec) -> str:
     from .targeting import ALL_LINEAR
 
     if isinstance(targets, str) and targets in ALL_LINEAR:
-        return f"{targets!r} (every trainable nn.Linear except output heads/classifiers)"
+        return f"{targets!r} (every trainable nn.Linear except output heads; galore_* names include them)"
     if isinstance(targets, str):
         return f"{targets!r} (a single value is a regex matched against the whole module name)"
-    return f"{targets!r} (a list matches exact module names or dot-suffixes)"
+    return f"{targets!r} (a list entry matches a module name exactly, as a substring, or as a regex)"
 
 
 def format_skipped(skipped: Sequence[tuple[str, str]], examples: int = 3) -> list[str]:
@@ -353,14 +353,13 @@ def format_resolution(
     rows = [[name, "x".join(str(d) for d in module.weight.shape)] for name, module in resolution.modules]
     lines += _format_table(["NAME", "WEIGHT SHAPE"], rows, indent="  ")
     lines.append("")
-    if resolution.skipped and all_skipped:
-        lines.append(f"Skipped modules ({len(resolution.skipped)}):")
-        lines += _format_table(["NAME", "REASON"], [[n, r] for n, r in resolution.skipped], indent="  ")
-    elif resolution.skipped:
-        lines.append(
-            f"Skipped modules ({len(resolution.skipped)}, matched but not projected; --all-skipped lists each):"
-        )
-        lines += format_skipped(resolution.skipped)
+    skipped = resolution.skipped + resolution.ignored  # ignored: non-Linear modules a regex matched (not logged)
+    if skipped and all_skipped:
+        lines.append(f"Skipped modules ({len(skipped)}):")
+        lines += _format_table(["NAME", "REASON"], [[n, r] for n, r in skipped], indent="  ")
+    elif skipped:
+        lines.append(f"Skipped modules ({len(skipped)}, matched but not projected; --all-skipped lists each):")
+        lines += format_skipped(skipped)
     else:
         lines.append("Skipped modules (0): none")
     if heads_left_out:
@@ -412,7 +411,7 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Build the model of MODEL_DIR_OR_CONFIG on the meta device (nothing is downloaded, loaded or "
         "allocated) and show which weights `optim_target_modules` would project. One --targets value is passed as "
         'a string (a regex matched against the whole module name, or "all-linear"); several are passed as a list '
-        "(exact module names or dot-suffixes), exactly as in TrainingArguments.",
+        "(each entry matches a name exactly, as a substring, or as a regex), exactly as in TrainingArguments.",
     )
     parser.add_argument(
         "model",
@@ -434,12 +433,13 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="T",
-        help='"all-linear", one regex, or several module names/dot-suffixes (e.g. --targets q_proj v_proj).',
+        help='"all-linear", one regex, or several module names/substrings/regexes (e.g. --targets q_proj v_proj).',
     )
     parser.add_argument(
         "--include-heads",
         action="store_true",
-        help="With all-linear, also project output heads / task classifiers (lm_head, classifier.*, score, ...).",
+        help="With all-linear, also project output heads / task classifiers (lm_head, classifier.*, score, ...), "
+        "as optim=galore_* does (transformers' all-linear).",
     )
     parser.add_argument(
         "--all-skipped",

@@ -27,6 +27,13 @@ class UnsupportedSetupError(HfGaloreError, RuntimeError):
     """A combination of settings (e.g. layer-wise + gradient accumulation) that is not supported yet."""
 
 
+class NotAPlaceholderError(HfGaloreError, AttributeError):
+    """Code asked a layer-wise optimizer for an attribute of transformers' placeholder (`optimizer_dict`).
+
+    An `AttributeError`, so `hasattr(optimizer, "optimizer_dict")` stays False, as for any real optimizer.
+    """
+
+
 class OptimizerMismatchError(HfGaloreError, RuntimeError):
     """The Trainer built another optimizer than the one its `optim=` name registers (no silent fallback)."""
 

@@ -447,7 +447,7 @@ def estimate_memory(
     adafactor = next((c for c in configs if isinstance(c, AdafactorConfig)), None)
     q_cfg = next((c for c in configs if isinstance(c, QGaLoreConfig)), None)
 
-    resolution = resolve_target_modules(model, target_modules)
+    resolution = resolve_target_modules(model, target_modules, include_heads=spec.transformers_name)
     projected_ids = {id(m.weight) for _, m in resolution.modules}
     if q_cfg is not None:
         tied_targets = [n for n, m in resolution.modules if id(m.weight) in tied]

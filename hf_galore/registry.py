@@ -54,6 +54,9 @@ class OptimizerSpec:
         hooked_cls: Optional `hooked_cls(args)` returning a class to build instead of `optimizer_cls` for these
             TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the Trainer
             like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain names).
+        transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
+            transformers' behaviour is observable it is followed: `"all-linear"` includes the output head, and
+            `Trainer.get_learning_rates()` shows transformers' grouping (see `integrations/transformers.py`).
     """
 
     name: str
@@ -68,6 +71,7 @@ class OptimizerSpec:
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
     check_setup: Callable[[Any], None] | None = None
     hooked_cls: Callable[[Any], type | None] | None = None
+    transformers_name: bool = False
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -107,7 +111,15 @@ def unknown_name_message(name: str, ours: list[str], others: Iterable[str] = ())
 
 def _galore_spec(name: str, cls: type, configs: tuple[type, ...], summary: str, **kwargs: Any) -> OptimizerSpec:
     return register_optimizer(
-        OptimizerSpec(name=name, method="GaLore", optimizer_cls=cls, config_classes=configs, summary=summary, **kwargs)
+        OptimizerSpec(
+            name=name,
+            method="GaLore",
+            optimizer_cls=cls,
+            config_classes=configs,
+            summary=summary,
+            transformers_name=True,
+            **kwargs,
+        )
     )
 
 
@@ -357,13 +369,15 @@ def build_param_groups(
     no_decay_names: set[str] | None = None,
     low_rank_overrides: dict[str, Any] | None = None,
     description: str = "hf_galore",
+    include_heads: bool = False,
 ) -> list[dict[str, Any]]:
     """Param groups for a GaLore-family optimizer: projected weights, then plain decay / no-decay parameters.
 
     Only `requires_grad` parameters are included. Projected weights get `weight_decay`; the others get it unless
     their name is in `no_decay_names` (biases and norms, as the Trainer decides). Empty groups are dropped.
+    `include_heads` makes `"all-linear"` select the output head too (transformers' rule for its `galore_*` names).
     """
-    resolution = resolve_target_modules(model, target_modules)
+    resolution = resolve_target_modules(model, target_modules, include_heads=include_heads)
     log_resolution(resolution, description)
     no_decay_names = no_decay_names if no_decay_names is not None else set()
     return group_parameters(model, resolution.weights(), weight_decay, no_decay_names.__contains__, low_rank_overrides)
@@ -456,5 +470,5 @@ def make_optimizer_kwargs(
     if spec.build_groups is not None:
         kwargs["params"] = spec.build_groups(**group_kwargs, configs=configs)
     else:
-        kwargs["params"] = build_param_groups(**group_kwargs)
+        kwargs["params"] = build_param_groups(**group_kwargs, include_heads=spec.transformers_name)
     return spec.optimizer_cls, kwargs

@@ -1,13 +1,20 @@
-"""Which weights get low-rank treatment, with PEFT's `target_modules` semantics.
+"""Which weights get low-rank treatment: transformers' `optim_target_modules` semantics.
 
-* a string is a regular expression matched with `re.fullmatch` against each module's qualified name;
-* a list matches a module whose name equals an entry or ends with `"." + entry`;
-* `"all-linear"` (or `"all_linear"`) selects every `nn.Linear` except the output head / task classifier: any module
-  with `lm_head`, `classifier`, `classification_head`, `score`, `qa_outputs` or BERT's `cls` in its dotted name,
-  and whatever `get_output_embeddings()` returns.
+`optim_target_modules` is a `TrainingArguments` field, so its meaning is transformers' (its
+`check_target_module_exists`), for every `optim=` name:
 
-Only trainable `nn.Linear` weights are targeted. Quantized bitsandbytes Linears and PEFT's LoRA internals are
-`nn.Linear` subclasses but are never projected; matched non-Linear modules are collected in `TargetResolution.skipped` and logged in one aggregated line.
+* `"all-linear"` (or `"all_linear"`) selects every `nn.Linear`. Under transformers' own names (`galore_*`) that
+  includes the output head (`lm_head`, classifiers), as in transformers; under hf_galore's own names (`q_galore_*`,
+  `flora_*`, `welore_*`) the head is left out (see [`HEAD_NAMES`]), as those methods' papers do;
+* any other string is a regular expression matched with `re.fullmatch` against each module's qualified name;
+* a list (or tuple) of strings matches a module whose name equals an entry, **contains** an entry as a substring,
+  or is fully matched by an entry used as a regular expression (`["attn", "mlp"]`, `[r".*attn.*", r".*mlp.*"]`).
+
+Only trainable `nn.Linear` weights are targeted. Quantized bitsandbytes Linears and PEFT's LoRA internals
+(`lora_A`, `lora_B`, `base_layer`) are `nn.Linear` subclasses but are never projected, however they are matched.
+A matched module that is not projected is listed in `TargetResolution.skipped` and logged in one WARNING line;
+like transformers, a non-Linear module matched only through a regular expression (a container such as
+`self_attn` under `r".*attn.*"`) is not reported. An invalid regular expression raises [`InvalidConfigError`].
 """
 
 from __future__ import annotations
@@ -20,18 +27,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import NoTargetModulesError
+from .errors import InvalidConfigError, NoTargetModulesError
 
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = ("all-linear", "all_linear")
 
-#: Top-level or trailing module names of task heads that `all-linear` leaves out.
+#: Top-level or trailing module names of task heads that `all-linear` leaves out (unless `include_heads=True`).
 HEAD_NAMES = ("lm_head", "classifier", "classification_head", "score", "qa_outputs", "cls")
 
 _PEFT_INTERNALS = re.compile(r"(^|\.)(lora_[A-Za-z_]+|base_layer|lora_magnitude_vector)(\.|$)")
 
 TargetSpec = str | Sequence[str]
+
+#: How a module was matched: by name (exact or substring: reported when it cannot be projected) or by a regex.
+_BY_NAME, _BY_REGEX = "name", "regex"
 
 
 @dataclass
@@ -40,11 +50,15 @@ class TargetResolution:
 
     Attributes:
         modules: `(qualified name, module)` of every targeted Linear, in model order.
-        skipped: `(qualified name, reason)` of matched modules that are not projected.
+        skipped: `(qualified name, reason)` of matched modules that are not projected (logged as a warning).
+        ignored: `(qualified name, reason)` of non-Linear modules matched only through a regular expression
+            (containers, activations): transformers ignores them silently, and so does the log; `hf-galore
+            check-targets` lists them with the skipped ones.
     """
 
     modules: list[tuple[str, nn.Module]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -85,10 +99,65 @@ def _skip_reason(name: str, module: nn.Module) -> str | None:
     return None
 
 
+_FIX = (
+    'Pass "all-linear", one regular expression matched against the whole module name (e.g. r".*(attn|mlp).*"), '
+    'or a list of module names, substrings or regular expressions (e.g. ["q_proj", "v_proj"]).'
+)
+
+
+def _compile(pattern: str, value: object) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InvalidConfigError(
+            f"optim_target_modules={value!r}: {pattern!r} is not a valid regular expression ({exc}). Escape regex "
+            f"characters that should match literally (re.escape, or a backslash before . ( [ + *). {_FIX}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Matcher:
+    """`optim_target_modules` validated and compiled once; `kind(name)` says whether and how a name matches."""
+
+    value: object
+    entries: tuple[str, ...]
+    patterns: tuple[re.Pattern[str], ...]
+    is_string: bool
+
+    @classmethod
+    def of(cls, value: object) -> _Matcher:
+        if isinstance(value, str):
+            return cls(value, (value,), (_compile(value, value),), True)
+        if not isinstance(value, (list, tuple)):
+            raise InvalidConfigError(
+                f"optim_target_modules={value!r} is not a string or a list of strings (got {type(value).__name__}). "
+                f"{_FIX}"
+            )
+        wrong = [entry for entry in value if not isinstance(entry, str)]
+        if wrong:
+            raise InvalidConfigError(
+                f"optim_target_modules={value!r} is not a string or a list of strings: entry {wrong[0]!r} is a "
+                f"{type(wrong[0]).__name__}. {_FIX}"
+            )
+        entries = tuple(value)
+        return cls(value, entries, tuple(_compile(entry, value) for entry in entries), False)
+
+    def kind(self, name: str) -> str | None:
+        """`_BY_NAME`, `_BY_REGEX` or None, in transformers' order: exact, substring (lists), then regex."""
+        if self.is_string:
+            if self.patterns[0].fullmatch(name) is None:
+                return None
+            return _BY_NAME if self.entries[0] == name else _BY_REGEX
+        if name in self.entries or any(entry in name for entry in self.entries):
+            return _BY_NAME
+        if any(pattern.fullmatch(name) is not None for pattern in self.patterns):
+            return _BY_REGEX
+        return None
+
+
 def _matches(name: str, spec: TargetSpec) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in spec)
+    """Whether module `name` is selected by `spec` (a regex string, or a list of names/substrings/regexes)."""
+    return _Matcher.of(spec).kind(name) is not None
 
 
 def _output_module(model: nn.Module) -> nn.Module | None:
@@ -101,6 +170,10 @@ def _output_module(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _embedding_weight_ids(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def resolve_target_modules(
     model: nn.Module, targets: TargetSpec | None, exclude: Sequence[str] = (), include_heads: bool = False
 ) -> TargetResolution:
@@ -108,44 +181,64 @@ def resolve_target_modules(
 
     Args:
         model (`nn.Module`): The model (a PEFT model works too: adapter internals are skipped).
-        targets (`str` or `list[str]`): Regex, list of names/suffixes, or `"all-linear"`.
-        exclude (`list[str]`, *optional*): Names or dot-suffixes to leave out.
-        include_heads (`bool`, defaults to `False`): With `"all-linear"`, also project output heads/classifiers.
+        targets (`str`, `list[str]` or `tuple[str, ...]`): `"all-linear"`, a regex matched against the whole
+            module name, or a list of entries each matching a module by exact name, substring or regex fullmatch.
+        exclude (`list[str]`, *optional*): Modules to leave out, matched with the same list rule.
+        include_heads (`bool`, defaults to `False`): With `"all-linear"`, also project output heads/classifiers
+            (transformers' `all-linear`; the Trainer passes `True` under transformers' `galore_*` names). A head
+            whose weight is tied to an input embedding is still left out, as transformers never projects it.
 
     Raises:
         [`NoTargetModulesError`]: when nothing trainable matched; the message lists the given value and a few
             Linear module names that exist.
+        [`InvalidConfigError`]: when `targets` (or `exclude`) is not a string or list of strings, or holds an
+            invalid regular expression.
     """
-    if targets is None or (not isinstance(targets, str) and len(targets) == 0):
+    if targets is None or (not isinstance(targets, str) and isinstance(targets, Sequence) and len(targets) == 0):
         raise NoTargetModulesError(
-            "GaLore-family optimizers need `optim_target_modules` to know which weights to project, got None. "
-            'Pass e.g. optim_target_modules="all-linear", a regex such as r".*(attn|mlp).*", or a list of module '
-            'names/suffixes such as ["query", "value"].'
+            "GaLore-family optimizers need `optim_target_modules` to know which weights to project, got "
+            f"{targets!r}. {_FIX}"
         )
     all_linear = isinstance(targets, str) and targets in ALL_LINEAR
+    matcher = None if all_linear else _Matcher.of(targets)
+    excluded = _Matcher.of(list(exclude)) if exclude else None
     output_module = _output_module(model)
+    tied_to_embedding = _embedding_weight_ids(model) if all_linear and include_heads else set()
     resolution = TargetResolution()
     for name, module in model.named_modules():
         if not name:
             continue
-        if all_linear:
-            if not isinstance(module, nn.Linear) or (not include_heads and _is_head(name, module, output_module)):
+        if matcher is None:
+            if not isinstance(module, nn.Linear):
                 continue
-        elif not _matches(name, targets):
-            continue
-        if exclude and _matches(name, list(exclude)):
+            if _is_head(name, module, output_module) and (not include_heads or id(module.weight) in tied_to_embedding):
+                continue
+            kind = _BY_NAME
+        else:
+            kind = matcher.kind(name)
+            if kind is None:
+                continue
+        if excluded is not None and excluded.kind(name) is not None:
             continue
         reason = _skip_reason(name, module)
         if reason is None:
             resolution.modules.append((name, module))
         elif _PEFT_INTERNALS.search(name) and not isinstance(module, nn.Linear):
             continue  # PEFT's containers (lora_A ModuleDict, dropout, ...): their Linears are reported instead
-        elif isinstance(module, nn.Linear) or not all_linear:
+        elif not isinstance(module, nn.Linear) and kind == _BY_REGEX and not reason.startswith("PEFT"):
+            resolution.ignored.append((name, reason))  # a container caught by a loose regex: transformers is silent
+        else:
             resolution.skipped.append((name, reason))
     if not resolution.modules:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         examples = ", ".join(linear_names[:6]) or "(the model has no nn.Linear)"
         skipped = f" Matched but skipped: {_summarize_skipped(resolution.skipped)}." if resolution.skipped else ""
+        ignored = (
+            f" Matched only non-Linear modules: {', '.join(name for name, _ in resolution.ignored[:4])}"
+            + (f", … ({len(resolution.ignored)} in all)." if len(resolution.ignored) > 4 else ".")
+            if resolution.ignored
+            else ""
+        )
         # A LoRA PeftModel has no full-size trainable Linear outside `modules_to_save`: say what to do instead.
         peft_hint = (
             " On a PEFT model the LoRA factors are already low-rank and always get the plain inner update; to "
@@ -155,10 +248,10 @@ def resolve_target_modules(
             else ""
         )
         raise NoTargetModulesError(
-            f"optim_target_modules={targets!r} matched no trainable nn.Linear in {type(model).__name__}.{skipped} "
-            f"Linear modules of this model include: {examples}. A string is a regex matched against the whole "
-            'name, a list matches exact names or dot-suffixes; "all-linear" selects every Linear but the head.'
-            f"{peft_hint}"
+            f"optim_target_modules={targets!r} matched no trainable nn.Linear in {type(model).__name__}.{skipped}"
+            f"{ignored} Linear modules of this model include: {examples}. A string is a regex matched against the "
+            'whole name; a list entry matches a name exactly, as a substring, or as a regex; "all-linear" selects '
+            f"every Linear.{peft_hint}"
         )
     return resolution
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +49,15 @@ from . import loading
 from .configs import WeLoreConfig
 from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
 from .modules.low_rank_linear import LowRankLinear
-from .targeting import ALL_LINEAR, TargetSpec, _is_head, _output_module, resolve_target_modules, summarize_names
+from .targeting import (
+    ALL_LINEAR,
+    TargetSpec,
+    _is_head,
+    _matches,
+    _output_module,
+    resolve_target_modules,
+    summarize_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -417,11 +424,7 @@ def _conv1d_skips(model: nn.Module, targets: TargetSpec) -> list[tuple[str, str]
     for name, module in model.named_modules():
         if type(module).__name__ != "Conv1D" or _is_head(name, module, output):
             continue
-        if (
-            all_linear
-            or (isinstance(targets, str) and re.fullmatch(targets, name))
-            or (not isinstance(targets, str) and any(name == t or name.endswith("." + t) for t in targets))
-        ):
+        if all_linear or _matches(name, targets):
             skipped.append((name, _CONV1D_REASON))
     return skipped
 

@@ -200,7 +200,7 @@ def test_check_targets_list_of_suffixes(roberta_dir, capsys):
     assert set(_projected(out)) == {
         f"roberta.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")
     }
-    assert "a list matches exact module names or dot-suffixes" in out
+    assert "a list entry matches a module name exactly, as a substring, or as a regex" in out
 
 
 def test_check_targets_regex(roberta_dir, capsys):

@@ -109,8 +109,10 @@ def test_minilm_demo_short_run(tmp_path, capsys):
     assert metrics["steps"] == 2
     assert metrics["eval_size"] == 64 and metrics["train_size"] == 64
     assert metrics["optimizer_class"] == "hf_galore.optim.galore.GaLoreAdamW"
-    # every encoder Linear (6 layers × 6 matrices, all ≥ 384 wide) is projected at rank 8; the classifier is not
-    assert metrics["projected_weights"] == metrics["targeted_weights"] >= 36
+    # every encoder Linear (6 layers × 6 matrices, all ≥ 384 wide) and the pooler are projected at rank 8; the
+    # classifier (2×384) is targeted too under galore_adamw (transformers' all-linear includes heads) but is
+    # narrower than the rank
+    assert metrics["targeted_weights"] == metrics["projected_weights"] + 1 >= 38
     assert 0 < metrics["optimizer_state_bytes"] < metrics["adamw_state_bytes"]
     out = capsys.readouterr().out
     assert "accuracy" in out and "→" in out and "GaLoreAdamW" in out

@@ -88,7 +88,7 @@ def test_estimate_builds_nothing_and_counts_parameters():
     estimate = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, batch=2, seq=8)
     model = LlamaForCausalLM(tiny_llama_config())
     assert estimate.num_parameters == sum(p.numel() for p in model.parameters())
-    assert estimate.num_projected == 14
+    assert estimate.num_projected == 15  # galore_* follows transformers' all-linear: lm_head included
     assert estimate.gradients == estimate.weights  # fp32, everything trainable, not layer-wise
     assert estimate.activations > 0
     assert estimate.total_peak >= estimate.weights + estimate.state_bytes + estimate.gradients
@@ -111,7 +111,8 @@ def test_layerwise_keeps_one_gradient_and_accumulators():
     # targets (rank 4 × the larger side), full ones for every other parameter.
     clipping = estimate_memory(tiny_llama_config(), "galore_adamw_layerwise", rank=4)
     held = sum(
-        4 * max(p.shape) if p.dim() == 2 and "proj" in name else p.numel() for name, p in model.named_parameters()
+        4 * max(p.shape) if p.dim() == 2 and ("proj" in name or name == "lm_head.weight") else p.numel()
+        for name, p in model.named_parameters()
     )
     assert clipping.gradients == largest + held * 4
 
@@ -196,7 +197,8 @@ def test_step_workspace_follows_the_chunking_rule(monkeypatch):
     sizes, projected_sizes = [], []
     model = LlamaForCausalLM(config)
     for name, p in model.named_parameters():
-        projected = p.dim() == 2 and "proj" in name and min(p.shape) > 8
+        # galore_* names follow transformers' all-linear, which includes lm_head.
+        projected = p.dim() == 2 and ("proj" in name or name == "lm_head.weight") and min(p.shape) > 8
         sizes.append(8 * max(p.shape) if projected else p.numel())
         projected_sizes += [8 * max(p.shape)] if projected else []
     batched = estimate_memory(config, "galore_adamw", rank=8)

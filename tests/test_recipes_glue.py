@@ -334,16 +334,24 @@ def _lora(model):
     return get_peft_model(model, config)
 
 
-def test_all_linear_on_a_lora_model_says_what_to_do(tiny_roberta, tmp_path):
+def test_all_linear_on_a_lora_model_per_name_family(tiny_roberta, tmp_path):
     from trainer_utils import classification_dataset, make_trainer, training_args
 
     from hf_galore.errors import NoTargetModulesError
 
-    trainer = make_trainer(
-        _lora(tiny_roberta), training_args(tmp_path, "galore_adamw", max_steps=2), classification_dataset(16)
-    )
+    # Under hf_galore's own names all-linear leaves the head out, so a LoRA model has nothing to project.
+    args = training_args(tmp_path, "flora_adamw", max_steps=2, optim_args="rank=4")
+    trainer = make_trainer(_lora(tiny_roberta), args, classification_dataset(16))
     with pytest.raises(NoTargetModulesError, match=r"PEFT model.*modules_to_save.*adamw_torch"):
         trainer.train()
+    # Under the galore_* names all-linear is transformers' (heads included): the modules_to_save copies only.
+    model = _lora(tiny_roberta)
+    import hf_galore
+
+    _, kwargs = hf_galore.optimizer_cls_and_kwargs(training_args(tmp_path, "galore_adamw"), model)
+    (low_rank,) = [g for g in kwargs["params"] if g.get("low_rank")]
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    assert {id(p) for p in low_rank["params"]} == {id(head.dense.weight), id(head.out_proj.weight)}
 
 
 def test_galore_on_a_lora_model_projects_modules_to_save_only(tiny_roberta, tmp_path):

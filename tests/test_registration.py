@@ -97,11 +97,12 @@ def test_unknown_optim_args_key_fails_before_training(tmp_path):
 
 
 def test_zero_target_matches_names_the_value_and_existing_modules(tmp_path):
-    args = training_args(tmp_path, "galore_adamw", optim_target_modules=["attn", "mlp"])
+    # LLaMA's module names on a RoBERTa model (["attn", "mlp"] would match RoBERTa's "attention" as a substring).
+    args = training_args(tmp_path, "galore_adamw", optim_target_modules=["q_proj", "mlp"])
     trainer = make_trainer(_roberta(), args, classification_dataset())
     with pytest.raises(NoTargetModulesError) as err:
         trainer.train()
-    assert "['attn', 'mlp']" in str(err.value) and "roberta.encoder.layer.0.attention.self.query" in str(err.value)
+    assert "['q_proj', 'mlp']" in str(err.value) and "roberta.encoder.layer.0.attention.self.query" in str(err.value)
 
 
 def test_missing_target_modules_is_a_clear_error(tmp_path):
@@ -191,7 +192,9 @@ def test_weight_decay_split_and_adam_hyperparameters_reach_the_optimizer(tmp_pat
     assert all(names[id(p)].endswith("weight") for p in low_rank["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
-    assert "classifier.out_proj.weight" in {names[id(p)] for p in decay["params"]}
+    # galore_* names follow transformers' all-linear: the classifier head is projected, embeddings are decayed.
+    assert "classifier.out_proj.weight" in {names[id(p)] for p in low_rank["params"]}
+    assert "roberta.embeddings.word_embeddings.weight" in {names[id(p)] for p in decay["params"]}
     counted = sum(len(g["params"]) for g in groups)
     assert counted == sum(1 for p in model.parameters() if p.requires_grad)
 
@@ -204,4 +207,4 @@ def test_frozen_parameters_are_left_out(tmp_path):
     _, kwargs = hf_galore.optimizer_cls_and_kwargs(training_args(tmp_path, "galore_adamw"), model)
     grouped = {id(p) for g in kwargs["params"] for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
-    assert len(kwargs["params"][0]["params"]) == 11
+    assert len(kwargs["params"][0]["params"]) == 13  # 12 encoder Linears + 2 classifier Linears - the frozen query

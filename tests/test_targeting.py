@@ -1,14 +1,15 @@
-"""Target selection with PEFT semantics."""
+"""Target selection: transformers' `optim_target_modules` rules, PEFT models guarded."""
 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from conftest import LLAMA_LINEARS, ROBERTA_ENCODER_LINEARS
 from torch import nn
 
-from hf_galore.errors import NoTargetModulesError
+from hf_galore.errors import InvalidConfigError, NoTargetModulesError
 from hf_galore.targeting import log_resolution, resolve_target_modules, summarize_names
 
 
@@ -20,6 +21,19 @@ def test_all_linear_excludes_the_classifier_head(tiny_roberta):
 
 def test_all_linear_excludes_lm_head(tiny_llama):
     assert set(resolve_target_modules(tiny_llama, "all-linear").names) == LLAMA_LINEARS
+    # transformers' all-linear (galore_* names): every nn.Linear, lm_head included ...
+    assert set(resolve_target_modules(tiny_llama, "all-linear", include_heads=True).names) == LLAMA_LINEARS | {
+        "lm_head"
+    }
+
+
+def test_transformers_all_linear_leaves_out_a_head_tied_to_the_embedding():
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    # ... except a head tied to the input embedding: transformers never projects a tied weight.
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert set(resolve_target_modules(model, "all-linear", include_heads=True).names) == LLAMA_LINEARS
 
 
 def test_string_is_a_fullmatch_regex(tiny_llama):
@@ -30,26 +44,67 @@ def test_string_is_a_fullmatch_regex(tiny_llama):
         resolve_target_modules(tiny_llama, "q_proj")
 
 
-def test_list_is_exact_name_or_dot_suffix(tiny_roberta):
+def test_list_entry_matches_exactly_as_substring_or_as_regex(tiny_roberta):
+    # transformers' rule (check_target_module_exists): exact name, then substring, then re.fullmatch per entry.
     names = resolve_target_modules(tiny_roberta, ["query", "attention.output.dense"]).names
     assert set(names) == {n for n in ROBERTA_ENCODER_LINEARS if n.endswith(("query", "attention.output.dense"))}
-    # "output.dense" as a suffix matches both the attention output and the FFN output, like PEFT.
     assert len(resolve_target_modules(tiny_roberta, ["output.dense"]).names) == 4
-    # No substring matching: "quer" is not a suffix after a dot.
+    # Substrings: "quer" selects every query (PEFT's suffix rule would have matched nothing).
+    assert set(resolve_target_modules(tiny_roberta, ["quer"]).names) == {
+        n for n in ROBERTA_ENCODER_LINEARS if n.endswith("query")
+    }
+    # Regex entries, as in transformers' tests and docs: [r".*attn.*", r".*mlp.*"].
+    regex = resolve_target_modules(tiny_roberta, [r".*layer\.0\..*(key|value)", "layer.1.attention.self.key"]).names
+    assert regex == [
+        "roberta.encoder.layer.0.attention.self.key",
+        "roberta.encoder.layer.0.attention.self.value",
+        "roberta.encoder.layer.1.attention.self.key",
+    ]
+    # Tuples are accepted like lists (transformers raises a TypeError).
+    assert (
+        resolve_target_modules(tiny_roberta, ("quer",)).names == resolve_target_modules(tiny_roberta, ["quer"]).names
+    )
     with pytest.raises(NoTargetModulesError):
-        resolve_target_modules(tiny_roberta, ["quer"])
+        resolve_target_modules(tiny_roberta, ["nonexistent"])
 
 
-def test_non_linear_matches_are_skipped_and_reported_once(tiny_llama, caplog):
+@pytest.mark.parametrize("value", ["q_proj(", ["q_proj", "mlp["], (r"*attn",)])
+def test_invalid_regex_is_our_clear_error(tiny_llama, value):
+    with pytest.raises(InvalidConfigError, match="not a valid regular expression") as err:
+        resolve_target_modules(tiny_llama, value)
+    message = str(err.value)
+    assert repr(value) in message and "Escape" in message  # the value, the regex error, the fix
+    assert err.value.__cause__ is None and not isinstance(err.value, re.error)
+
+
+@pytest.mark.parametrize("value", [5, {"q_proj"}, ["q_proj", 3]])
+def test_targets_of_another_type_are_refused(tiny_llama, value):
+    with pytest.raises(InvalidConfigError, match="not a string or a list of strings"):
+        resolve_target_modules(tiny_llama, value)
+
+
+def test_regex_matched_containers_are_ignored_quietly(tiny_llama, caplog):
     resolution = resolve_target_modules(tiny_llama, r"model\.layers\.\d+\.(self_attn|mlp)(\..*)?")
     assert set(resolution.names) == LLAMA_LINEARS
+    assert resolution.skipped == [] and "model.layers.0.self_attn" in dict(resolution.ignored)
+    with caplog.at_level(logging.INFO, logger="hf_galore.targeting"):
+        log_resolution(resolution, "test")
+    records = [r for r in caplog.records if r.name == "hf_galore.targeting"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO  # like transformers: no warning for regexes
+    assert "projecting 14 weight(s)" in records[0].getMessage()
+
+
+def test_non_linear_matched_by_name_is_skipped_and_reported_once(tiny_llama, caplog):
+    resolution = resolve_target_modules(tiny_llama, ["self_attn", "mlp"])
+    assert set(resolution.names) == LLAMA_LINEARS
     skipped = dict(resolution.skipped)
-    assert "model.layers.0.self_attn" in skipped and "not an nn.Linear" in skipped["model.layers.0.self_attn"]
+    assert "not an nn.Linear" in skipped["model.layers.0.self_attn"]
+    assert "not an nn.Linear" in skipped["model.layers.1.mlp.act_fn"]
     with caplog.at_level(logging.INFO, logger="hf_galore.targeting"):
         log_resolution(resolution, "test")
     records = [r for r in caplog.records if r.name == "hf_galore.targeting"]
     assert len(records) == 2  # one INFO line with the targets, one WARNING line with everything skipped
-    assert "projecting 14 weight(s)" in records[0].getMessage()
+    assert records[1].levelno == logging.WARNING and "model.layers.0.self_attn" in records[1].getMessage()
 
 
 def test_frozen_and_adapter_internals_are_not_targeted(tiny_llama):

@@ -11,7 +11,9 @@ on version strings:
 4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
    fallback to AdamW), and `Trainer.__init__` to run every check that can refuse the run ([`check_before_training`])
    and then a method's model surgery (WeLore split, Q-GaLore INT8 Linears) before a checkpoint can be loaded into
-   the model.
+   the model;
+5. wraps `Trainer.get_learning_rates` so that transformers' own `galore_*` names show transformers' grouping
+   (see [`transformers_learning_rates`]).
 
 [`unregister`] undoes all of it exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
 `Trainer(optimizer_cls_and_kwargs=...)`.
@@ -38,6 +40,7 @@ from ..errors import (
 from ..optim.layerwise import is_layerwise
 from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, optimizer_settings, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
+from .learning_rates import transformers_learning_rates
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class _Registration:
         self.original_get_cls_and_kwargs: Any = None
         self.original_create_optimizer: Any = None
         self.original_init: Any = None
+        self.original_get_learning_rates: Any = None
 
 
 _STATE = _Registration()
@@ -407,6 +411,19 @@ def _wrap_create_optimizer(original: Any) -> Any:
     return create_optimizer
 
 
+def _wrap_get_learning_rates(original: Any) -> Any:
+    @functools.wraps(original)
+    def get_learning_rates(self: Any) -> list[Any]:
+        name = str(getattr(self.args.optim, "value", self.args.optim))
+        spec = REGISTRY.get(name)
+        actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
+        if spec is not None and spec.transformers_name and isinstance(actual, spec.optimizer_cls):
+            return transformers_learning_rates(actual)
+        return original(self)
+
+    return get_learning_rates
+
+
 def register() -> None:
     """Make our names valid `optim=` choices and route the stock Trainer to our optimizers (idempotent).
 
@@ -446,6 +463,9 @@ def register() -> None:
     Trainer.create_optimizer = _wrap_create_optimizer(_STATE.original_create_optimizer)
     _STATE.original_init = Trainer.__dict__["__init__"]
     Trainer.__init__ = _wrap_init(_STATE.original_init)
+    if "get_learning_rates" in Trainer.__dict__:
+        _STATE.original_get_learning_rates = Trainer.__dict__["get_learning_rates"]
+        Trainer.get_learning_rates = _wrap_get_learning_rates(_STATE.original_get_learning_rates)
     _STATE.active = True
     logger.debug("hf_galore registered optimizers: %s", ", ".join(REGISTRY))
 
@@ -459,6 +479,8 @@ def unregister() -> None:
     names = _optimizer_names()
     Trainer.create_optimizer = _STATE.original_create_optimizer
     Trainer.__init__ = _STATE.original_init
+    if _STATE.original_get_learning_rates is not None:
+        Trainer.get_learning_rates = _STATE.original_get_learning_rates
     if _STATE.had_own_missing:
         names._missing_ = _STATE.missing_hook
     else:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import UnsupportedSetupError
+from ..errors import NotAPlaceholderError, UnsupportedSetupError
 from ..projection.subspace import Side, project
 from ._hooks import check_unhooked, claim, release
 from .base import LowRankOptimizer
@@ -130,6 +130,21 @@ class LayerwiseMixin:
     def set_sync_source(self, sync_gradients: Callable[[], bool]) -> None:
         """Read the accumulation boundary from `sync_gradients` from now on (for an optimizer built by hand)."""
         self._sync_gradients = sync_gradients
+
+    @property
+    def optimizer_dict(self) -> dict[torch.Tensor, torch.optim.Optimizer]:
+        """Not available: transformers' layer-wise placeholder keeps one optimizer per parameter, this is the real one.
+
+        Raises:
+            [`NotAPlaceholderError`] (an `AttributeError`) naming what to read instead.
+        """
+        raise NotAPlaceholderError(
+            f"{type(self).__name__} has no `optimizer_dict`: transformers' layer-wise GaLore hands the Trainer a "
+            "placeholder (LayerWiseDummyOptimizer) over one optimizer per parameter, but hf_galore's layer-wise "
+            "optimizer is the real optimizer. Read `optimizer.param_groups` (the Trainer's scheduler drives their "
+            "'lr'), `optimizer.state[param]` and `optimizer.state_dict()` directly; "
+            "`trainer.get_learning_rates()` and the logged learning rate work as for any optimizer."
+        )
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:

@@ -416,7 +416,10 @@ def apply_method(model: Any, model_args: ModelArguments, training_args: Training
     if optim in hf_galore.REGISTRY:
         training_args.optim_args = merged_optim_args(optim, training_args.optim_args, model_args)
         if training_args.optim_target_modules is None:
-            logger.info("No optim_target_modules given: using 'all-linear' (every encoder Linear, not the head).")
+            logger.info(
+                "No optim_target_modules given: using 'all-linear' (every Linear; the classifier head too under the "
+                "galore_* names, as in transformers)."
+            )
             training_args.optim_target_modules = "all-linear"
     return model
 
