@@ -7,10 +7,12 @@ import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
 from trainer_utils import (
+    assert_model_unchanged,
     assert_stock_load_without_hf_galore,
     classification_dataset,
     lm_dataset,
     make_trainer,
+    snapshot_model,
     training_args,
 )
 from transformers import (
@@ -316,31 +318,6 @@ def test_quantize_model_is_idempotent_and_rejects_tied_weights():
 
 
 # ---------------------------------------------------------------------------------------------------- refused runs
-def _snapshot(model):
-    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-        _config(model),
-    )
-
-
-def _assert_unchanged(model, snapshot):
-    tensors, types, flags, config = snapshot
-    after = model.state_dict()
-    assert list(after) == list(tensors)
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-    assert _config(model) == config
-
-
-def _config(model):
-    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
-    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
-
-
 def _without_bitsandbytes(monkeypatch):
     from hf_galore.utils import imports
 
@@ -364,7 +341,7 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     name, overrides = "q_galore_adamw_8bit", {}
     if case == "no_bitsandbytes":
         _without_bitsandbytes(monkeypatch)
@@ -386,7 +363,7 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
     args = training_args(tmp_path, name, **{"optim_args": Q_ARGS, **overrides})
     with pytest.raises(getattr(hf_galore.errors, error), match=match):
         make_trainer(model, args, lm_dataset(n=8)).train()
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
 
 
 def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_path):

@@ -11,10 +11,12 @@ import torch
 from conftest import tiny_llama_config, tiny_roberta_config
 from torch import nn
 from trainer_utils import (
+    assert_model_unchanged,
     assert_stock_load_without_hf_galore,
     classification_dataset,
     lm_dataset,
     make_trainer,
+    snapshot_model,
     training_args,
 )
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM, RobertaForSequenceClassification
@@ -207,31 +209,6 @@ def test_bad_optim_args_fail_before_training(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def _snapshot(model):
-    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-        _config(model),
-    )
-
-
-def _assert_unchanged(model, snapshot):
-    tensors, types, flags, config = snapshot
-    after = model.state_dict()
-    assert list(after) == list(tensors)
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
-    assert _config(model) == config
-
-
-def _config(model):
-    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
-    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
-
-
 @pytest.mark.parametrize(
     ("case", "error", "match"),
     [
@@ -245,7 +222,7 @@ def _config(model):
 def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, error, match):
     """Every check that can refuse the run runs before the split (#14): a retry gets the model it passed."""
     model = _roberta()
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     name, overrides, callbacks = "welore_adamw", {}, None
     if case == "no_bitsandbytes":
         from hf_galore.utils import imports
@@ -264,7 +241,7 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
     args = _welore_args(tmp_path, name, **overrides)
     with pytest.raises(error, match=match):
         make_trainer(model, args, classification_dataset(n=8), callbacks=callbacks).train()
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
 
 
 def test_model_with_no_eligible_linear_names_the_conv1d_layers():

@@ -82,3 +82,29 @@ def assert_stock_load_without_hf_galore(auto_class: str, quantized_dir, quant_me
     assert "REFUSED: RuntimeError" in result.stdout and "LOADED" not in result.stdout, output
     assert f"Unknown quantization type, got {quant_method}" in output, output
     assert "mismatch" in result.stdout, output
+
+
+# Refused runs: everything a refused run must leave as it was.
+def snapshot_model(model):
+    """Everything a refused run must leave as it was: tensors (bitwise), module types, trainable flags, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        _config_without_use_cache(model),
+    )
+
+
+def assert_model_unchanged(model, snapshot):
+    tensors, types, flags, config = snapshot
+    after = model.state_dict()
+    assert list(after) == list(tensors)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in tensors.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert _config_without_use_cache(model) == config
+
+
+def _config_without_use_cache(model):
+    # The stock Trainer sets `use_cache` from its arguments in every constructor; everything else must stay.
+    return {k: v for k, v in model.config.to_dict().items() if k != "use_cache"}
