@@ -21,9 +21,9 @@ Needs the offline assets (see `offline_assets.py`)::
     python recipes/demo/minilm_sentiment.py                 # 4 to 25 minutes on 2 CPU cores, see below
     python recipes/demo/minilm_sentiment.py --optim adamw_torch --learning-rate 5e-5   # full-rank baseline
 
-Measured on 2 CPU cores (torch 2.13 CPU, transformers 5.23), defaults (200 steps of 32 sentences, max_length 64,
-lr 1e-4, rank 8, scale 4, update_proj_gap 100): validation accuracy 0.525 → 0.821 (F1 0.821) in 205 s of training
-(1.03 s/step), 233 s including both evaluations; optimizer state 93.3 MiB against 173.3 MiB for AdamW (the
+Measured on 2 CPU cores (torch 2.13 CPU, transformers 5.24), defaults (200 steps of 32 sentences, max_length 64,
+lr 1e-4, rank 8, scale 4, update_proj_gap 100): validation accuracy 0.525 → 0.810 (F1 0.812) in 177 s of training
+(0.88 s/step), 196 s including both evaluations; optimizer state 93.3 MiB against 173.3 MiB for AdamW (the
 non-projected word embeddings, 11.7 M parameters, keep full AdamW moments). The full-rank AdamW baseline above
 reached 0.834. Wall time depends on the machine and its load: another 2-core machine (AVX2, busy) took 24 minutes
 for the same run.
