@@ -496,14 +496,8 @@ class LowRankOptimizer(Optimizer):
             state["proj_bits"], state["proj_group_size"], state["proj_dtype"] = bits, group_size, _DTYPES.index(dtype)
 
     def _refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: Side) -> bool:
-        """Recompute the basis from `grad`; on a non-finite gradient or a failed decomposition keep the old one."""
-        if not bool(torch.isfinite(grad).all()):
-            self._warn_once(
-                "nonfinite",
-                "A projected weight has a NaN/Inf gradient at a subspace refresh: its previous basis is kept (or, "
-                "on its first refresh, its update is skipped). Check the loss scale / learning rate.",
-            )
-            return False
+        """Recompute the basis from `grad` (finite: `_prepare_gradient` skips the whole update of a non-finite one);
+        on a failed decomposition keep the old basis."""
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(_mix_seed(state["seed"], state["refresh_count"]))
         mode = group["refresh_signs"]
