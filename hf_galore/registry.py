@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -300,34 +299,15 @@ def _flora_hooked_cls(name: str, accumulating: type) -> Callable[[Any], type | N
 
 
 def _flora_accumulation_check(name: str, layerwise: bool) -> Callable[[Any], None]:
-    """`check_setup` of a FLoRA name: `accumulation=full` only for the plain names; compressed accumulation (hooks
-    that free the full gradients) cannot run under fp16 loss scaling or `nn.DataParallel`."""
+    """`check_setup` of a FLoRA name: `accumulation=full` only for the plain names. (What compressed accumulation
+    cannot run under, fp16 loss scaling and `nn.DataParallel`, is refused for every hook-driven optimizer by
+    `check_supported_setup`.)"""
 
     def check(args: Any) -> None:
-        accumulation = _flora_accumulation(name, args)
-        if layerwise and accumulation == "full":
+        if layerwise and _flora_accumulation(name, args) == "full":
             raise UnsupportedSetupError(
                 f"optim={name!r} always accumulates compressed; accumulation=full is for the non-layer-wise "
                 f"optim={name.removesuffix('_layerwise')!r}. Remove the key."
-            )
-        if layerwise or not _compresses_accumulation(name, args):
-            return  # the layer-wise names' own checks run in check_supported_setup
-        problems = []
-        fp16 = getattr(args, "fp16", False) or getattr(args, "mixed_precision", None) == "fp16"
-        if fp16 or os.environ.get("ACCELERATE_MIXED_PRECISION", "") == "fp16":
-            problems.append("fp16=True (the loss scale would stay in the compressed accumulators; use bf16=True)")
-        try:
-            world_size = int(args.world_size)
-        except Exception:  # noqa: BLE001 - the property may need a distributed state; treat as one process
-            world_size = 1
-        n_gpu = getattr(args, "n_gpu", 1)
-        if n_gpu > 1 and world_size == 1:
-            problems.append(f"torch.nn.DataParallel over {n_gpu} GPUs (launch one process per GPU with accelerate)")
-        if problems:
-            raise UnsupportedSetupError(
-                f"optim={name!r} with gradient_accumulation_steps={args.gradient_accumulation_steps} accumulates "
-                f"compressed gradients in backward hooks, which does not support: {'; '.join(problems)}. Change "
-                "those settings, or pass optim_args='accumulation=full' to accumulate full-size gradients."
             )
 
     return check

@@ -555,7 +555,11 @@ def test_compressed_accumulation_refuses_what_it_cannot_do(tmp_path):
     model, dataset = _model("roberta")
     with pytest.raises(UnsupportedSetupError, match="accumulation=full is for the non-layer-wise"):
         make_trainer(model, _args(tmp_path, "flora_adamw_layerwise", "full"), dataset).train()
-    check = REGISTRY["flora_adamw"].check_setup
+    from hf_galore.integrations.transformers import check_supported_setup
+
+    def check(args):
+        check_supported_setup(args, "flora_adamw")
+
     args = dict(optim_args="rank=4", gradient_accumulation_steps=4, fp16=False, n_gpu=1, world_size=1)
     check(SimpleNamespace(**args))
     with pytest.raises(UnsupportedSetupError, match=r"fp16=True.*optim_args='accumulation=full'"):

@@ -99,6 +99,11 @@ def _reduce_member(value: str, protocol: int) -> tuple[Any, tuple[str]]:
     return optimizer_name_from_pickle, (value,)
 
 
+def _optim_name(optim: Any) -> str:
+    """The name of `TrainingArguments.optim`, which is an `OptimizerNames` member or a plain string."""
+    return str(getattr(optim, "value", optim))
+
+
 def _add_enum_member(enum_cls: type, value: str) -> bool:
     """Add `value` to the closed Enum `enum_cls` in place; False if it already exists."""
     if value in enum_cls._value2member_map_:
@@ -153,7 +158,10 @@ def check_supported_setup(args: Any, name: str) -> None:
             "(DTensor shards) is not implemented (see docs/how_to/accelerate.md). Use DDP "
             "(`accelerate launch --num_processes N`, no FSDP config) or a single GPU."
         )
-    if not spec.layerwise:
+    # Optimizers driven by backward hooks: the layer-wise names, and a plain name whose `hooked_cls` takes over for
+    # these arguments (FLoRA's compressed gradient accumulation). The hooks consume each gradient in backward.
+    hooked = spec.hooked_cls is not None and spec.hooked_cls(args) is not None
+    if not (spec.layerwise or hooked):
         return
     problems = []
     # fp16 may come from TrainingArguments or only from the accelerate launch config (then `args.fp16` stays False).
@@ -162,11 +170,17 @@ def check_supported_setup(args: Any, name: str) -> None:
         problems.append("fp16=True (use bf16=True: loss scaling must unscale and inf-check every gradient first)")
     if getattr(args, "n_gpu", 1) > 1 and _training_args_world_size(args) == 1:
         problems.append(f"torch.nn.DataParallel over {args.n_gpu} GPUs (launch one process per GPU with accelerate)")
-    if problems:
+    if problems and spec.layerwise:
         base = name.removesuffix("_layerwise")
         raise UnsupportedSetupError(
             f"optim={name!r} updates each weight inside backward and does not support: {'; '.join(problems)}. "
             f"Change those settings, or use the non-layer-wise optim={base!r}, which supports them."
+        )
+    if problems:
+        raise UnsupportedSetupError(
+            f"optim={name!r} with gradient_accumulation_steps={args.gradient_accumulation_steps} accumulates "
+            f"compressed gradients in backward hooks, which does not support: {'; '.join(problems)}. Change "
+            "those settings, or pass optim_args='accumulation=full' to accumulate full-size gradients."
         )
 
 
@@ -272,7 +286,7 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
         >>> trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model, "galore_adamw"))
         ```
     """
-    name = str(getattr(optim, "value", optim) if optim is not None else getattr(args.optim, "value", args.optim))
+    name = _optim_name(optim if optim is not None else args.optim)
     check_supported_setup(args, name)
     optimizer_cls, kwargs = make_optimizer_kwargs(
         name,
@@ -312,7 +326,7 @@ def _wrap_get_cls_and_kwargs(original: Any, route: bool = True) -> Any:
 
     @functools.wraps(original)
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
-        name = str(getattr(args.optim, "value", args.optim))
+        name = _optim_name(args.optim)
         if name in REGISTRY:
             split_optim_args(args.optim_args)  # raises our InvalidConfigError naming the malformed item
             if route:
@@ -332,7 +346,7 @@ def prepare_model_for(args: Any, model: nn.Module | None) -> None:
     and before any DDP wrap; [`check_before_training`] ran before the stock constructor. The optimizer handler calls
     it again and finds the model already prepared.
     """
-    name = str(getattr(args.optim, "value", args.optim))
+    name = _optim_name(args.optim)
     spec = REGISTRY.get(name)
     if spec is None or spec.prepare_model is None or model is None:
         return
@@ -361,7 +375,7 @@ def _check_before_init(signature: inspect.Signature, trainer: Any, args: tuple, 
     training_args = bound.get("args")
     if training_args is None:
         return
-    name = str(getattr(training_args.optim, "value", training_args.optim))
+    name = _optim_name(training_args.optim)
     spec = REGISTRY.get(name)
     optimizers = bound.get("optimizers") or (None, None)
     if spec is None or optimizers[0] is not None or bound.get("optimizer_cls_and_kwargs") is not None:
@@ -387,7 +401,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
     @functools.wraps(original)
     def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = original(self, *args, **kwargs)
-        name = str(getattr(self.args.optim, "value", self.args.optim))
+        name = _optim_name(self.args.optim)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
         if name in REGISTRY and getattr(self, "optimizer_cls_and_kwargs", None) is None:
             expected = REGISTRY[name].optimizer_cls
@@ -414,7 +428,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
 def _wrap_get_learning_rates(original: Any) -> Any:
     @functools.wraps(original)
     def get_learning_rates(self: Any) -> list[Any]:
-        name = str(getattr(self.args.optim, "value", self.args.optim))
+        name = _optim_name(self.args.optim)
         spec = REGISTRY.get(name)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
         if spec is not None and spec.transformers_name and isinstance(actual, spec.optimizer_cls):
