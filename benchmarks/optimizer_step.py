@@ -61,7 +61,7 @@ def build_optimizer(method: str, model: Any, foreach: bool, rank: int, steps: in
     """`method` over all-linear targets with `foreach`; `adamw_torch` is `torch.optim.AdamW(foreach=...)`."""
     import torch
 
-    from hf_galore.registry import make_optimizer_kwargs
+    from hf_galore.builder import make_optimizer_kwargs
 
     if method == "adamw_torch":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=foreach)

@@ -22,11 +22,11 @@ from functools import partial
 
 import torch
 
-from hf_galore.optim.base import LOW_RANK_DEFAULTS
+from hf_galore.methods.galore import GaLoreConfig
 from hf_galore.projection.random import GENERATOR_PHILOX, GENERATOR_TORCH_CPU, gaussian_projection
 from hf_galore.projection.subspace import left_basis
 
-POWER_ITERS, OVERSAMPLE = LOW_RANK_DEFAULTS["power_iters"], LOW_RANK_DEFAULTS["oversample"]
+POWER_ITERS, OVERSAMPLE = GaLoreConfig.power_iters, GaLoreConfig.oversample
 SHAPES = [(768, 3072, 8), (1024, 2736, 256), (4096, 4096, 128), (4096, 11008, 256), (4096, 11008, 512)]
 
 

@@ -78,7 +78,7 @@ def _build_model(name: str, device: str, dtype: Any):
 def _build_optimizer(method: str, model: Any, args: argparse.Namespace):
     """hf_galore's optimizer `method`, or a baseline of `baselines.py`, over the same all-linear targets."""
     import hf_galore
-    from hf_galore.registry import make_optimizer_kwargs
+    from hf_galore.builder import make_optimizer_kwargs
     from hf_galore.targeting import resolve_target_modules
 
     if method in baselines.PACKAGES:

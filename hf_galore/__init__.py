@@ -40,6 +40,7 @@ from .errors import (
     UnsupportedSetupError,
     UnsupportedTransformersVersionError,
 )
+from .utils.deprecation import install_module_aliases
 
 #: Public name -> the submodule (relative to this package) that defines it, imported on first access.
 _LAZY: dict[str, str] = {
@@ -48,14 +49,15 @@ _LAZY: dict[str, str] = {
             "AdafactorConfig",
             "Blockwise8bitConfig",
             "FloraConfig",
-            "GaLoreConfig",
             "MultiTensorConfig",
-            "QGaLoreConfig",
-            "WeLoreConfig",
             "parse_optim_args",
         ],
         ".configs",
     ),
+    "GaLoreConfig": ".methods.galore",
+    "QGaLoreConfig": ".methods.q_galore",
+    "FloraConfig": ".methods.flora",
+    "WeLoreConfig": ".methods.welore",
     "WeLoreCallback": ".integrations.callbacks",
     **dict.fromkeys(
         ["is_registered", "optimizer_cls_and_kwargs", "register", "unregister"], ".integrations.transformers"
@@ -70,28 +72,29 @@ _LAZY: dict[str, str] = {
             "GaLoreAdamW8bit",
             "GaLoreAdamW8bitLayerwise",
             "GaLoreAdamWLayerwise",
-            "LowRankOptimizer",
         ],
-        ".optim",
+        ".methods.galore",
     ),
+    "LowRankOptimizer": ".optim",
     **dict.fromkeys(
-        ["FloraAdafactor", "FloraAdafactorLayerwise", "FloraAdamW", "FloraAdamWLayerwise"], ".optim.flora"
+        ["FloraAdafactor", "FloraAdafactorLayerwise", "FloraAdamW", "FloraAdamWLayerwise"], ".methods.flora"
     ),
-    **dict.fromkeys(["QGaLoreAdamW8bit", "QGaLoreAdamW8bitLayerwise"], ".optim.q_galore"),
-    **dict.fromkeys(
-        ["REGISTRY", "OptimizerSpec", "build_param_groups", "get_spec", "register_optimizer"], ".registry"
-    ),
-    **dict.fromkeys(["TargetResolution", "resolve_target_modules"], ".targeting"),
+    **dict.fromkeys(["QGaLoreAdamW8bit", "QGaLoreAdamW8bitLayerwise"], ".methods.q_galore"),
+    **dict.fromkeys(["WeLoreAdamW", "WeLoreAdamW8bit"], ".methods.welore"),
+    **dict.fromkeys(["REGISTRY", "OptimizerSpec", "get_spec", "register_optimizer"], ".registry"),
+    **dict.fromkeys(["TargetResolution", "build_param_groups", "resolve_target_modules"], ".targeting"),
 }
-#: Submodules exposed as attributes (`hf_galore.welore.analyze(...)`).
-_SUBMODULES = ("loading", "q_galore", "welore")
+#: Submodules exposed as attributes (`hf_galore.welore.analyze(...)`): name -> module.
+_SUBMODULES = {"loading": ".loading", "q_galore": ".methods.q_galore", "welore": ".methods.welore"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        if _LAZY[name] == ".registry":
+            importlib.import_module(".methods", __name__)  # the methods register their names on import
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(_SUBMODULES[name], __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip __getattr__
@@ -103,34 +106,28 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static analysis and IDEs see; at run time these come from __getattr__
-    from . import loading, q_galore, welore
-    from .configs import (
-        AdafactorConfig,
-        Blockwise8bitConfig,
-        FloraConfig,
-        GaLoreConfig,
-        MultiTensorConfig,
-        QGaLoreConfig,
-        WeLoreConfig,
-        parse_optim_args,
-    )
+    from . import loading
+    from .configs import AdafactorConfig, Blockwise8bitConfig, MultiTensorConfig, parse_optim_args
     from .integrations.callbacks import WeLoreCallback
     from .integrations.transformers import is_registered, optimizer_cls_and_kwargs, register, unregister
-    from .modules.int8_linear import Int8Linear
-    from .modules.low_rank_linear import LowRankLinear
-    from .optim import (
+    from .methods import q_galore, welore
+    from .methods.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise, FloraConfig
+    from .methods.galore import (
         GaLoreAdafactor,
         GaLoreAdafactorLayerwise,
         GaLoreAdamW,
         GaLoreAdamW8bit,
         GaLoreAdamW8bitLayerwise,
         GaLoreAdamWLayerwise,
-        LowRankOptimizer,
+        GaLoreConfig,
     )
-    from .optim.flora import FloraAdafactor, FloraAdafactorLayerwise, FloraAdamW, FloraAdamWLayerwise
-    from .optim.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
-    from .registry import REGISTRY, OptimizerSpec, build_param_groups, get_spec, register_optimizer
-    from .targeting import TargetResolution, resolve_target_modules
+    from .methods.q_galore import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise, QGaLoreConfig
+    from .methods.welore import WeLoreAdamW, WeLoreAdamW8bit, WeLoreConfig
+    from .modules.int8_linear import Int8Linear
+    from .modules.low_rank_linear import LowRankLinear
+    from .optim import LowRankOptimizer
+    from .registry import REGISTRY, OptimizerSpec, get_spec, register_optimizer
+    from .targeting import TargetResolution, build_param_groups, resolve_target_modules
 
 __all__ = [
     "REGISTRY",
@@ -166,6 +163,8 @@ __all__ = [
     "UnknownOptimizerError",
     "UnsupportedSetupError",
     "UnsupportedTransformersVersionError",
+    "WeLoreAdamW",
+    "WeLoreAdamW8bit",
     "WeLoreCallback",
     "WeLoreConfig",
     "__version__",
@@ -195,6 +194,17 @@ def _started_by_console_script() -> bool:
     """
     return bool(sys.argv) and _CONSOLE_SCRIPT.fullmatch(os.path.basename(sys.argv[0] or "")) is not None
 
+
+# Old module paths of code that moved into `hf_galore/methods/` (True: warn, the path is deprecated).
+install_module_aliases(
+    {
+        "hf_galore.q_galore": ("hf_galore.methods.q_galore", False),  # public short names, not deprecated
+        "hf_galore.welore": ("hf_galore.methods.welore", False),
+        "hf_galore.optim.galore": ("hf_galore.methods.galore.optimizer", True),
+        "hf_galore.optim.flora": ("hf_galore.methods.flora.optimizer", True),
+        "hf_galore.optim.q_galore": ("hf_galore.methods.q_galore.optimizer", True),
+    }
+)
 
 if importlib.util.find_spec("transformers") is not None and not _started_by_console_script():
     from . import loading

@@ -196,6 +196,7 @@ def format_optimizer_details(infos: Sequence[dict[str, Any]], bnb_available: boo
 
 
 def _run_list(args: argparse.Namespace) -> int:
+    from . import methods  # noqa: F401 - registers every method's optim= names
     from .registry import REGISTRY, get_spec
 
     specs = [get_spec(name) for name in args.names] if args.names else list(REGISTRY.values())
@@ -475,13 +476,13 @@ def _copy_side_files(src: str, dst: str) -> None:
 
 
 def _welore_config(args: argparse.Namespace) -> Any:
-    from .configs import WeLoreConfig
+    from .methods.welore import WeLoreConfig
 
     return WeLoreConfig(target_compression=args.target_compression, min_reduction=args.min_reduction)
 
 
 def _run_welore_analyze(args: argparse.Namespace) -> int:
-    from . import welore
+    from .methods import welore
 
     plan = welore.analyze(_load_dense_model(args.model), _welore_config(args), _targets_value(args.targets))
     if args.json:
@@ -505,7 +506,7 @@ def _run_welore_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_welore_compress(args: argparse.Namespace) -> int:
-    from . import welore
+    from .methods import welore
 
     model = _load_dense_model(args.model)
     plan = welore.compress(model, _welore_config(args), _targets_value(args.targets))
@@ -517,7 +518,7 @@ def _run_welore_compress(args: argparse.Namespace) -> int:
 
 
 def _run_welore_merge(args: argparse.Namespace) -> int:
-    from . import welore
+    from .methods import welore
 
     model = welore.merge(welore.from_pretrained(args.model))
     model.save_pretrained(args.out)

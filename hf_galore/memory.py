@@ -63,18 +63,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configs import (
-    AdafactorConfig,
-    Blockwise8bitConfig,
-    GaLoreConfig,
-    MultiTensorConfig,
-    QGaLoreConfig,
-    parse_optim_args,
-    split_optim_args,
-)
+from . import methods  # noqa: F401 - registers every method's optim= names
+from .configs import AdafactorConfig, Blockwise8bitConfig, MultiTensorConfig, parse_optim_args, split_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from .methods.galore import GaLoreConfig
+from .methods.q_galore import QGaLoreConfig
+from .methods.q_galore.optimizer import WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
 from .optim.base import LowRankOptimizer
-from .optim.q_galore import _WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
 from .projection.quant import num_groups
 from .projection.subspace import Side, choose_side, low_rank_shape
 from .registry import REGISTRY, get_spec

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ class TargetResolution:
         return list(unique.values())
 
 
-def _is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> bool:
+def is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> bool:
     if output_module is not None and module is output_module:
         return True
     return any(part in HEAD_NAMES for part in name.split("."))
@@ -155,12 +156,12 @@ class _Matcher:
         return None
 
 
-def _matches(name: str, spec: TargetSpec) -> bool:
+def matches_target(name: str, spec: TargetSpec) -> bool:
     """Whether module `name` is selected by `spec` (a regex string, or a list of names/substrings/regexes)."""
     return _Matcher.of(spec).kind(name) is not None
 
 
-def _output_module(model: nn.Module) -> nn.Module | None:
+def output_module(model: nn.Module) -> nn.Module | None:
     get_output = getattr(model, "get_output_embeddings", None)
     if get_output is None:
         return None
@@ -202,7 +203,7 @@ def resolve_target_modules(
     all_linear = isinstance(targets, str) and targets in ALL_LINEAR
     matcher = None if all_linear else _Matcher.of(targets)
     excluded = _Matcher.of(list(exclude)) if exclude else None
-    output_module = _output_module(model)
+    head_owner = output_module(model)
     tied_to_embedding = _embedding_weight_ids(model) if all_linear and include_heads else set()
     resolution = TargetResolution()
     for name, module in model.named_modules():
@@ -211,7 +212,7 @@ def resolve_target_modules(
         if matcher is None:
             if not isinstance(module, nn.Linear):
                 continue
-            if _is_head(name, module, output_module) and (not include_heads or id(module.weight) in tied_to_embedding):
+            if is_head(name, module, head_owner) and (not include_heads or id(module.weight) in tied_to_embedding):
                 continue
             kind = _BY_NAME
         else:
@@ -288,3 +289,55 @@ def log_resolution(resolution: TargetResolution, description: str) -> None:
             len(resolution.skipped),
             _summarize_skipped(resolution.skipped),
         )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parameter grouping: the param groups every method's optimizer is built from
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def group_parameters(
+    model: nn.Module,
+    projected: list[nn.Parameter],
+    weight_decay: float,
+    is_no_decay: Callable[[str], bool],
+    low_rank_overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """`[projected (low_rank=True), plain decay, plain no-decay]` over the trainable parameters of `model`.
+
+    Projected parameters get `weight_decay`; every other `requires_grad` parameter gets it unless `is_no_decay(name)`.
+    Empty groups are dropped. Shared by every method's group builder.
+    """
+    projected_ids = {id(p) for p in projected}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in projected_ids:
+            continue
+        (no_decay if is_no_decay(name) else decay).append(param)
+    groups = [
+        {"params": list(projected), "weight_decay": weight_decay, "low_rank": True, **(low_rank_overrides or {})},
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_param_groups(
+    model: nn.Module,
+    target_modules: TargetSpec | None,
+    weight_decay: float,
+    no_decay_names: set[str] | None = None,
+    low_rank_overrides: dict[str, Any] | None = None,
+    description: str = "hf_galore",
+    include_heads: bool = False,
+) -> list[dict[str, Any]]:
+    """Param groups for a GaLore-family optimizer: projected weights, then plain decay / no-decay parameters.
+
+    Only `requires_grad` parameters are included. Projected weights get `weight_decay`; the others get it unless
+    their name is in `no_decay_names` (biases and norms, as the Trainer decides). Empty groups are dropped.
+    `include_heads` makes `"all-linear"` select the output head too (transformers' rule for its `galore_*` names).
+    """
+    resolution = resolve_target_modules(model, target_modules, include_heads=include_heads)
+    log_resolution(resolution, description)
+    no_decay_names = no_decay_names if no_decay_names is not None else set()
+    return group_parameters(model, resolution.weights(), weight_decay, no_decay_names.__contains__, low_rank_overrides)

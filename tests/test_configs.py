@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from hf_galore.configs import AdafactorConfig, Blockwise8bitConfig, GaLoreConfig, parse_optim_args, split_optim_args
+from hf_galore.configs import AdafactorConfig, Blockwise8bitConfig, parse_optim_args, split_optim_args
 from hf_galore.errors import InvalidConfigError
+from hf_galore.methods.galore import GaLoreConfig
 
 
 def test_defaults_match_transformers_builtin_galore():

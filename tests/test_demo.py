@@ -108,7 +108,7 @@ def test_minilm_demo_short_run(tmp_path, capsys):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["steps"] == 2
     assert metrics["eval_size"] == 64 and metrics["train_size"] == 64
-    assert metrics["optimizer_class"] == "hf_galore.optim.galore.GaLoreAdamW"
+    assert metrics["optimizer_class"] == "hf_galore.methods.galore.optimizer.GaLoreAdamW"
     # every encoder Linear (6 layers × 6 matrices, all ≥ 384 wide) and the pooler are projected at rank 8; the
     # classifier (2×384) is targeted too under galore_adamw (transformers' all-linear includes heads) but is
     # narrower than the rank

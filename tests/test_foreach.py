@@ -13,12 +13,12 @@ from conftest import tiny_llama_config
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from hf_galore.builder import make_optimizer_kwargs
 from hf_galore.errors import InvalidConfigError
-from hf_galore.optim import GaLoreAdamW, GaLoreAdamW8bit
+from hf_galore.methods.galore import GaLoreAdamW, GaLoreAdamW8bit
 from hf_galore.optim._quant8 import Blockwise8bitStore
 from hf_galore.optim._reference import ReferenceGaLoreAdamW
 from hf_galore.optim.base import LowRankOptimizer
-from hf_galore.registry import make_optimizer_kwargs
 
 CASES = {
     "galore_adamw": "rank=4,update_proj_gap=3",

@@ -15,7 +15,7 @@ from conftest import tiny_llama_config
 from torch import nn
 from trainer_utils import lm_dataset, make_trainer, training_args
 
-from hf_galore.optim import GaLoreAdamW
+from hf_galore.methods.galore import GaLoreAdamW
 from hf_galore.optim._reference import ReferenceGaLoreAdamW
 from hf_galore.projection.random import gaussian_projection
 
@@ -64,7 +64,7 @@ def test_batched_step_on_cuda_follows_the_per_parameter_loop(name):
     rounding of the loop (on CPU the two are bitwise equal, `tests/test_foreach.py`)."""
     from transformers import LlamaForCausalLM
 
-    from hf_galore.registry import make_optimizer_kwargs
+    from hf_galore.builder import make_optimizer_kwargs
 
     models, optimizers = [], []
     for foreach in (False, True):
@@ -98,7 +98,7 @@ def test_flora_projections_are_bitwise_identical_on_every_device():
 
 
 def test_8bit_states_on_cuda_track_the_32bit_optimizer():
-    from hf_galore.optim import GaLoreAdamW8bit
+    from hf_galore.methods.galore import GaLoreAdamW8bit
 
     shape = (512, 256)
     a, _ = _pair(shape, "cuda")

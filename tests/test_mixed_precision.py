@@ -9,7 +9,7 @@ from torch import nn
 from trainer_utils import lm_dataset, make_trainer, training_args
 from transformers import LlamaForCausalLM
 
-from hf_galore.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from hf_galore.methods.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_layerwise"])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hf_galore.errors import InvalidConfigError
-from hf_galore.optim import (
+from hf_galore.methods.galore import (
     GaLoreAdafactor,
     GaLoreAdafactorLayerwise,
     GaLoreAdamW,
@@ -476,8 +476,8 @@ def test_changing_basis_bits_of_a_group_switches_storage_at_the_next_refresh():
 
 
 def test_basis_bits_is_validated_and_not_a_q_galore_or_flora_knob():
-    from hf_galore.optim.flora import FloraAdamW
-    from hf_galore.optim.q_galore import QGaLoreAdamW8bit
+    from hf_galore.methods.flora.optimizer import FloraAdamW
+    from hf_galore.methods.q_galore.optimizer import QGaLoreAdamW8bit
 
     weight = nn.Parameter(torch.randn(8, 8))
     with pytest.raises(InvalidConfigError, match="basis_bits=6"):

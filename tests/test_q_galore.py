@@ -23,11 +23,11 @@ from transformers import (
 )
 
 from hf_galore import REGISTRY, QGaLoreAdamW8bit, QGaLoreConfig
+from hf_galore.builder import make_optimizer_kwargs
 from hf_galore.errors import InvalidConfigError, UnsupportedSetupError
+from hf_galore.methods.q_galore import from_pretrained, merge_to_dense, quantize_model
 from hf_galore.modules import Int8Linear
 from hf_galore.projection import quant
-from hf_galore.q_galore import from_pretrained, merge_to_dense, quantize_model
-from hf_galore.registry import make_optimizer_kwargs
 
 Q_ARGS = "rank=4, update_proj_gap=4, scale=1, weight_group_size=64, proj_group_size=64"
 
@@ -222,7 +222,7 @@ def test_config_validation_and_unsupported_setups(tmp_path):
         QGaLoreConfig(gamma_proj=0.5)
     with pytest.raises(InvalidConfigError, match="max_proj_gap=2"):
         _lazy_optimizer(update_proj_gap=4, max_proj_gap=2)
-    from hf_galore.q_galore import check_setup
+    from hf_galore.methods.q_galore.spec import check_setup
 
     class TwoProcesses:
         optim = "q_galore_adamw_8bit"

@@ -19,10 +19,16 @@ from trainer_utils import lm_dataset, make_trainer, training_args
 from transformers import LlamaForCausalLM
 
 from hf_galore import InvalidConfigError, UnsupportedSetupError, configs
-from hf_galore.optim.flora import FloraAdafactor, FloraAdamW, FloraAdamWLayerwise
-from hf_galore.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from hf_galore.optim.layerwise import GaLoreAdafactorLayerwise, GaLoreAdamW8bitLayerwise, GaLoreAdamWLayerwise
-from hf_galore.optim.q_galore import QGaLoreAdamW8bit
+from hf_galore.methods.flora.optimizer import FloraAdafactor, FloraAdamW, FloraAdamWLayerwise
+from hf_galore.methods.galore import (
+    GaLoreAdafactor,
+    GaLoreAdafactorLayerwise,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreAdamW8bitLayerwise,
+    GaLoreAdamWLayerwise,
+)
+from hf_galore.methods.q_galore.optimizer import QGaLoreAdamW8bit
 
 
 def _llama():
@@ -116,7 +122,7 @@ def _float_knobs():
     """Every float field of every config dataclass (found, not listed, so a new knob is covered too)."""
     knobs = []
     for cls in vars(configs).values():
-        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, configs._OptionsMixin)):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin)):
             continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

@@ -27,7 +27,7 @@ from transformers.utils import is_bitsandbytes_available
 
 import hf_galore
 from hf_galore.errors import InvalidConfigError, NotAPlaceholderError
-from hf_galore.targeting import _BY_REGEX, _Matcher, _matches
+from hf_galore.targeting import _BY_REGEX, _Matcher, matches_target
 
 ATTN_MLP = [r".*attn.*", r".*mlp.*"]  # transformers' _ATTN_MLP_TARGET_MODULES
 needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason="needs bitsandbytes")
@@ -121,7 +121,7 @@ def test_galore_matched_modules(targets, expected, by_regex):
     # transformers' test_galore_matched_modules: which names match, and whether through a regex (which decides
     # whether a matched non-Linear module is warned about).
     for name, want in zip(MODULE_NAMES, expected, strict=True):
-        assert _matches(name, targets) == want == check_target_module_exists(targets, name), (targets, name)
+        assert matches_target(name, targets) == want == check_target_module_exists(targets, name), (targets, name)
         if want:
             assert (_Matcher.of(targets).kind(name) == _BY_REGEX) == by_regex
             assert check_target_module_exists(targets, name, return_is_regex=True)[1] == by_regex

@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, LlamaForCausalLM, R
 import hf_galore
 from hf_galore import InvalidConfigError, LowRankLinear, NoTargetModulesError, WeLoreCallback, WeLoreConfig, welore
 from hf_galore.cli import main
+from hf_galore.projection import spectrum
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +74,7 @@ def test_solver_hits_requested_parameter_compression_on_random_weights(target, m
     tau, kept = welore.solve_threshold(spectra, shapes, target, min_reduction)
     before = sum(m * n for m, n in shapes.values())
     after = sum(
-        k * (sum(shapes[n])) if welore._is_lrc(shapes[n], k, min_reduction) else shapes[n][0] * shapes[n][1]
+        k * (sum(shapes[n])) if spectrum.is_lrc(shapes[n], k, min_reduction) else shapes[n][0] * shapes[n][1]
         for n, k in kept.items()
     )
     assert abs((1 - after / before) - target) < 0.01

@@ -90,12 +90,12 @@ class WeLoreCallback(TrainerCallback):
         self.plan: Any = None
 
     def _config(self, args: Any) -> Any:
-        from ..configs import WeLoreConfig, parse_optim_args
+        from ..configs import parse_optim_args
+        from ..methods.welore import WELORE_OPTIMIZERS, WeLoreConfig, resolve_config
         from ..registry import REGISTRY
-        from ..welore import WELORE_OPTIMIZERS, _resolve_config
 
         if self.config is not None:
-            return _resolve_config(self.config)
+            return resolve_config(self.config)
         name = str(getattr(args.optim, "value", args.optim))
         if name in WELORE_OPTIMIZERS:
             configs = parse_optim_args(args.optim_args, REGISTRY[name].config_classes, name)
@@ -103,7 +103,7 @@ class WeLoreCallback(TrainerCallback):
         return WeLoreConfig()
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from ..welore import prepare_for_training
+        from ..methods.welore import prepare_for_training
 
         if model is None:
             from ..errors import InvalidConfigError

@@ -30,6 +30,8 @@ from typing import Any
 
 from torch import nn
 
+from .. import methods  # noqa: F401 - registers every method's optim= names
+from ..builder import make_optimizer_kwargs, optimizer_settings
 from ..configs import parse_optim_args, split_optim_args
 from ..errors import (
     HfGaloreError,
@@ -38,7 +40,7 @@ from ..errors import (
     UnsupportedTransformersVersionError,
 )
 from ..optim.layerwise import is_layerwise
-from ..registry import REGISTRY, get_spec, make_optimizer_kwargs, optimizer_settings, unknown_name_message
+from ..registry import REGISTRY, get_spec, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
 from .learning_rates import transformers_learning_rates
 

@@ -1,23 +1,36 @@
-"""torch.optim optimizers of hf_galore (never imports transformers)."""
+"""The optimizer engines of hf_galore: the low-rank step skeleton, its inner engines (AdamW 32/8-bit, Adafactor)
+and the layer-wise (optimizer-in-backward) mixin. Never imports transformers or a method; the optimizers users
+pick (`GaLoreAdamW`, `FloraAdamW`, ...) are declared in `hf_galore.methods.<method>.optimizer` and exported from
+`hf_galore`.
+"""
 
+from ..utils.deprecation import moved_attributes
+from .adafactor import LowRankAdafactor
+from .adamw import LowRankAdamW, LowRankAdamW8bit
 from .base import LowRankOptimizer
-from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from .layerwise import (
-    GaLoreAdafactorLayerwise,
-    GaLoreAdamW8bitLayerwise,
-    GaLoreAdamWLayerwise,
-    LayerwiseMixin,
-    is_layerwise,
-)
+from .layerwise import LayerwiseMixin, is_layerwise
 
 __all__ = [
-    "GaLoreAdafactor",
-    "GaLoreAdafactorLayerwise",
-    "GaLoreAdamW",
-    "GaLoreAdamW8bit",
-    "GaLoreAdamW8bitLayerwise",
-    "GaLoreAdamWLayerwise",
     "LayerwiseMixin",
+    "LowRankAdafactor",
+    "LowRankAdamW",
+    "LowRankAdamW8bit",
     "LowRankOptimizer",
     "is_layerwise",
 ]
+
+# Deprecated: the GaLore optimizers were exported here before they moved to `hf_galore.methods.galore`.
+__getattr__ = moved_attributes(
+    __name__,
+    dict.fromkeys(
+        (
+            "GaLoreAdafactor",
+            "GaLoreAdafactorLayerwise",
+            "GaLoreAdamW",
+            "GaLoreAdamW8bit",
+            "GaLoreAdamW8bitLayerwise",
+            "GaLoreAdamWLayerwise",
+        ),
+        "hf_galore.methods.galore.optimizer",
+    ),
+)

@@ -17,6 +17,7 @@ tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch.optim import Optimizer
 
-from ..configs import GaLoreConfig, check_number
+from ..configs import check_number
 from ..errors import InvalidConfigError
 from ..projection.quant import dequantize_packed, quantize_packed
 from ..projection.subspace import (
@@ -40,28 +41,14 @@ from ..projection.subspace import (
 )
 from ._hooks import check_unhooked
 
-#: GaLore knobs, valid as optimizer kwargs and as per-group overrides.
-LOW_RANK_DEFAULTS: dict[str, Any] = {
-    "low_rank": False,
-    "rank": 128,
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "svd": "randomized",
-    "power_iters": 1,
-    "oversample": 32,
-    "stagger": False,
-    "seed": 0,
-    "basis_bits": 16,
-    "basis_group_size": 256,
-    "refresh_signs": "rotate",
-}
-
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_SIDES = ("left", "right")
+SIDES = ("left", "right")
 #: State keys of a quantized basis of one side.
 _PACKED_KEYS = ("q", "scales", "zeros", "rows", "cols")
+
+#: Every subclass of `LowRankOptimizer` by class name: who wrote a state signature's `kind`.
+_CLASSES_BY_NAME: dict[str, type] = {}
 
 #: Keys that other code (LR schedulers, our integrations) may add to a group.
 _FOREIGN_GROUP_KEYS = {"params", "initial_lr", "name"}
@@ -115,7 +102,7 @@ class ApplyBack(Protocol):
     def __call__(self, update: torch.Tensor, alpha: float, beta: float = 1.0) -> None: ...
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """Deterministic 63-bit mix of integers (the same on every process and platform)."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
@@ -137,8 +124,20 @@ class LowRankOptimizer(Optimizer):
         **kwargs: GaLore defaults (see [`GaLoreConfig`]) and the inner optimizer's hyperparameters.
     """
 
-    #: Hyperparameters of the inner optimizer and their defaults; set by subclasses.
+    #: Hyperparameters of the inner optimizer and their defaults; set by the inner engines.
     inner_defaults: ClassVar[dict[str, Any]] = {}
+
+    #: The config dataclass of the projection knobs (valid as optimizer kwargs and per-group overrides): the only
+    #: source of their defaults and ranges. Set by each method's optimizer declaration (e.g. `GaLoreConfig`).
+    low_rank_config: ClassVar[type | None] = None
+
+    @classmethod
+    def low_rank_defaults(cls) -> dict[str, Any]:
+        """`{"low_rank": False}` plus every field of `low_rank_config` with its default."""
+        if cls.low_rank_config is None:  # projects nothing (e.g. WeLore's AdamW)
+            return {"low_rank": False}
+        fields = dataclasses.fields(cls.low_rank_config)
+        return {"low_rank": False, **{f.name: f.default for f in fields}}
 
     #: Most (prepared-gradient = state) elements updated together by `_apply_updates`. The batched path's fp32
     #: temporaries (dequantised 8-bit moments, cast gradients, denominators, low-rank directions) are a few times
@@ -146,7 +145,7 @@ class LowRankOptimizer(Optimizer):
     foreach_chunk_elements: ClassVar[int] = 1 << 23
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
-        defaults = {"lr": lr, "weight_decay": weight_decay, **LOW_RANK_DEFAULTS, **self.inner_defaults}
+        defaults = {"lr": lr, "weight_decay": weight_decay, **self.low_rank_defaults(), **self.inner_defaults}
         unknown = [k for k in kwargs if k not in defaults]
         if unknown:
             raise InvalidConfigError(
@@ -180,8 +179,13 @@ class LowRankOptimizer(Optimizer):
         group = self.param_groups[-1]
         check_float_hyperparameters(group)
         self._validate_hyperparameters(group)
+        if group["low_rank"] and self.low_rank_config is None:
+            raise InvalidConfigError(
+                f"{type(self).__name__} projects no parameter (it has no projection knobs); remove low_rank=True from "
+                "the param group, or use a GaLore optimizer."
+            )
         if group["low_rank"]:
-            GaLoreConfig(**{k: group[k] for k in LOW_RANK_DEFAULTS if k != "low_rank"})  # range checks
+            self.low_rank_config(**{k: group[k] for k in self.low_rank_defaults() if k != "low_rank"})  # ranges
             for p in group["params"]:
                 if p.dim() != 2:
                     raise InvalidConfigError(
@@ -229,7 +233,7 @@ class LowRankOptimizer(Optimizer):
         state["side"] = int(side)
         if side != Side.NONE:
             ordinal = self._ordinals[p]
-            state["seed"] = _mix_seed(group["seed"], ordinal)
+            state["seed"] = mix_seed(group["seed"], ordinal)
             state["refresh_count"] = 0
             gap = group["update_proj_gap"]
             state["refresh_offset"] = (ordinal * gap) // max(len(self._ordinals), 1) if group["stagger"] else 0
@@ -238,6 +242,17 @@ class LowRankOptimizer(Optimizer):
             shape = tuple(p.shape)
         self._init_inner_state(state, shape, p, group, low_rank=side != Side.NONE)
         return state
+
+    #: The `optim=` names registered for this class (filled in by `hf_galore.registry.register_optimizer`).
+    optim_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.optim_names = ()  # each class lists its own names, never its parent's
+        _CLASSES_BY_NAME[cls.__name__] = cls
+
+    #: Other `kind`s of the state signature this class reads (names its state layout had before a rename).
+    legacy_state_kinds: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def _state_kind(cls) -> str:
@@ -256,18 +271,15 @@ class LowRankOptimizer(Optimizer):
         if signature is None:  # written before signatures existed: nothing to check against
             return
         kind, fmt = signature.get("kind"), signature.get("format", 0)
-        if kind != self._state_kind():
-            from ..registry import REGISTRY  # the registry imports the optimizers
-
-            names = sorted(
-                n for n, spec in REGISTRY.items() if spec.optimizer_cls.__name__ in (kind, f"{kind}Layerwise")
-            )
+        if kind != self._state_kind() and kind not in self.legacy_state_kinds:
+            writers = [cls for cls in _CLASSES_BY_NAME.values() if cls._state_kind() == kind]
+            names = sorted({name for cls in writers for name in cls.optim_names})
             raise InvalidConfigError(
                 f"This optimizer state was written by {kind} (optim={' or '.join(map(repr, names)) or '?'}), but it "
-                f"is being loaded into {type(self).__name__}: their states differ (moment layout, quantization, "
-                "projections) and cannot be converted exactly. Resume with the optimizer that wrote the checkpoint, "
-                "or, to switch optimizers, start from the checkpoint's weights without its optimizer state (delete "
-                "optimizer.pt from the checkpoint folder, or load the model with from_pretrained)."
+                f"is being loaded into {type(self).__name__}: their states differ (moment layout, quantization, projections) and cannot be converted exactly. Resume "
+                "with the optimizer that wrote the checkpoint, or, to switch optimizers, start from the checkpoint's "
+                "weights without its optimizer state (delete optimizer.pt from the checkpoint folder, or load the "
+                "model with from_pretrained)."
             )
         if fmt > STATE_FORMAT:
             raise InvalidConfigError(
@@ -448,7 +460,7 @@ class LowRankOptimizer(Optimizer):
         return int(group["basis_bits"]), int(group["basis_group_size"])
 
     def _has_basis(self, state: dict[str, Any]) -> bool:
-        return any(f"proj_{side}" in state or f"proj_{side}_q" in state for side in _SIDES)
+        return any(f"proj_{side}" in state or f"proj_{side}_q" in state for side in SIDES)
 
     def _bases(self, state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(P, Q)` of this weight, as used for projection (P: m×r or None, Q: n×r or None)."""
@@ -456,7 +468,7 @@ class LowRankOptimizer(Optimizer):
             return state.get("proj_left"), state.get("proj_right")
         dtype = _DTYPES[state["proj_dtype"]]
         bases = []
-        for side in _SIDES:
+        for side in SIDES:
             if f"proj_{side}_q" not in state:
                 bases.append(None)
                 continue
@@ -475,14 +487,14 @@ class LowRankOptimizer(Optimizer):
         q_basis: torch.Tensor | None,
     ) -> None:
         """Keep freshly computed bases (called after every successful refresh), in the group's format."""
-        for side in _SIDES:  # a resumed run may have changed the format: drop the other one's keys
+        for side in SIDES:  # a resumed run may have changed the format: drop the other one's keys
             state.pop(f"proj_{side}", None)
             for key in _PACKED_KEYS:
                 state.pop(f"proj_{side}_{key}", None)
         for key in ("proj_bits", "proj_group_size", "proj_dtype"):
             state.pop(key, None)
         bits, group_size = self._basis_format(group)
-        for side, basis in zip(_SIDES, (p_basis, q_basis)):
+        for side, basis in zip(SIDES, (p_basis, q_basis)):
             if basis is None:
                 continue
             if bits >= 16:
@@ -499,7 +511,7 @@ class LowRankOptimizer(Optimizer):
         """Recompute the basis from `grad` (finite: `_prepare_gradient` skips the whole update of a non-finite one);
         on a failed decomposition keep the old basis."""
         generator = torch.Generator(device=grad.device)
-        generator.manual_seed(_mix_seed(state["seed"], state["refresh_count"]))
+        generator.manual_seed(mix_seed(state["seed"], state["refresh_count"]))
         mode = group["refresh_signs"]
         try:
             p_basis, q_basis = compute_bases(

@@ -46,7 +46,6 @@ from ..errors import NotAPlaceholderError, UnsupportedSetupError
 from ..projection.subspace import Side, project
 from ._hooks import check_unhooked, claim, release
 from .base import LowRankOptimizer
-from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 
 def _always_sync() -> bool:
@@ -386,18 +385,6 @@ class LayerwiseMixin:
             self._hooks_finalizer = None
         _remove_handles(self._hook_handles)
         release(self._hooked_params(), self)
-
-
-class GaLoreAdamWLayerwise(LayerwiseMixin, GaLoreAdamW):
-    """[`GaLoreAdamW`] stepping each parameter from its post-accumulate-grad hook."""
-
-
-class GaLoreAdamW8bitLayerwise(LayerwiseMixin, GaLoreAdamW8bit):
-    """[`GaLoreAdamW8bit`] stepping each parameter from its post-accumulate-grad hook."""
-
-
-class GaLoreAdafactorLayerwise(LayerwiseMixin, GaLoreAdafactor):
-    """[`GaLoreAdafactor`] stepping each parameter from its post-accumulate-grad hook."""
 
 
 def is_layerwise(optimizer: torch.optim.Optimizer) -> bool:

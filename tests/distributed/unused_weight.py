@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hf_galore.optim import GaLoreAdamW, GaLoreAdamWLayerwise
+from hf_galore.methods.galore import GaLoreAdamW, GaLoreAdamWLayerwise
 
 
 def losses(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:

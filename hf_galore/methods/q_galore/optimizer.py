@@ -1,4 +1,5 @@
-"""Q-GaLore (Zhang et al., 2024, arXiv:2407.08296): [`GaLoreAdamW8bit`] with INT4 bases, a lazy layer-adaptive
+"""Q-GaLore (Zhang et al., 2024, arXiv:2407.08296): GaLore's 8-bit AdamW ([`LowRankAdamW8bit`] with
+[`GaLoreConfig`]'s knobs) with INT4 bases, a lazy layer-adaptive
 refresh, and INT8 weights updated with stochastic rounding.
 
 Per projected weight, on top of GaLore:
@@ -32,21 +33,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..configs import QGaLoreConfig
-from ..errors import InvalidConfigError
-from ..modules.int8_linear import Int8Linear, owner_of
-from ..projection.subspace import Side, add_projected_back_
-from .base import _SIDES, LOW_RANK_DEFAULTS, ApplyBack, _mix_seed
-from .galore import GaLoreAdamW8bit
-from .layerwise import LayerwiseMixin
+from ...errors import InvalidConfigError
+from ...modules.int8_linear import Int8Linear, owner_of
+from ...optim.adamw import LowRankAdamW8bit
+from ...optim.base import SIDES, ApplyBack, mix_seed
+from ...optim.layerwise import LayerwiseMixin
+from ...projection.subspace import Side, add_projected_back_
+from ..galore.config import GaLoreConfig
+from .config import QGaLoreConfig
 
 #: State keys referencing an INT8 weight's buffers.
-_WEIGHT_KEYS = {"weight_q": "qweight", "weight_scales": "weight_scales", "weight_zeros": "weight_zeros"}
+WEIGHT_KEYS = {"weight_q": "qweight", "weight_scales": "weight_scales", "weight_zeros": "weight_zeros"}
 
 Q_GALORE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(QGaLoreConfig)}
 
 
-class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+class QGaLoreAdamW8bit(LowRankAdamW8bit):
     """GaLore with 8-bit Adam states, INT4 projection bases, a lazy layer-adaptive refresh and INT8 weights.
 
     Put the `grad_carrier` of each [`Int8Linear`] in a `low_rank=True` group (an INT8 weight in a plain group gets a
@@ -73,7 +75,8 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {**GaLoreAdamW8bit.inner_defaults, **Q_GALORE_DEFAULTS}
+    low_rank_config: ClassVar[type] = GaLoreConfig
+    inner_defaults: ClassVar[dict[str, Any]] = {**LowRankAdamW8bit.inner_defaults, **Q_GALORE_DEFAULTS}
 
     def __init__(self, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
         self._int8_modules: dict[torch.Tensor, Int8Linear] = {}
@@ -85,7 +88,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         super()._validate_hyperparameters(hp)
         QGaLoreConfig(**{k: hp[k] for k in Q_GALORE_DEFAULTS})  # range checks
         for knob, own in (("basis_bits", "proj_bits"), ("basis_group_size", "proj_group_size")):
-            if hp[knob] != LOW_RANK_DEFAULTS[knob]:
+            if hp[knob] != self.low_rank_defaults()[knob]:
                 raise InvalidConfigError(
                     f"{knob}={hp[knob]} is GaLore's basis storage knob; Q-GaLore stores its bases with {own} "
                     f"(now {hp[own]}). Set {own} instead of {knob}."
@@ -121,7 +124,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     @staticmethod
     def _bind_weight(state: dict[str, Any], module: Int8Linear) -> None:
-        for key, buffer in _WEIGHT_KEYS.items():
+        for key, buffer in WEIGHT_KEYS.items():
             state[key] = getattr(module, buffer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -139,7 +142,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             if not state or "weight_q" not in state:
                 continue
             with torch.no_grad():
-                for key, buffer_name in _WEIGHT_KEYS.items():
+                for key, buffer_name in WEIGHT_KEYS.items():
                     buffer = getattr(module, buffer_name)
                     saved = state[key]
                     if saved.shape != buffer.shape:
@@ -163,7 +166,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         q_basis: torch.Tensor | None,
     ) -> None:
         similarities = []
-        for side, basis in zip(_SIDES, (p_basis, q_basis)):
+        for side, basis in zip(SIDES, (p_basis, q_basis)):
             if basis is None:
                 continue
             # The leading singular vector stays fp32 (m or n numbers): INT4 noise would blur the similarity.
@@ -211,7 +214,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         if not group["stochastic_round"]:
             return None
         generator = torch.Generator(device=device)
-        generator.manual_seed(_mix_seed(group["sr_seed"], state["step"], self._int8_index[p]))
+        generator.manual_seed(mix_seed(group["sr_seed"], state["step"], self._int8_index[p]))
         return generator
 
     def _write_int8(self, p: torch.Tensor, weight: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):

@@ -26,8 +26,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InvalidConfigError
-from ..projection.random import (
+from ...errors import InvalidConfigError
+from ...optim.adafactor import LowRankAdafactor
+from ...optim.adamw import LowRankAdamW
+from ...optim.base import bias_corrections, mix_seed, rms
+from ...optim.layerwise import LayerwiseMixin
+from ...projection.random import (
     GENERATOR_PHILOX,
     GENERATOR_TORCH_CPU,
     GENERATORS,
@@ -37,28 +41,14 @@ from ..projection.random import (
     projected_dim,
     transfer,
 )
-from ..projection.subspace import Side, choose_side, low_rank_shape
-from .base import _mix_seed, bias_corrections, rms
-from .galore import GaLoreAdafactor, GaLoreAdamW
-from .layerwise import LayerwiseMixin
+from ...projection.subspace import Side, choose_side, low_rank_shape
+from .config import FloraConfig
 
 #: Independent seed streams of one weight: the momentum projection (indexed by resampling count) and the
 #: accumulation projection (indexed by optimizer step).
 MOMENTUM_STREAM = 1
 ACCUMULATION_STREAM = 2
 
-#: GaLore knobs of the shared base class that mean nothing for FLoRA; passing one is an error, not a silent no-op.
-_GALORE_ONLY = (
-    "update_proj_gap",
-    "scale",
-    "svd",
-    "power_iters",
-    "oversample",
-    "stagger",
-    "basis_bits",
-    "basis_group_size",
-    "refresh_signs",
-)
 _FLORA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 #: Adafactor's regulariser of the squared gradient, also used by FloraAdamW's factored second moment so that an
@@ -67,16 +57,13 @@ _EPS_SQUARE = 1e-30
 
 
 class _FloraMixin:
-    """The FLoRA machinery shared by [`FloraAdafactor`] and [`FloraAdamW`] (mixed in before the inner optimizer)."""
+    """The FLoRA machinery shared by [`FloraAdafactor`] and [`FloraAdamW`] (mixed in before the inner engine).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        galore_only = [k for k in kwargs if k in _GALORE_ONLY]
-        if galore_only:
-            raise InvalidConfigError(
-                f"{type(self).__name__} got GaLore-only argument(s) {galore_only}, which FLoRA does not use. "
-                "FLoRA's knobs are rank, kappa, proj_type and seed; remove the others."
-            )
-        super().__init__(*args, **kwargs)
+    Its projection knobs are [`FloraConfig`]'s (rank, kappa, proj_type, seed); GaLore's refresh knobs are not
+    arguments of a FLoRA optimizer, so passing one is refused as an unknown argument.
+    """
+
+    low_rank_config: ClassVar[type] = FloraConfig
 
     # ------------------------------------------------------------------------------------------------ setup
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
@@ -116,7 +103,7 @@ class _FloraMixin:
         if side == Side.NONE:
             self._init_inner_state(state, tuple(p.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
             return state
-        state["seed"] = _mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
+        state["seed"] = mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
         state["generator"] = GENERATOR_PHILOX  # states written before this key existed use the legacy CPU generator
         state["resample_count"] = 0
         state["rows"], state["cols"] = (int(d) for d in p.shape)
@@ -149,7 +136,7 @@ class _FloraMixin:
                 f"does not know (known: {GENERATORS}); the checkpoint was written by a newer version. Upgrade "
                 "hf_galore to resume it."
             )
-        seed = _mix_seed(state["seed"], stream, index)
+        seed = mix_seed(state["seed"], stream, index)
         return gaussian_projection(seed, dim, rank, device=device, generator=generator)
 
     def _accumulation_projection(self, state: dict[str, Any], rank: int) -> torch.Tensor:
@@ -234,7 +221,7 @@ class _FloraLayerwiseMixin(LayerwiseMixin):
         return compress(grad, Side(state["side"]), projection.to(grad.dtype)).float()
 
 
-class FloraAdafactor(_FloraMixin, GaLoreAdafactor):
+class FloraAdafactor(_FloraMixin, LowRankAdafactor):
     """Adafactor with FLoRA's compressed first moment (the paper's optimizer).
 
     For a targeted weight with gradient G: the factored second moment V̂ of G (Adafactor, β2ₜ = 1 − t^decay_rate),
@@ -261,7 +248,7 @@ class FloraAdafactor(_FloraMixin, GaLoreAdafactor):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {**GaLoreAdafactor.inner_defaults, "beta1": 0.9, "kappa": 1000}
+    inner_defaults: ClassVar[dict[str, Any]] = {**LowRankAdafactor.inner_defaults, "beta1": 0.9}
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return bool(group["beta1"])
@@ -281,7 +268,7 @@ class FloraAdafactor(_FloraMixin, GaLoreAdafactor):
             p.copy_(p32)
 
 
-class FloraAdamW(_FloraMixin, GaLoreAdamW):
+class FloraAdamW(_FloraMixin, LowRankAdamW):
     """AdamW-like FLoRA: compressed first moment, Adafactor-factored second moment, AdamW's lr semantics.
 
     For a targeted weight with gradient G: row/column EMAs (β2) of G² give the factored V̂; m = β1·up(M) + (1−β1)·G,
@@ -305,7 +292,7 @@ class FloraAdamW(_FloraMixin, GaLoreAdamW):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {**GaLoreAdamW.inner_defaults, "kappa": 1000}
+    inner_defaults: ClassVar[dict[str, Any]] = LowRankAdamW.inner_defaults
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0

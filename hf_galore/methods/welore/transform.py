@@ -38,26 +38,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import loading
-from .configs import WeLoreConfig
-from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
-from .modules.low_rank_linear import LowRankLinear
-from .targeting import (
+from ... import loading
+from ...errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
+from ...modules.low_rank_linear import LowRankLinear
+from ...projection.spectrum import is_lrc, kept_ranks, normalize_spectrum, params_at, singular_values
+from ...targeting import (
     ALL_LINEAR,
     TargetSpec,
-    _is_head,
-    _matches,
-    _output_module,
+    is_head,
+    matches_target,
+    output_module,
     resolve_target_modules,
     summarize_names,
 )
+from .config import WeLoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +80,6 @@ _CONV1D_REASON = (
 # ------------------------------------------------------------------------------------------------------------------
 # Spectra and the threshold solver (pure tensor math)
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def singular_values(weight: torch.Tensor) -> torch.Tensor:
-    """Singular values of a 2-D weight, computed in fp32 (whatever its dtype), descending, on the CPU."""
-    if weight.dim() != 2:
-        raise InvalidConfigError(f"WeLore analyses 2-D weights; got a tensor of shape {tuple(weight.shape)}.")
-    return torch.linalg.svdvals(weight.detach().float()).cpu()
-
-
-def normalize_spectrum(values: torch.Tensor) -> torch.Tensor:
-    """Min–max normalised singular values `(s − min s) / (max s − min s)`, in [0, 1].
-
-    A flat spectrum (max = min, e.g. an orthogonal matrix) has no low-rank structure: it maps to all ones, so no
-    threshold τ ≤ 1 prunes any of its ranks.
-    """
-    values = values.float()
-    low, high = values.min(), values.max()
-    span = high - low
-    if span <= torch.finfo(torch.float32).eps * max(float(high), 1e-30):
-        return torch.ones_like(values)
-    return (values - low) / span
 
 
 @dataclass
@@ -287,31 +267,6 @@ class WeLorePlan:
         return "\n".join(lines)
 
 
-def _kept_ranks(sorted_spectra: Sequence[torch.Tensor], tau: float) -> list[int]:
-    """Kept rank of each matrix at threshold τ: ranks with normalised value < τ go, at least one stays."""
-    kept = []
-    for ascending in sorted_spectra:
-        pruned = int(torch.searchsorted(ascending, torch.tensor([tau]), right=False))
-        kept.append(max(ascending.numel() - pruned, 1))
-    return kept
-
-
-def _is_lrc(shape: tuple[int, int], kept: int, min_reduction: float) -> bool:
-    """LRC iff the rank reduction exceeds `min_reduction` and the two factors are smaller than the dense matrix.
-
-    The second condition keeps the parameter count a non-increasing function of τ (so bisection is valid) and
-    never stores a "compressed" matrix that is larger than the original.
-    """
-    full = min(shape)
-    return (full - kept) / full > min_reduction and kept * (shape[0] + shape[1]) < shape[0] * shape[1]
-
-
-def _params_at(shapes: Sequence[tuple[int, int]], kept: Sequence[int], min_reduction: float) -> int:
-    return sum(
-        k * (s[0] + s[1]) if _is_lrc(s, k, min_reduction) else s[0] * s[1] for s, k in zip(shapes, kept, strict=True)
-    )
-
-
 def solve_threshold(
     spectra: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, int]],
@@ -351,7 +306,7 @@ def solve_threshold(
     dense = sum(s[0] * s[1] for s in shape_list)
 
     def compression(tau: float) -> float:
-        return 1.0 - _params_at(shape_list, _kept_ranks(ascending, tau), min_reduction) / dense
+        return 1.0 - params_at(shape_list, kept_ranks(ascending, tau), min_reduction) / dense
 
     candidates = torch.unique(torch.cat(ascending)).tolist()  # sorted; includes 0 (nothing pruned) and 1
     lo, hi = 0, len(candidates) - 1
@@ -375,7 +330,7 @@ def solve_threshold(
         best = candidates[lo]
         if lo > 0 and target_compression - compression(candidates[lo - 1]) < compression(best) - target_compression:
             best = candidates[lo - 1]
-    kept = _kept_ranks(ascending, best)
+    kept = kept_ranks(ascending, best)
     return float(best), dict(zip(names, kept, strict=True))
 
 
@@ -384,11 +339,11 @@ def solve_threshold(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_config(config: WeLoreConfig | Mapping[str, Any] | str | None, **overrides: Any) -> WeLoreConfig:
+def resolve_config(config: WeLoreConfig | Mapping[str, Any] | str | None, **overrides: Any) -> WeLoreConfig:
     if config is None:
         config = WeLoreConfig()
     elif isinstance(config, str):
-        from .configs import parse_optim_args
+        from ...configs import parse_optim_args
 
         config = parse_optim_args(config, (WeLoreConfig,), "welore")[0]
     elif isinstance(config, Mapping):
@@ -419,12 +374,12 @@ def _set_record(model: nn.Module, record: dict[str, Any] | None) -> None:
 def _conv1d_skips(model: nn.Module, targets: TargetSpec) -> list[tuple[str, str]]:
     """GPT-2-style Conv1D modules the targets select (all of them for all-linear), listed as skipped."""
     all_linear = isinstance(targets, str) and targets in ALL_LINEAR
-    output = _output_module(model)
+    output = output_module(model)
     skipped = []
     for name, module in model.named_modules():
-        if type(module).__name__ != "Conv1D" or _is_head(name, module, output):
+        if type(module).__name__ != "Conv1D" or is_head(name, module, output):
             continue
-        if all_linear or _matches(name, targets):
+        if all_linear or matches_target(name, targets):
             skipped.append((name, _CONV1D_REASON))
     return skipped
 
@@ -472,7 +427,7 @@ def analyze(
         [`NoTargetModulesError`]: when no eligible Linear is found (Conv1D layers are named in the message).
         [`InvalidConfigError`]: on an out-of-range setting.
     """
-    config = _resolve_config(config, **overrides)
+    config = resolve_config(config, **overrides)
     modules, skipped = _targets(model, target_modules)
     spectra, shapes, extras = {}, {}, {}
     for name, module in modules:
@@ -488,7 +443,7 @@ def analyze(
             name=name,
             shape=shapes[name],
             kept_rank=kept[name],
-            lrc=_is_lrc(shapes[name], kept[name], config.min_reduction),
+            lrc=is_lrc(shapes[name], kept[name], config.min_reduction),
             has_bias=extras[name][0],
             top_singular_value=extras[name][1],
             stable_rank=extras[name][2],
@@ -545,7 +500,7 @@ def trainable_parameter_names(model: nn.Module, config: WeLoreConfig) -> set[str
 
     A tied parameter (e.g. GPT-2's `lm_head` = `wte`) trains if any of its roles is enabled.
     """
-    output = _output_module(model)
+    output = output_module(model)
     enabled: set[int] = set()
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -553,7 +508,7 @@ def trainable_parameter_names(model: nn.Module, config: WeLoreConfig) -> set[str
             enabled |= {id(module.up.weight), id(module.down.weight)}
         if not own:
             continue
-        if name and _is_head(name, module, output):
+        if name and is_head(name, module, output):
             if config.train_heads:
                 enabled |= {id(p) for _, p in own}
             continue
@@ -625,7 +580,7 @@ def compress(
         [`UnsupportedSetupError`]: when the model is already compressed (WeLore is one-shot).
         [`NoTargetModulesError`], [`InvalidConfigError`]: see [`analyze`] and [`apply_trainable`].
     """
-    config = _resolve_config(config, **overrides)
+    config = resolve_config(config, **overrides)
     if is_compressed(model):
         raise UnsupportedSetupError(
             f"{type(model).__name__} is already WeLore-compressed (it holds LowRankLinear layers); the split is "
@@ -749,10 +704,6 @@ def from_pretrained(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _welore_config_from(configs: Sequence[Any]) -> WeLoreConfig:
-    return next((c for c in configs if isinstance(c, WeLoreConfig)), WeLoreConfig())
-
-
 def prepare_for_training(
     model: nn.Module, config: WeLoreConfig | None = None, target_modules: TargetSpec | None = None
 ) -> WeLorePlan | None:
@@ -791,33 +742,3 @@ def prepare_for_training(
             _set_record(model, record)
     apply_trainable(model, config)
     return None
-
-
-def registry_prepare_model(model: nn.Module, target_modules: TargetSpec | None, configs: Sequence[Any]) -> None:
-    """`OptimizerSpec.prepare_model` of `welore_adamw*`: the split, before the optimizer and any DDP wrap.
-
-    With the stock Trainer it first runs at the end of `Trainer.__init__` (see `integrations/transformers.py`), so a
-    resumed run loads its checkpoint into the already factorized model.
-    """
-    prepare_for_training(model, _welore_config_from(configs), target_modules)
-
-
-def registry_build_groups(
-    model: nn.Module,
-    target_modules: TargetSpec | None,
-    weight_decay: float,
-    no_decay_names: set[str] | None = None,
-    description: str = "welore",
-    configs: Sequence[Any] = (),
-) -> list[dict[str, Any]]:
-    """`OptimizerSpec.build_groups` of `welore_adamw*`: plain AdamW groups over the parameters the split left
-    trainable (no projected group). Biases and the Trainer's no-decay names get no weight decay.
-
-    The Trainer computes its no-decay names before the split, so the factors' new bias names are matched by suffix.
-    """
-    from .registry import group_parameters
-
-    no_decay_names = no_decay_names or set()
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("%s: training %d parameters (LRC factors and opted-in tensors).", description, count)
-    return group_parameters(model, [], weight_decay, lambda name: name in no_decay_names or name.endswith("bias"))

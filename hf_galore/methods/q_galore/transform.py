@@ -1,6 +1,6 @@
-"""Q-GaLore model surgery, loading and merging (the optimizer itself is [`QGaLoreAdamW8bit`]).
+"""Q-GaLore's model transform: INT8 surgery, loading and merging (the optimizer is [`QGaLoreAdamW8bit`]).
 
-* [`prepare_model`] replaces the targeted `nn.Linear` modules by [`Int8Linear`] in place. The Trainer integration
+* [`quantize_model`] replaces the targeted `nn.Linear` modules by [`Int8Linear`] in place. The Trainer integration
   runs it at the end of `Trainer.__init__`, after every check that can refuse the run, before the optimizer exists
   and before any DDP wrap.
 * The replacement is recorded in `model.config.quantization_config` (`quant_method="hf_galore_q_galore"`: module
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import loading
-from .configs import QGaLoreConfig
-from .errors import InvalidConfigError, NoTargetModulesError, UnsupportedSetupError
-from .loading import FORMAT_VERSION, set_submodule
-from .modules.int8_linear import FIXED_DTYPE_BUFFERS, Int8Linear
-from .targeting import ALL_LINEAR, TargetSpec, _matches, log_resolution, resolve_target_modules
+from ... import loading
+from ...errors import InvalidConfigError, NoTargetModulesError
+from ...loading import FORMAT_VERSION, set_submodule
+from ...modules.int8_linear import FIXED_DTYPE_BUFFERS, Int8Linear
+from ...targeting import ALL_LINEAR, TargetSpec, log_resolution, matches_target, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +36,14 @@ QUANT_METHOD = "hf_galore_q_galore"
 LEGACY_CONFIG_KEY = "hf_galore_q_galore"
 
 
-def _int8_targets(model: nn.Module, targets: TargetSpec | None) -> list[tuple[str, Int8Linear]]:
+def int8_targets(model: nn.Module, targets: TargetSpec | None) -> list[tuple[str, Int8Linear]]:
     """The [`Int8Linear`] modules of `model` that `targets` selects (with `all-linear`: all of them)."""
     all_linear = isinstance(targets, str) and targets in ALL_LINEAR
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, Int8Linear) and (all_linear or (targets is not None and _matches(name, targets)))
+        if isinstance(module, Int8Linear) and (all_linear or (targets is not None and matches_target(name, targets)))
     ]
-
-
-def _q_config(configs: Sequence[Any]) -> QGaLoreConfig:
-    return next((c for c in configs if isinstance(c, QGaLoreConfig)), QGaLoreConfig())
 
 
 def _record(model: nn.Module, names: list[str], bits: int, group_size: int) -> None:
@@ -74,7 +68,7 @@ def quantize_model(
     try:
         resolution = resolve_target_modules(model, target_modules)
     except NoTargetModulesError:
-        if _int8_targets(model, target_modules):
+        if int8_targets(model, target_modules):
             return []  # already prepared (e.g. a second Trainer on the same model)
         raise
     log_resolution(resolution, "Q-GaLore INT8 weights")
@@ -92,59 +86,6 @@ def quantize_model(
         set_submodule(model, name, Int8Linear.from_linear(linear, weight_group_size, weight_bits))
     _record(model, resolution.names, weight_bits, weight_group_size)
     return resolution.names
-
-
-def prepare_model(model: nn.Module, target_modules: TargetSpec | None, configs: Sequence[Any]) -> None:
-    """Registry hook of the `q_galore_*` optimizers: [`quantize_model`] with the parsed [`QGaLoreConfig`]."""
-    q = _q_config(configs)
-    quantize_model(model, target_modules, q.weight_bits, q.weight_group_size)
-
-
-def build_groups(
-    model: nn.Module,
-    target_modules: TargetSpec | None,
-    weight_decay: float,
-    no_decay_names: set[str] | None = None,
-    description: str = "hf_galore",
-    configs: Sequence[Any] = (),
-) -> list[dict[str, Any]]:
-    """Param groups: the targeted INT8 weights' carriers (projected), then plain decay / no-decay parameters.
-
-    Every trainable parameter is included (embeddings, norms, biases, heads): the carriers replace the Linear weights
-    that the Trainer's default groups would otherwise have held.
-    """
-    int8 = _int8_targets(model, target_modules)
-    if not int8:
-        raise NoTargetModulesError(
-            f"{description}: optim_target_modules={target_modules!r} selects no INT8 Linear after the model surgery. "
-            'Pass e.g. optim_target_modules="all-linear" or a list of Linear module names.'
-        )
-    carriers = [m.grad_carrier for _, m in int8 if m.grad_carrier.requires_grad]
-    logger.info("%s: %d INT8 weights projected (%s)", description, len(carriers), ", ".join(n for n, _ in int8))
-    from .registry import group_parameters
-
-    return group_parameters(model, carriers, weight_decay, (no_decay_names or set()).__contains__)
-
-
-def _world_size(args: Any) -> int:
-    try:
-        return int(args.world_size)
-    except Exception:  # noqa: BLE001 - the property may need a distributed state; treat as one process
-        return 1
-
-
-def check_setup(args: Any) -> None:
-    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
-    name = str(getattr(args.optim, "value", args.optim))
-    problems = []
-    if _world_size(args) > 1:
-        problems.append(f"{_world_size(args)} processes (run on one process)")
-    if problems:
-        raise UnsupportedSetupError(
-            f"optim={name!r} does not support yet: {'; '.join(problems)}. Q-GaLore's INT8 gradient carriers are "
-            "not yet tested under DDP; train on one process (gradient accumulation works), or use "
-            "galore_adamw_8bit for multi-GPU runs."
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- load / merge

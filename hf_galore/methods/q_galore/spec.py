@@ -1,0 +1,109 @@
+"""Registration of Q-GaLore's `optim=` names (`q_galore_adamw_8bit`, `_layerwise`): the INT8 surgery as the model
+transform, the INT8 carriers as the projected group, and the setups Q-GaLore refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ...configs import Blockwise8bitConfig, MultiTensorConfig
+from ...errors import NoTargetModulesError, UnsupportedSetupError
+from ...registry import OptimizerSpec, register_optimizer
+from ...targeting import TargetSpec, group_parameters
+from ..galore.config import GaLoreConfig
+from .config import QGaLoreConfig
+from .optimizer import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
+from .transform import int8_targets, quantize_model
+
+logger = logging.getLogger(__name__)
+
+
+def _q_config(configs: Sequence[Any]) -> QGaLoreConfig:
+    return next((c for c in configs if isinstance(c, QGaLoreConfig)), QGaLoreConfig())
+
+
+def prepare_model(model: nn.Module, target_modules: TargetSpec | None, configs: Sequence[Any]) -> None:
+    """Registry hook of the `q_galore_*` optimizers: [`quantize_model`] with the parsed [`QGaLoreConfig`]."""
+    q = _q_config(configs)
+    quantize_model(model, target_modules, q.weight_bits, q.weight_group_size)
+
+
+def build_groups(
+    model: nn.Module,
+    target_modules: TargetSpec | None,
+    weight_decay: float,
+    no_decay_names: set[str] | None = None,
+    description: str = "hf_galore",
+    configs: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
+    """Param groups: the targeted INT8 weights' carriers (projected), then plain decay / no-decay parameters.
+
+    Every trainable parameter is included (embeddings, norms, biases, heads): the carriers replace the Linear weights
+    that the Trainer's default groups would otherwise have held.
+    """
+    int8 = int8_targets(model, target_modules)
+    if not int8:
+        raise NoTargetModulesError(
+            f"{description}: optim_target_modules={target_modules!r} selects no INT8 Linear after the model surgery. "
+            'Pass e.g. optim_target_modules="all-linear" or a list of Linear module names.'
+        )
+    carriers = [m.grad_carrier for _, m in int8 if m.grad_carrier.requires_grad]
+    logger.info("%s: %d INT8 weights projected (%s)", description, len(carriers), ", ".join(n for n, _ in int8))
+    return group_parameters(model, carriers, weight_decay, (no_decay_names or set()).__contains__)
+
+
+def _world_size(args: Any) -> int:
+    try:
+        return int(args.world_size)
+    except Exception:  # noqa: BLE001 - the property may need a distributed state; treat as one process
+        return 1
+
+
+def check_setup(args: Any) -> None:
+    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
+    name = str(getattr(args.optim, "value", args.optim))
+    problems = []
+    if _world_size(args) > 1:
+        problems.append(f"{_world_size(args)} processes (run on one process)")
+    if problems:
+        raise UnsupportedSetupError(
+            f"optim={name!r} does not support yet: {'; '.join(problems)}. Q-GaLore's INT8 gradient carriers are "
+            "not yet tested under DDP; train on one process (gradient accumulation works), or use "
+            "galore_adamw_8bit for multi-GPU runs."
+        )
+
+
+def _register_q_galore() -> None:
+    """`q_galore_adamw_8bit` (+ `_layerwise`): target Linears become INT8 (model preparation), then Q-GaLore."""
+    q_galore = dict(
+        method="Q-GaLore",
+        config_classes=(GaLoreConfig, Blockwise8bitConfig, QGaLoreConfig, MultiTensorConfig),
+        needs_bitsandbytes=True,
+        prepare_model=prepare_model,
+        build_groups=build_groups,
+        check_setup=check_setup,
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="q_galore_adamw_8bit",
+            optimizer_cls=QGaLoreAdamW8bit,
+            summary="Q-GaLore: INT8 target weights (stochastic rounding), INT4 bases, lazy refresh, 8-bit states.",
+            **q_galore,
+        )
+    )
+    register_optimizer(
+        OptimizerSpec(
+            name="q_galore_adamw_8bit_layerwise",
+            optimizer_cls=QGaLoreAdamW8bitLayerwise,
+            summary="q_galore_adamw_8bit, each weight updated in its backward hook and its gradient freed.",
+            layerwise=True,
+            **q_galore,
+        )
+    )
+
+
+_register_q_galore()
