@@ -383,5 +383,5 @@ def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_pa
     stored = layer.weight_scales.clone()
     layer.weight_scales.data = stored.to(torch.bfloat16)  # what transformers 4.x does to every float tensor
     assert not torch.equal(layer.weight_scales.float(), stored)
-    q_galore._finish(loaded, loaded.config.quantization_config.record())
+    q_galore.transform._finish(loaded, loaded.config.quantization_config.record())
     assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, stored)

@@ -18,7 +18,7 @@ from torch import nn
 from trainer_utils import lm_dataset, make_trainer, training_args
 from transformers import LlamaForCausalLM
 
-from hf_galore import InvalidConfigError, UnsupportedSetupError, configs
+from hf_galore import REGISTRY, InvalidConfigError, UnsupportedSetupError, configs
 from hf_galore.methods.flora.optimizer import FloraAdafactor, FloraAdamW, FloraAdamWLayerwise
 from hf_galore.methods.galore import (
     GaLoreAdafactor,
@@ -119,11 +119,12 @@ def test_hooks_of_a_garbage_optimizer_are_removed():
 
 # ---------------------------------------------------------------------------------------------------- item 4: knobs
 def _float_knobs():
-    """Every float field of every config dataclass (found, not listed, so a new knob is covered too)."""
+    """Every float field of every registered optimizer's config dataclasses (found, not listed, so a new knob is
+    covered too)."""
     knobs = []
-    for cls in vars(configs).values():
-        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin)):
-            continue
+    classes = {cls for spec in REGISTRY.values() for cls in spec.config_classes}
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        assert dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin), cls
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if float in (hints[f.name], *typing.get_args(hints[f.name])):

@@ -1,0 +1,162 @@
+"""The package's import graph: no circles and no upward imports (DESIGN.md, "Second iteration", property 7).
+
+Every `import` statement of every module of `hf_galore` is read from the source (module level and inside
+functions; `if TYPE_CHECKING:` blocks excluded, they never run), resolved to the module it names, and checked
+against the layers below. Deprecation aliases resolve old names lazily by string (`hf_galore/utils/deprecation.py`)
+and are not import statements, which is the point of them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "hf_galore"
+
+#: Layers, lowest first: a module may import only modules of its own layer or below.
+LAYERS: list[tuple[str, ...]] = [
+    ("hf_galore.errors", "hf_galore.utils"),
+    ("hf_galore.configs", "hf_galore.projection"),
+    ("hf_galore.modules", "hf_galore.optim"),
+    ("hf_galore.registry", "hf_galore.targeting"),
+    ("hf_galore.builder", "hf_galore.loading"),
+    ("hf_galore.methods",),
+    ("hf_galore.memory", "hf_galore.integrations"),
+    ("hf_galore.cli", "hf_galore"),  # the command line, and the package's __init__ (the public API; the CLI reads
+    # its __version__): the top, which nothing below imports
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.AST):
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            yield from (n for child in node.orelse for n in _import_nodes_of(child))
+            continue
+        yield from _import_nodes_of(node)
+
+
+def _import_nodes_of(node: ast.AST):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield node
+    elif not (isinstance(node, ast.If) and _is_type_checking(node)):
+        yield from _import_nodes(node)
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The `hf_galore` modules that the import statements of module `name` name."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            stem = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+            # `from pkg import sub` names the submodule when there is one, else an attribute of pkg.
+            targets = [f"{stem}.{a.name}" if f"{stem}.{a.name}" in modules else stem for a in node.names]
+        found.update(t for t in targets if t == "hf_galore" or t.startswith("hf_galore."))
+    return found
+
+
+def layer_of(name: str) -> int:
+    if name == "hf_galore":
+        return len(LAYERS) - 1
+    for index, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes if p != "hf_galore"):
+            return index
+    raise AssertionError(f"module {name} is in no layer of LAYERS; add it")
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: imports_of(name, path, modules) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph`, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        stack = [(root, iter(sorted(graph.get(root, ()))))]
+        path = [root]
+        state[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return [*path[path.index(child) :], child]
+            elif not state.get(child):
+                state[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(graph.get(child, ())))))
+    return None
+
+
+def test_the_graph_reader_sees_imports():
+    """Guard for the checks below: the reader finds known edges, so an empty graph cannot pass them."""
+    graph = import_graph()
+    assert "hf_galore.registry" in graph["hf_galore.methods.galore.spec"]
+    assert "hf_galore.optim.base" in graph["hf_galore.optim.adamw"]
+    assert "hf_galore.methods.welore" in graph["hf_galore.integrations.callbacks"]  # an import inside a method
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_no_upward_imports():
+    upward = [
+        f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)})"
+        for source, targets in sorted(import_graph().items())
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(source)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_nothing_below_the_methods_imports_a_method_and_nothing_imports_the_cli():
+    graph = import_graph()
+    methods = layer_of("hf_galore.methods")
+    for source, targets in graph.items():
+        if layer_of(source) < methods:
+            assert not [t for t in targets if t.startswith("hf_galore.methods")], source
+        assert "hf_galore.cli" not in targets, f"{source} imports the CLI"
+
+
+def test_engines_never_import_transformers():
+    for name, path in all_modules().items():
+        if name.startswith(("hf_galore.optim", "hf_galore.projection", "hf_galore.registry", "hf_galore.configs")):
+            tree = ast.parse(path.read_text())
+            names = {
+                alias.name if isinstance(node, ast.Import) else node.module
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)
+                for alias in node.names
+            }
+            assert not [n for n in names if n and n.split(".")[0] == "transformers"], name
