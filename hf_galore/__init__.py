@@ -48,7 +48,6 @@ _LAZY: dict[str, str] = {
         [
             "AdafactorConfig",
             "Blockwise8bitConfig",
-            "FloraConfig",
             "MultiTensorConfig",
             "parse_optim_args",
         ],

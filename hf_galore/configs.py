@@ -17,10 +17,6 @@ from typing import Any, ClassVar
 from .errors import InvalidConfigError
 from .utils.deprecation import moved_attributes
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SVD_METHODS = ("randomized", "exact")
-REFRESH_SIGNS = ("svd", "canonical", "aligned", "rotate")
-
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
@@ -282,5 +278,10 @@ __getattr__ = moved_attributes(
         "FloraAdafactorConfig": "hf_galore.methods.flora.config",
         "FloraAccumulationConfig": "hf_galore.methods.flora.config",
         "WeLoreConfig": "hf_galore.methods.welore.config",
+        "PROJ_TYPES": "hf_galore.methods.galore.config",
+        "SVD_METHODS": "hf_galore.methods.galore.config",
+        "REFRESH_SIGNS": "hf_galore.methods.galore.config",
+        "FLORA_PROJ_TYPES": "hf_galore.methods.flora.config",
+        "FLORA_ACCUMULATION": "hf_galore.methods.flora.config",
     },
 )

@@ -39,6 +39,7 @@ from ..projection.subspace import (
     low_rank_shape,
     project,
 )
+from ..utils.deprecation import moved_attributes
 from ._hooks import check_unhooked
 
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
@@ -346,7 +347,14 @@ class LowRankOptimizer(Optimizer):
         values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does (the LR
         scheduler drives it).
         """
-        self._check_signature(state_dict.get(SIGNATURE_KEY))
+        signature = state_dict.get(SIGNATURE_KEY)
+        self._check_signature(signature)
+        if signature is not None and signature.get("kind") in self.legacy_state_kinds:
+            # Written under this layout's old name (e.g. WeLore's AdamW as GaLoreAdamW): its groups carry that
+            # class' knobs, which mean nothing here.
+            allowed = set(self.defaults) | _FOREIGN_GROUP_KEYS
+            groups = [{k: v for k, v in g.items() if k in allowed} for g in state_dict["param_groups"]]
+            state_dict = {**state_dict, "param_groups": groups}
         changes = self._settings_changes(state_dict["param_groups"])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != SIGNATURE_KEY})
         for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
@@ -692,3 +700,26 @@ def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, floa
 def rms(tensor: torch.Tensor) -> torch.Tensor:
     """Root mean square of `tensor`."""
     return tensor.norm(2) / math.sqrt(tensor.numel())
+
+
+def _low_rank_defaults() -> dict[str, Any]:
+    """What `LOW_RANK_DEFAULTS` held: GaLore's projection knobs with their defaults, plus `low_rank`."""
+    import importlib
+
+    return importlib.import_module("hf_galore.methods.galore.optimizer").GaLoreAdamW.low_rank_defaults()
+
+
+_moved = moved_attributes(__name__, {})
+
+
+def __getattr__(name: str) -> Any:
+    # Deprecated: the defaults now come from each optimizer's `low_rank_config` (GaLore's: `GaLoreConfig`).
+    if name == "LOW_RANK_DEFAULTS":
+        warnings.warn(
+            "hf_galore.optim.base.LOW_RANK_DEFAULTS moved: use GaLoreConfig's fields (or "
+            "GaLoreAdamW.low_rank_defaults()); the old name will be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return _low_rank_defaults()
+    return _moved(name)

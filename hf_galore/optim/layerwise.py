@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ..errors import NotAPlaceholderError, UnsupportedSetupError
 from ..projection.subspace import Side, project
+from ..utils.deprecation import moved_attributes
 from ._hooks import check_unhooked, claim, release
 from .base import LowRankOptimizer
 
@@ -390,3 +391,13 @@ class LayerwiseMixin:
 def is_layerwise(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` updates parameters from backward hooks."""
     return isinstance(optimizer, LayerwiseMixin)
+
+
+# Deprecated: GaLore's layer-wise optimizers were declared here before they moved to `hf_galore.methods.galore`.
+__getattr__ = moved_attributes(
+    __name__,
+    dict.fromkeys(
+        ("GaLoreAdamWLayerwise", "GaLoreAdamW8bitLayerwise", "GaLoreAdafactorLayerwise"),
+        "hf_galore.methods.galore.optimizer",
+    ),
+)

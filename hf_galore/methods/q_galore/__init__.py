@@ -3,6 +3,7 @@
 `hf_galore.q_galore` is this package: [`quantize_model`], [`merge_to_dense`], [`from_pretrained`].
 """
 
+from ...utils.deprecation import moved_attributes
 from . import spec
 from .config import QGaLoreConfig
 from .optimizer import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
@@ -19,3 +20,15 @@ __all__ = [
     "quantize_model",
     "spec",
 ]
+
+
+# Deprecated: Q-GaLore's / WeLore's registry hooks and record keys lived in the old `hf_galore.q_galore` module.
+__getattr__ = moved_attributes(
+    __name__,
+    {
+        "prepare_model": "hf_galore.methods.q_galore.spec",
+        "build_groups": "hf_galore.methods.q_galore.spec",
+        "check_setup": "hf_galore.methods.q_galore.spec",
+        "LEGACY_CONFIG_KEY": "hf_galore.methods.q_galore.transform",
+    },
+)

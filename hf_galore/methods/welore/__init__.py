@@ -5,6 +5,7 @@ dense matrices (N-LRC), then fine-tune only the factors.
 """
 
 from ...projection.spectrum import normalize_spectrum, singular_values
+from ...utils.deprecation import moved_attributes
 from . import spec
 from .config import WeLoreConfig
 from .optimizer import WeLoreAdamW, WeLoreAdamW8bit
@@ -49,3 +50,15 @@ __all__ = [
     "spec",
     "trainable_parameter_names",
 ]
+
+
+# Deprecated: Q-GaLore's / WeLore's registry hooks and record keys lived in the old `hf_galore.welore` module.
+__getattr__ = moved_attributes(
+    __name__,
+    {
+        "registry_prepare_model": "hf_galore.methods.welore.spec",
+        "registry_build_groups": "hf_galore.methods.welore.spec",
+        "LEGACY_CONFIG_KEY": "hf_galore.methods.welore.transform",
+        "FORMAT_VERSION": "hf_galore.methods.welore.transform",
+    },
+)
