@@ -7,9 +7,25 @@ The public names below are imported lazily (PEP 562), on first access: registrat
 the `hf-galore` command line, which skips registration (see [`_started_by_console_script`]), then starts without
 importing torch or transformers for `--help` and `--version`.
 
+Layout, bottom to top (a module imports only from its own layer and those below; see `docs/contributing.md`):
+
+* `errors.py`, `utils/`: the exception hierarchy, optional-dependency checks, aliases of moved names;
+* `projection/`: pure tensor math (bases, seeded random projections, quantization, WeLore's spectra);
+* `configs.py`: the option machinery every config shares (`OptionsMixin`, `parse_optim_args`) and the engine
+  configs; `modules/`: `Int8Linear`, `LowRankLinear`;
+* `optim/`: the engines (the low-rank skeleton, the AdamW / 8-bit AdamW / Adafactor inner engines, the layer-wise
+  mixin); never imports transformers or a method;
+* `registry.py` (a leaf: `OptimizerSpec`, `register_optimizer`, `get_spec`), `targeting.py` (target resolution and
+  param groups), `builder.py` (settings checked, model transform, groups), `loading.py` (our checkpoint formats);
+* `methods/<method>/` for GaLore, Q-GaLore, FLoRA and WeLore: `config.py`, `optimizer.py`, `transform.py` (where
+  the method changes the model) and `spec.py` (registration of its `optim=` names); `hf_galore.q_galore` and
+  `hf_galore.welore` are the packages `hf_galore.methods.q_galore` and `hf_galore.methods.welore`;
+* `memory.py` (the estimator), `integrations/` (transformers registration, Trainer hooks, callbacks), and on top
+  `cli.py` (`hf-galore`), which nothing imports.
+
 Example:
     ```python
-    >>> import hf_galore  # registers galore_adamw, galore_adamw_8bit, galore_adafactor and *_layerwise
+    >>> import hf_galore  # registers the galore_*, q_galore_*, flora_* and welore_* names (`hf-galore list`)
     >>> from transformers import Trainer, TrainingArguments
     >>> args = TrainingArguments("out", optim="galore_adamw", optim_target_modules="all-linear",
     ...                          optim_args="rank=8, update_proj_gap=200, scale=2")

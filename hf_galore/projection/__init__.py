@@ -1,4 +1,11 @@
-"""Projection math (pure torch): subspaces of gradients and the projections onto them."""
+"""Projection math in plain torch (imports nothing of hf_galore but its errors; never transformers or an optimizer).
+
+* `subspace.py`: the projected side, the top-r bases of a gradient (randomized range finder or exact SVD), their
+  signs, projection and back-projection (GaLore, Q-GaLore);
+* `random.py`: seeded Gaussian projections, the same bits on every device (FLoRA);
+* `quant.py`: group-wise INT8 / packed INT4 quantization (stored bases, Q-GaLore's INT8 weights);
+* `spectrum.py`: normalised singular-value spectra and the global threshold (WeLore).
+"""
 
 from .subspace import (
     Side,
