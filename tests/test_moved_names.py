@@ -4,6 +4,7 @@ to the new objects (with a FutureWarning where the old name is deprecated), and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import sys
 import warnings
@@ -32,6 +33,14 @@ DEPRECATED_ATTRIBUTES = [
     ("hf_galore.registry", "group_parameters", hf_galore.targeting.group_parameters),
     ("hf_galore.registry", "make_optimizer_kwargs", hf_galore.builder.make_optimizer_kwargs),
     ("hf_galore.registry", "optimizer_settings", hf_galore.builder.optimizer_settings),
+    ("hf_galore.optim.layerwise", "GaLoreAdamW8bitLayerwise", galore.GaLoreAdamW8bitLayerwise),
+    ("hf_galore.configs", "PROJ_TYPES", galore.config.PROJ_TYPES),
+    ("hf_galore.configs", "FLORA_ACCUMULATION", flora.config.FLORA_ACCUMULATION),
+    ("hf_galore.q_galore", "check_setup", q_galore.spec.check_setup),
+    ("hf_galore.q_galore", "LEGACY_CONFIG_KEY", q_galore.transform.LEGACY_CONFIG_KEY),
+    ("hf_galore.welore", "registry_prepare_model", welore.spec.prepare_model),
+    ("hf_galore.welore", "registry_build_groups", welore.spec.build_groups),
+    ("hf_galore.welore", "FORMAT_VERSION", welore.transform.FORMAT_VERSION),
 ]
 
 
@@ -46,8 +55,15 @@ def test_old_module_paths_import_the_new_module_with_a_warning(old, new):
 
 @pytest.mark.parametrize(("module", "name", "expected"), DEPRECATED_ATTRIBUTES)
 def test_old_attributes_resolve_with_a_warning(module, name, expected):
-    with pytest.warns(FutureWarning, match=rf"{module}\.{name} moved to"):
+    with pytest.warns(FutureWarning, match=rf"\.{name} moved to"):
         assert getattr(importlib.import_module(module), name) is expected
+
+
+def test_low_rank_defaults_alias_is_galore_config_plus_low_rank():
+    with pytest.warns(FutureWarning, match="LOW_RANK_DEFAULTS moved"):
+        from hf_galore.optim.base import LOW_RANK_DEFAULTS
+    fields = {f.name: f.default for f in dataclasses.fields(galore.GaLoreConfig)}
+    assert {"low_rank": False, **fields} == LOW_RANK_DEFAULTS
 
 
 def test_unknown_attributes_still_raise():
@@ -59,8 +75,8 @@ def test_public_short_names_are_the_method_packages_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hf_galore.welore is welore and hf_galore.q_galore is q_galore
-        from hf_galore.welore import compress
         from hf_galore.q_galore import merge_to_dense, quantize_model
+        from hf_galore.welore import compress
 
     assert compress is welore.compress and quantize_model is q_galore.quantize_model
     assert callable(merge_to_dense)

@@ -22,13 +22,18 @@ def _warn(old: str, new: str) -> None:
 
 
 def moved_attributes(module_name: str, moves: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module-level `__getattr__` resolving the names in `moves` (`name -> new module`) with a `FutureWarning`."""
+    """A module-level `__getattr__` resolving the names in `moves` with a `FutureWarning`.
+
+    `moves` maps an old name to its new module (`"pkg.mod"`, same name there) or to `"pkg.mod:new_name"`.
+    """
 
     def __getattr__(name: str) -> Any:
         if name not in moves:
             raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
-        _warn(f"{module_name}.{name}", f"{moves[name]}.{name}")
-        return getattr(importlib.import_module(moves[name]), name)
+        target, _, new_name = moves[name].partition(":")
+        new_name = new_name or name
+        _warn(f"{module_name}.{name}", f"{target}.{new_name}")
+        return getattr(importlib.import_module(target), new_name)
 
     return __getattr__
 

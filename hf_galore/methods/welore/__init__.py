@@ -56,8 +56,8 @@ __all__ = [
 __getattr__ = moved_attributes(
     __name__,
     {
-        "registry_prepare_model": "hf_galore.methods.welore.spec",
-        "registry_build_groups": "hf_galore.methods.welore.spec",
+        "registry_prepare_model": "hf_galore.methods.welore.spec:prepare_model",
+        "registry_build_groups": "hf_galore.methods.welore.spec:build_groups",
         "LEGACY_CONFIG_KEY": "hf_galore.methods.welore.transform",
         "FORMAT_VERSION": "hf_galore.methods.welore.transform",
     },
