@@ -160,3 +160,23 @@ def test_engines_never_import_transformers():
                 for alias in node.names
             }
             assert not [n for n in names if n and n.split(".")[0] == "transformers"], name
+
+
+def test_the_torch_only_layers_import_without_transformers():
+    """`hf_galore.modules`, the engines, the methods' optimizers and the projection math run without transformers
+    (blocked in a fresh interpreter: importing it raises)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['accelerate'] = None\n"
+        "import hf_galore.modules, hf_galore.optim, hf_galore.projection.spectrum\n"
+        "from hf_galore.methods.galore.optimizer import GaLoreAdamW\n"
+        "from hf_galore.methods.flora.optimizer import FloraAdamW\n"
+        "import torch\n"
+        "w = torch.nn.Parameter(torch.randn(8, 6)); w.grad = torch.randn(8, 6)\n"
+        "GaLoreAdamW([{'params': [w], 'low_rank': True}], rank=2).step()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
