@@ -84,7 +84,7 @@ def test_supported_transformers_range_is_read_from_the_package_metadata():
     assert versions.supported_transformers() == expected
     assert versions.transformers_install_hint() == f'pip install "transformers{expected}"'
     # Requires-Dist lines: lower bounds first whatever the metadata order; extras' requirements are not the range.
-    requires = ['transformers[torch]<6,>=4.57', 'transformers>=9; extra == "test"', "torch>=2.4"]
+    requires = ["transformers[torch]<6,>=4.57", 'transformers>=9; extra == "test"', "torch>=2.4"]
     assert versions._requirement_specifier(requires, "transformers") == ">=4.57,<6"
     assert versions._requirement_specifier(requires[1:], "transformers") is None
     assert versions._requirement_specifier(["Transformers (<6,>=4.57)"], "transformers") == ">=4.57,<6"
