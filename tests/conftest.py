@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hf_galore  # noqa: F401  (registers the optimizers)
 
+# One intra-op thread unless the caller set OMP_NUM_THREADS: the tiny test models gain nothing from more, and on a
+# shared CPU OpenMP's spin-waiting made the small LAPACK calls (the SVD refreshes) about 10× slower with 2 threads.
+# Results do not depend on it: every comparison in the suite is between runs made in the same setting.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses that the script and distributed tests start
+    torch.set_num_threads(1)
+
 #: The Linear modules of `tiny_roberta_config()` / `tiny_llama_config()` models that "all-linear" selects.
 ROBERTA_ENCODER_LINEARS = {
     f"roberta.encoder.layer.{i}.{suffix}"
