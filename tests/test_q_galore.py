@@ -273,7 +273,8 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     assert not any(isinstance(m, Int8Linear) for m in merged.modules())
     for n, weight in expected.items():
         assert type(merged.get_submodule(n)) is nn.Linear and torch.equal(merged.get_submodule(n).weight, weight)
-    assert make_trainer(merged, eval_args, dataset).evaluate()["eval_loss"] == pytest.approx(after, abs=1e-6)
+    merged_loss = make_trainer(merged, eval_args, dataset).evaluate()["eval_loss"]
+    assert merged_loss == pytest.approx(after, rel=1e-5)  # dense matmul: another fp32 operation order
     merged.save_pretrained(tmp_path / "dense")
     assert_stock_load_without_hf_galore(auto.__name__, tmp_path / "out", "hf_galore_q_galore", tmp_path / "dense")
 

