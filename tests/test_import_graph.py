@@ -22,7 +22,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("hf_galore.builder", "hf_galore.loading"),
     ("hf_galore.methods",),
     ("hf_galore.memory", "hf_galore.integrations"),
-    ("hf_galore.cli", "hf_galore"),  # the command line, and the package's __init__ (the public API; the CLI reads
+    (
+        "hf_galore.cli",
+        "hf_galore.examples",
+        "hf_galore",
+    ),  # the command line, the demo helpers, and the package's __init__ (the public API; the CLI reads
     # its __version__): the top, which nothing below imports
 ]
 
