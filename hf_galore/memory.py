@@ -64,14 +64,9 @@ import torch
 from torch import nn
 
 from . import methods  # noqa: F401 - registers every method's optim= names
-from .configs import AdafactorConfig, Blockwise8bitConfig, MultiTensorConfig, parse_optim_args, split_optim_args
+from .configs import Blockwise8bitConfig, parse_optim_args, split_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
-from .methods.galore import GaLoreConfig
-from .methods.q_galore import QGaLoreConfig
-from .methods.q_galore.optimizer import WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
 from .optim.base import LowRankOptimizer
-from .projection.quant import num_groups
-from .projection.subspace import Side, choose_side, low_rank_shape
 from .registry import REGISTRY, get_spec
 from .targeting import TargetSpec, resolve_target_modules
 
@@ -189,8 +184,11 @@ class MemoryEstimate:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-#: Q-GaLore's state keys that reference the model's INT8 weight buffers: weights, not optimizer state.
-WEIGHT_REFERENCE_KEYS = tuple(Q_GALORE_WEIGHT_KEYS)
+#: State keys that reference the model's own weight buffers (Q-GaLore's INT8 weights): weights, not optimizer state.
+#: Collected from the registered optimizer classes' `weight_state_keys`.
+WEIGHT_REFERENCE_KEYS = tuple(
+    sorted({key for spec in REGISTRY.values() for key in getattr(spec.optimizer_cls, "weight_state_keys", ())})
+)
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
@@ -261,34 +259,16 @@ def _tied_ids(model: nn.Module) -> set[int]:
     return {pid for pid, count in counts.items() if count > 1}
 
 
-# ----------------------------------------------------------------------------------------------------------- states
+# ----------------------------------------------------------------------------------------------------------- rules
 def _adamw8bit_state(numel: int, block: int, min_8bit: int) -> int:
-    """Two 8-bit moments of `numel` elements (fp32 below `min_8bit`)."""
+    """bitsandbytes' AdamW8bit (the `adamw_8bit` baseline): two 8-bit moments of `numel` elements (fp32 below
+    `min_8bit`)."""
     if numel < min_8bit:
         return 2 * numel * 4
     return 2 * (numel + 4 * math.ceil(numel / block))
 
 
-def _adafactor_state(shape: tuple[int, ...], beta1: float | None) -> int:
-    numel = math.prod(shape)
-    second = (math.prod(shape[:-1]) + shape[-1]) if len(shape) >= 2 else numel
-    return 4 * (second + (numel if beta1 is not None else 0))
-
-
-def _refresh_workspace(shape: tuple[int, int], side: Side, galore: GaLoreConfig, grad_dtype: torch.dtype) -> int:
-    """fp32 workspace of one weight's refresh (the sides of `full` are computed one after the other)."""
-    m, n = shape
-    copy = 0 if grad_dtype == torch.float32 else 4 * m * n  # `left_basis` works on an fp32 copy
-    if galore.svd == "exact":
-        work = 4 * min(m, n) * (m + n + 1)
-    else:
-        work = 4 * 2 * (m + n) * min(galore.rank + galore.oversample, m, n)
-    return copy + work
-
-
-def _step_workspace(
-    sizes: list[int], grad_elem: int, adam: bool, eight_bit: bool, chunked: bool, layerwise: bool
-) -> int:
+def _step_workspace(sizes: list[int], grad_elem: int, per_element: int, chunked: bool, layerwise: bool) -> int:
     """Temporaries of the optimizer update. `step()` prepares (projects) the gradients of up to
     `foreach_chunk_elements` elements (more if one parameter is larger) before applying them, so those prepared
     gradients (gradient dtype) are alive together; the layer-wise hooks prepare one at a time. The update then
@@ -301,7 +281,7 @@ def _step_workspace(
     chunk = min(sum(sizes), max(largest, LowRankOptimizer.foreach_chunk_elements))
     prepared = largest if layerwise else chunk
     together = chunk if chunked else largest
-    return prepared * grad_elem + together * (8 + (10 if adam and eight_bit else 0))
+    return prepared * grad_elem + together * per_element
 
 
 def _resolve_name(optim: str, layerwise: bool | None) -> str:
@@ -430,96 +410,54 @@ def estimate_memory(
         return _estimate_baseline(model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing)
 
     spec = get_spec(name)
-    if spec.method in _UNSUPPORTED_METHODS:
+    optimizer_cls = spec.optimizer_cls
+    if optimizer_cls.memory_estimate_unsupported:
+        supported = [n for n, s in REGISTRY.items() if not s.optimizer_cls.memory_estimate_unsupported]
         raise UnsupportedSetupError(
-            f"estimate_memory does not support optim={name!r} yet: {_UNSUPPORTED_METHODS[spec.method]}. Supported: "
-            f"{', '.join(n for n, s in REGISTRY.items() if s.method not in _UNSUPPORTED_METHODS)}, "
-            f"{', '.join(BASELINES)}."
+            f"estimate_memory does not support optim={name!r}: {optimizer_cls.memory_estimate_unsupported}. "
+            f"Supported: {', '.join(supported)}, {', '.join(BASELINES)}."
         )
-    configs = parse_optim_args(args, spec.config_classes, name)
-    galore = next(c for c in configs if isinstance(c, GaLoreConfig))
-    blockwise = next((c for c in configs if isinstance(c, Blockwise8bitConfig)), None)
-    adafactor = next((c for c in configs if isinstance(c, AdafactorConfig)), None)
-    q_cfg = next((c for c in configs if isinstance(c, QGaLoreConfig)), None)
+    settings = _group_settings(optimizer_cls, parse_optim_args(args, spec.config_classes, name))
+    rank = settings.get("rank")
 
     resolution = resolve_target_modules(model, target_modules, include_heads=spec.transformers_name)
-    projected_ids = {id(m.weight) for _, m in resolution.modules}
-    if q_cfg is not None:
+    target_ids = {id(m.weight) for _, m in resolution.modules}
+    if optimizer_cls.converts_targets:
         tied_targets = [n for n, m in resolution.modules if id(m.weight) in tied]
         if tied_targets:
             raise InvalidConfigError(
-                f"Q-GaLore cannot quantize {tied_targets}: their weights are tied to another module. Leave them out "
-                'of target_modules ("all-linear" already excludes output heads).'
+                f"{spec.method} cannot convert {tied_targets}: their weights are tied to another module. Leave them "
+                'out of target_modules ("all-linear" already excludes output heads).'
             )
 
-    def moments(shape: tuple[int, ...], param_elem: int, low_rank: bool) -> int:
-        numel = math.prod(shape)
-        if adafactor is not None:
-            return _adafactor_state(shape, adafactor.beta1)
-        if blockwise is not None:
-            return _adamw8bit_state(numel, blockwise.block_size, blockwise.min_8bit_size)
-        return 2 * numel * (4 if low_rank else param_elem)
-
+    # One generic loop: the optimizer class states the bytes of each parameter (its own storage rules).
     weights = gradients = states = bases = refresh = accumulators = 0
     update_sizes: list[int] = []  # elements of each parameter's (projected) update, for the step workspace
     held_for_clipping = 0  # layer-wise with clipping: every prepared gradient waits for step()
-    multi_tensor = next((c for c in configs if isinstance(c, MultiTensorConfig)), None)
-    chunked = multi_tensor is not None and multi_tensor.foreach and not spec.layerwise
     largest_grad = tied_grads = 0
     num_params = num_projected = 0
     for _, p in model.named_parameters():
         shape = tuple(p.shape)
-        numel = math.prod(shape)
-        num_params += numel
-        is_target = id(p) in projected_ids and p.requires_grad
-        if q_cfg is not None and is_target:
-            # INT8 codes + fp32 scale/zero per group; the carrier parameter stores one element.
-            weights += numel + 8 * num_groups(numel, q_cfg.weight_group_size) + elem
-        else:
-            weights += numel * elem
+        num_params += math.prod(shape)
+        target = id(p) in target_ids and p.requires_grad
         if not p.requires_grad:
+            weights += optimizer_cls.weight_bytes(shape, settings, weight_dtype, False)
             continue
-        grad = numel * elem
+        cost = optimizer_cls.param_bytes(shape, settings, weight_dtype, target)
+        weights += cost.weights
+        states += cost.states
+        bases += cost.bases
+        grad = math.prod(shape) * elem
         gradients += grad
         if id(p) in tied:
             tied_grads += grad
         else:
             largest_grad = max(largest_grad, grad)
-        side = choose_side(shape, galore.proj_type, galore.rank) if is_target else Side.NONE
-        if side == Side.NONE:
-            states += moments(shape, elem, low_rank=False)
-            # AdamW-style plain updates of parameters larger than a chunk run slice by slice.
-            update_sizes.append(
-                numel if adafactor is not None else min(numel, LowRankOptimizer.foreach_chunk_elements)
-            )
-            held_for_clipping += grad
-            continue
-        num_projected += 1
-        low_shape = low_rank_shape(shape, side, galore.rank)
-        update_sizes.append(math.prod(low_shape))
-        held_for_clipping += math.prod(low_shape) * elem
-        states += moments(low_shape, elem, low_rank=True)
-        accumulators += math.prod(low_shape) * elem
-        refresh = max(refresh, _refresh_workspace(shape, side, galore, weight_dtype))
-        m, n = shape
-        basis_shapes = [(m, galore.rank)] * (side in (Side.LEFT, Side.BOTH))
-        basis_shapes += [(n, galore.rank)] * (side in (Side.RIGHT, Side.BOTH))
-        bits, group_size = (
-            (q_cfg.proj_bits, q_cfg.proj_group_size)
-            if q_cfg is not None
-            else (galore.basis_bits, galore.basis_group_size)
-        )
-        for rows, cols in basis_shapes:
-            basis_numel = rows * cols
-            if bits >= 16:
-                bases += basis_numel * elem
-            else:
-                packed = math.ceil(basis_numel / 2) if bits == 4 else basis_numel
-                bases += packed + 8 * num_groups(basis_numel, group_size)
-            if q_cfg is not None:
-                states += 4 * rows  # fp32 leading singular vector of this side
-        if q_cfg is not None:
-            states += 4 * q_cfg.queue_size  # fp32 cos_queue
+        update_sizes.append(cost.update_elements)
+        held_for_clipping += cost.prepared
+        accumulators += cost.accumulator
+        refresh = max(refresh, cost.refresh)
+        num_projected += cost.projected
 
     if spec.layerwise:
         gradients = largest_grad + tied_grads
@@ -533,16 +471,17 @@ def estimate_memory(
             notes.append("layer-wise with accumulation: refresh steps keep full gradients of refreshing weights")
     elif gradient_accumulation_steps > 1:
         notes.append("gradient accumulation does not change the non-layer-wise gradient bytes")
-    if num_projected == 0:
-        notes.append(f"no targeted weight has min(m, n) > rank={galore.rank}: nothing is projected")
+    if num_projected == 0 and rank is not None:
+        notes.append(f"no targeted weight has min(m, n) > rank={rank}: nothing is projected")
     activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
     notes += [note] if note else []
     notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
+    chunked = bool(settings.get("foreach", False)) and not spec.layerwise
     return MemoryEstimate(
         optim=name,
         model=type(model).__name__,
         dtype=str(weight_dtype).removeprefix("torch."),
-        rank=galore.rank,
+        rank=rank,
         batch=batch,
         seq=seq,
         layerwise=spec.layerwise,
@@ -556,10 +495,24 @@ def estimate_memory(
         refresh_transient=refresh,
         activations=activations,
         step_workspace=_step_workspace(
-            update_sizes, elem, adafactor is None, blockwise is not None, chunked, spec.layerwise
+            update_sizes, elem, optimizer_cls.update_workspace_bytes, chunked, spec.layerwise
         ),
         notes=notes,
     )
+
+
+def _group_settings(optimizer_cls: type[LowRankOptimizer], configs: list[Any]) -> dict[str, Any]:
+    """The settings of the optimizer's param groups: its defaults overridden by the parsed `optim_args`, as
+    `hf_galore.builder.optimizer_settings` passes them to the constructor (model-surgery configs excluded)."""
+    settings: dict[str, Any] = {
+        "weight_decay": 0.0,
+        **optimizer_cls.low_rank_defaults(),
+        **optimizer_cls.inner_defaults,
+    }
+    for config in configs:
+        if getattr(config, "optimizer_kwargs", True):
+            settings.update(config.to_dict())
+    return settings
 
 
 def _estimate_baseline(

@@ -20,6 +20,12 @@ class WeLoreAdamW(LowRankAdamW):
         foreach (`bool`, defaults to `True`): Batch the elementwise work of a group (see [`MultiTensorConfig`]).
     """
 
+    #: The split decides which parameters exist and train; a model built from a config has no spectra to split.
+    memory_estimate_unsupported: ClassVar[str | None] = (
+        "its LRC/N-LRC split depends on the weights' singular values, which a meta-device model does not have; "
+        "run `hf-galore welore analyze MODEL_DIR` for WeLore's memory report instead"
+    )
+
     #: Its checkpoints were written as `GaLoreAdamW` before WeLore had optimizer classes of its own (same layout).
     legacy_state_kinds: ClassVar[tuple[str, ...]] = ("GaLoreAdamW",)
 
@@ -27,4 +33,5 @@ class WeLoreAdamW(LowRankAdamW):
 class WeLoreAdamW8bit(LowRankAdamW8bit):
     """[`WeLoreAdamW`] with both moments stored 8-bit blockwise (see [`Blockwise8bitConfig`])."""
 
+    memory_estimate_unsupported: ClassVar[str | None] = WeLoreAdamW.memory_estimate_unsupported
     legacy_state_kinds: ClassVar[tuple[str, ...]] = ("GaLoreAdamW8bit",)
