@@ -1,40 +1,43 @@
 """Memory estimator: bytes of weights, gradients, optimizer states, projection bases, refresh workspace and
 activations of one training step, for any GaLore-family `optim=` name and the plain AdamW baselines.
 
-The model is built from its config on the meta device, so nothing is allocated. Everything but the activations is
-*counted* from the parameter shapes with the optimizers' own rules (the same [`choose_side`] / [`low_rank_shape`],
-the same config defaults, the same 8-bit and INT4/INT8 storage formats), so the optimizer-state prediction equals
-the bytes that `optimizer.state` holds after the first step. The activations are a rough transformer formula.
+The model is built from its config on the meta device (by [`hf_galore.loading.build_meta_model`]), so nothing is
+allocated. Everything but the activations is *counted* from the parameter shapes by one generic loop that asks the
+chosen optimizer class for the bytes of each parameter ([`LowRankOptimizer.param_bytes`], a [`ParamBytes`]). Each
+rule lives next to the storage it describes, so the optimizer-state prediction equals the bytes that
+`optimizer.state` holds after the first step:
 
-Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected weight):
+* `hf_galore.optim.adamw`: two fp32 moments of the projected shape (param dtype for non-projected parameters);
+  8-bit: two uint8 codes + one fp32 absmax per `block_size` elements each, fp32 below `min_8bit_size` elements.
+* `hf_galore.optim.adafactor`: fp32 row + column statistics (the full vector for 1-D tensors) + `exp_avg` when
+  `beta1` is set.
+* `hf_galore.optim.base`: the bases P (m×r) and/or Q (n×r) in the gradient dtype, or with `basis_bits` 8/4 packed
+  (INT4: half a byte per element, INT8: one) with fp32 scale and zero per `basis_group_size` elements; the refresh
+  workspace (randomized range finder: 2·(m + n)·(r + oversample) fp32; exact SVD: min(m, n)·(m + n + 1) fp32; plus
+  an fp32 copy of a gradient that is not fp32).
+* Q-GaLore (`methods/q_galore/optimizer.py`): INT8 target weights (m·n codes + fp32 scale/zero per
+  `weight_group_size` elements + a one-element carrier), bases packed with `proj_bits`/`proj_group_size`, the fp32
+  leading singular vector per side and the fp32 `cos_queue`; its state's references to the INT8 weights are weights.
+* FLoRA (`methods/flora/optimizer.py`): per compressed weight the fp32 compressed momentum (r×n or m×r) and the fp32
+  factored second moment (m + n), no stored basis; its update reads the full gradient.
+* WeLore is refused: its split depends on the weights' spectra (`hf-galore welore analyze` reports its memory).
 
-* **weights**: every unique parameter at `e` bytes per element. Q-GaLore's targeted Linears hold instead m·n uint8
-  codes plus fp32 scale and zero per `weight_group_size` elements, and a one-element gradient carrier.
+What the loop adds up (bytes; `e` is the element size of `dtype`):
+
 * **gradients**: non-layer-wise, one gradient per trainable parameter (dense m·n for Q-GaLore's carriers), in the
   parameter's dtype. Layer-wise, each gradient is consumed and freed in its own backward hook, so at most one full
   gradient is alive at a time (the largest), plus the full gradients of tied weights (updated in `step()`), plus,
-  with gradient accumulation, one projected accumulator (r×n or m×r, gradient dtype) per projected weight; with
-  clipping (`max_grad_norm > 0`) instead every prepared gradient (projected for targets, full for the others),
-  which waits for `step()` to know the global norm.
-* **optimizer states** (everything in `optimizer.state` but the bases): `galore_adamw` two fp32 moments of the
-  projected shape (param dtype for non-projected parameters); 8-bit names two uint8 codes + one fp32 absmax per
-  `block_size` elements each, fp32 below `min_8bit_size` elements; Adafactor fp32 row + column statistics (the
-  full vector for 1-D tensors) + `exp_avg` when `beta1` is set; Q-GaLore adds the fp32 leading singular vector per
-  side and the fp32 `cos_queue`. `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter;
-  `adamw_8bit` (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
-* **projection bases**: P (m×r) and/or Q (n×r) in the gradient dtype; with `basis_bits` 8 or 4 (Q-GaLore:
-  `proj_bits`) packed (INT4: half a byte per element, INT8: one) with fp32 scale and zero per `basis_group_size`
-  (`proj_group_size`) elements.
-* **refresh transient**: the workspace of the largest single refresh (bases are computed one weight at a time): for
-  the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
-  the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
-  already fp32.
-* **step workspace**: temporaries of the update itself: the prepared (projected) gradients of one chunk (of one
-  parameter in the layer-wise hooks), and per element of the parameters updated together two fp32 temporaries
-  (Adam's denominator and low-rank direction), plus for 8-bit states both moments dequantised to fp32 and their
-  concatenated codes (10 bytes). The batched path (`foreach=True`) updates up to 2**23 elements together (a
-  larger single parameter alone), the per-parameter loop and the layer-wise hooks one parameter at a time; an
-  AdamW-style plain update of a parameter larger than 2**23 elements (a large embedding) runs in slices of 2**23.
+  with gradient accumulation, one accumulator per projected weight; with clipping (`max_grad_norm > 0`) instead
+  every prepared gradient (projected for GaLore targets, full otherwise), which waits for `step()` to know the
+  global norm.
+* **baselines**: `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter; `adamw_8bit`
+  (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
+* **step workspace**: temporaries of the update itself: the prepared gradients of one chunk (of one parameter in
+  the layer-wise hooks), and per element of the parameters updated together the optimizer's
+  `update_workspace_bytes` (8: Adam's denominator and low-rank direction; 18 for 8-bit states, which also
+  dequantise both moments and concatenate their codes). The batched path (`foreach=True`) updates up to 2**23
+  elements together (a larger single parameter alone), the per-parameter loop and the layer-wise hooks one
+  parameter at a time; an AdamW-style plain update of a parameter larger than 2**23 elements runs in slices.
 * **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
@@ -272,9 +275,8 @@ def _step_workspace(sizes: list[int], grad_elem: int, per_element: int, chunked:
     """Temporaries of the optimizer update. `step()` prepares (projects) the gradients of up to
     `foreach_chunk_elements` elements (more if one parameter is larger) before applying them, so those prepared
     gradients (gradient dtype) are alive together; the layer-wise hooks prepare one at a time. The update then
-    needs, per element updated together, two fp32 temporaries (Adam: denominator and low-rank direction; Adafactor:
-    the fp32 gradient and the update), plus for 8-bit states both moments dequantised to fp32 and their
-    concatenated codes: the batched path updates the whole chunk together, the loop and the hooks one parameter."""
+    needs `per_element` bytes per element updated together (the optimizer's `update_workspace_bytes`): the batched
+    path updates the whole chunk together, the loop and the hooks one parameter."""
     if not sizes:
         return 0
     largest = max(sizes)
@@ -388,7 +390,7 @@ def estimate_memory(
 
     Raises:
         [`UnknownOptimizerError`]: `optim` is neither registered nor a baseline (the message lists the choices).
-        [`UnsupportedSetupError`]: a WeLore or FLoRA name (not modelled yet).
+        [`UnsupportedSetupError`]: a WeLore name (its split needs the weights' spectra).
         [`InvalidConfigError`], [`NoTargetModulesError`]: bad `optim_args`, `dtype` or targets.
     """
     for label, value in (("batch", batch), ("seq", seq), ("gradient_accumulation_steps", gradient_accumulation_steps)):

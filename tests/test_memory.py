@@ -41,6 +41,11 @@ CASES = [
     pytest.param(
         "q_galore_adamw_8bit", "rank=4, min_8bit_size=0, proj_group_size=16, weight_group_size=16", marks=needs_bnb
     ),
+    ("flora_adamw", "rank=4"),
+    ("flora_adamw", "rank=4, proj_type=reverse_std, foreach=false"),
+    ("flora_adafactor", "rank=4"),
+    ("flora_adafactor", "rank=4, beta1=0"),
+    ("flora_adamw_layerwise", "rank=4"),
 ]
 
 
@@ -211,3 +216,12 @@ def test_step_workspace_follows_the_chunking_rule(monkeypatch):
     monkeypatch.setattr(LowRankOptimizer, "foreach_chunk_elements", 10)
     assert estimate_memory(config, "galore_adamw", rank=8).step_workspace == max(projected_sizes) * (4 + 8)
     assert batched.total_peak >= batched.weights + batched.state_bytes + batched.gradients + batched.step_workspace
+
+
+def test_flora_is_estimated_with_its_own_rules():
+    estimate = estimate_memory(tiny_llama_config(), "flora_adamw", rank=4)
+    assert estimate.num_projected > 0 and estimate.projection_bases == 0  # seeded projections: nothing stored
+    galore = estimate_memory(tiny_llama_config(), "galore_adafactor", rank=4)
+    assert estimate.rank == 4 and galore.projection_bases > 0
+    with pytest.raises(InvalidConfigError, match="rank=64 exceeds"):
+        estimate_memory(tiny_llama_config(), "flora_adamw", rank=64)

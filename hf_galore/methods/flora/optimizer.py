@@ -127,6 +127,11 @@ class _FloraMixin:
         second moment of the full gradient (m + n), no stored basis (`_init_state`); its update reads the full
         gradient, and its layer-wise accumulator is the fp32 compressed gradient. The workspace of one update holds
         the two momentum projections (old and resampled, dim×r fp32). Other parameters: the inner engine's rules."""
+        if target and settings["rank"] > min(shape):  # refused by `add_param_group` too
+            raise InvalidConfigError(
+                f"FLoRA rank={settings['rank']} exceeds the smaller dimension of a targeted weight of shape {shape}. "
+                f"Lower rank to at most {min(shape)}, or leave that module out of optim_target_modules."
+            )
         side = cls.projected_side(shape, settings, target)
         if side == Side.NONE:
             return super().param_bytes(shape, settings, dtype, target)  # type: ignore[misc]
