@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ from torch import nn
 from . import methods  # noqa: F401 - registers every method's optim= names
 from .configs import Blockwise8bitConfig, parse_optim_args, split_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
+from .loading import build_meta_model
 from .optim.base import LowRankOptimizer
 from .registry import REGISTRY, get_spec
 from .targeting import TargetSpec, resolve_target_modules
@@ -230,25 +232,17 @@ def _build_model(model_or_config: Any) -> nn.Module:
     """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory)."""
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    if isinstance(model_or_config, (str, bytes)) or hasattr(model_or_config, "__fspath__"):
-        from .cli import build_meta_model
-
-        return build_meta_model(str(model_or_config))
-    from transformers import PretrainedConfig
-
-    if isinstance(model_or_config, PretrainedConfig):
-        import transformers
-
-        architectures = getattr(model_or_config, "architectures", None) or []
-        model_cls = getattr(transformers, architectures[0], None) if architectures else None
-        with torch.device("meta"):
-            if model_cls is None:
-                return transformers.AutoModel.from_config(model_or_config)
-            return model_cls._from_config(model_or_config)
+    if isinstance(model_or_config, (str, os.PathLike)) or _is_pretrained_config(model_or_config):
+        return build_meta_model(model_or_config)
     raise InvalidConfigError(
         f"model_or_config={type(model_or_config).__name__} is not supported; pass an nn.Module, a transformers "
         "PretrainedConfig, or the path of a config.json (or of a directory holding one)."
     )
+
+
+def _is_pretrained_config(value: Any) -> bool:
+    # By duck type (`to_json_string` + `model_type`), so that this module does not import transformers.
+    return hasattr(value, "to_json_string") and hasattr(value, "model_type")
 
 
 def _unique_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

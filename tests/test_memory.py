@@ -162,7 +162,7 @@ def test_bad_inputs_name_the_value_and_the_choices():
 
 def test_cli_estimate_memory(tmp_path, capsys):
     tiny_llama_config().save_pretrained(tmp_path)
-    argv = ["estimate-memory", "--model", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--batch", "2"]
+    argv = ["estimate-memory", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--batch", "2"]
     assert main([*argv, "--seq", "8"]) == 0
     out = capsys.readouterr().out
     assert "optimizer states" in out and "LlamaForCausalLM" in out
@@ -170,8 +170,15 @@ def test_cli_estimate_memory(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     expected = estimate_memory(tiny_llama_config(), "galore_adamw_layerwise", rank=4, batch=2, seq=8, dtype="bf16")
     assert data["state_bytes"] == expected.state_bytes and data["optim"] == "galore_adamw_layerwise"
-    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "nope"]) == 2
+    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "nope"]) == 2  # --model: the same
     assert "Choices:" in capsys.readouterr().err
+    # The same model form as check-targets: positional, or --model (kept for scripts), not two different ones.
+    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "galore_adamw", "--rank", "4"]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert main(["estimate-memory", str(tmp_path), "--model", "other", "--optim", "galore_adamw"]) == 2
+    assert "two models" in capsys.readouterr().err
+    assert main(["estimate-memory", "--optim", "galore_adamw"]) == 2
+    assert "hf-galore estimate-memory MODEL_DIR_OR_CONFIG" in capsys.readouterr().err
 
 
 def test_memory_estimate_to_dict_round_trip():
