@@ -409,7 +409,7 @@ def test_welore_adamw_8bit_trains(tmp_path):
     loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < loss_before
-    assert type(trainer.optimizer.optimizer) is hf_galore.GaLoreAdamW8bit
+    assert type(trainer.optimizer.optimizer) is welore.WeLoreAdamW8bit
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -52,6 +52,8 @@ from ...modules.low_rank_linear import LowRankLinear
 from ...projection.spectrum import is_lrc, kept_ranks, normalize_spectrum, params_at, singular_values
 from ...targeting import (
     ALL_LINEAR,
+    SkipKind,
+    SkipReason,
     TargetSpec,
     is_head,
     matches_target,
@@ -381,7 +383,7 @@ def _conv1d_skips(model: nn.Module, targets: TargetSpec) -> list[tuple[str, str]
         if type(module).__name__ != "Conv1D" or is_head(name, module, output):
             continue
         if all_linear or matches_target(name, targets):
-            skipped.append((name, _CONV1D_REASON))
+            skipped.append((name, SkipReason(_CONV1D_REASON, SkipKind.NOT_LINEAR, "Conv1D")))
     return skipped
 
 
@@ -398,7 +400,11 @@ def _targets(model: nn.Module, target_modules: TargetSpec | None) -> tuple[list[
             else ""
         )
         raise NoTargetModulesError(f"WeLore found no weight to compress: {exc}{hint}") from None
-    skipped = [s for s in resolution.skipped if not s[1].startswith("not an nn.Linear (Conv1D")] + conv
+    # Conv1D modules are reported once, with WeLore's own reason (from `_conv1d_skips`), not as "not an nn.Linear".
+    conv1d = (SkipKind.NOT_LINEAR, "Conv1D")
+    skipped = [
+        s for s in resolution.skipped if (getattr(s[1], "kind", None), getattr(s[1], "module_type", "")) != conv1d
+    ] + conv
     return list(resolution.modules), skipped
 
 
