@@ -12,7 +12,8 @@
 
 Only trainable `nn.Linear` weights are targeted. Quantized bitsandbytes Linears and PEFT's LoRA internals
 (`lora_A`, `lora_B`, `base_layer`) are `nn.Linear` subclasses but are never projected, however they are matched.
-A matched module that is not projected is listed in `TargetResolution.skipped` and logged in one WARNING line;
+A matched module that is not projected is listed in `TargetResolution.skipped` with a [`SkipReason`] (its message,
+plus a [`SkipKind`] that code compares instead of the wording) and logged in one WARNING line;
 like transformers, a non-Linear module matched only through a regular expression (a container such as
 `self_attn` under `r".*attn.*"`) is not reported. An invalid regular expression raises [`InvalidConfigError`].
 """
