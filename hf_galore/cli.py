@@ -558,9 +558,10 @@ def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Build the model of MODEL_DIR_OR_CONFIG on the meta device and count, from its parameter shapes "
         "and the optimizer's own storage rules, the bytes of weights, gradients, optimizer states, projection bases "
         "and the refresh workspace; activations are a rough transformer formula.",
-        epilog="Not modelled: the WeLore names (the LRC/N-LRC split needs the weights' singular values; run "
-        "`hf-galore welore analyze MODEL_DIR`, which reports WeLore's parameters and memory). Asking for one exits "
-        "with an error saying so.",
+        epilog="The WeLore names are estimated on a WeLore checkpoint (the folder `hf-galore welore compress` or "
+        "Trainer.save_model writes: its config records the split); a dense model is not modelled for them (the "
+        "LRC/N-LRC split needs the weights' singular values; run `hf-galore welore analyze MODEL_DIR`, which reports "
+        "WeLore's parameters and memory), and asking exits with an error saying so.",
     )
     _add_model_arguments(parser)
     parser.add_argument("--optim", required=True, help="A registered optim= name, or adamw_torch / adamw_8bit.")

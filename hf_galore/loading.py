@@ -271,7 +271,7 @@ def architecture_class(config: Any) -> type | None:
     return getattr(transformers, architectures[0], None) if architectures else None
 
 
-def build_meta_model(source: Any, auto_class: str | None = None) -> nn.Module:
+def build_meta_model(source: Any, auto_class: str | None = None, *, converted: bool = False) -> nn.Module:
     """Build a model on the meta device from its config: no weights, no memory.
 
     The class is the transformers auto class `auto_class` when given (e.g. `"AutoModelForSequenceClassification"`,
@@ -281,6 +281,10 @@ def build_meta_model(source: Any, auto_class: str | None = None) -> nn.Module:
     Args:
         source (`str`, `os.PathLike` or `PretrainedConfig`): A config, a `config.json`, or a folder holding one.
         auto_class (`str`, *optional*): Name of a transformers auto class.
+        converted (`bool`, defaults to `False`): When the config records an hf_galore format (a checkpoint saved
+            after WeLore's split or Q-GaLore's INT8 surgery), rebuild that structure as `from_pretrained` does (the
+            format's `build` and `finish`), so the model has the converted modules and trainable set; otherwise the
+            dense architecture is built. The format must be registered (`import hf_galore.methods`).
 
     Returns:
         `PreTrainedModel`: The model, with every parameter on the meta device.
@@ -289,9 +293,21 @@ def build_meta_model(source: Any, auto_class: str | None = None) -> nn.Module:
         `FileNotFoundError`: `source` is a path holding no `config.json`.
         `ValueError` or `OSError`: transformers cannot parse the config.
     """
-    import transformers
 
     config = load_config(source) if isinstance(source, (str, os.PathLike)) else source
+    model = _build_dense_meta_model(config, auto_class)
+    model_format = FORMATS.get(_quant_method(getattr(config, "quantization_config", None)) or "")
+    if converted and model_format is not None:
+        record = get_record(model, model_format.quant_method) or {}
+        with torch.device("meta"):
+            model_format.build(model, record)
+        model_format.finish(model, record)
+    return model
+
+
+def _build_dense_meta_model(config: Any, auto_class: str | None) -> nn.Module:
+    import transformers
+
     if auto_class is not None:
         cls = getattr(transformers, auto_class)
         logger.info("Building %s(%s) on the meta device.", auto_class, config.model_type)

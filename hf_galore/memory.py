@@ -20,7 +20,9 @@ rule lives next to the storage it describes, so the optimizer-state prediction e
   leading singular vector per side and the fp32 `cos_queue`; its state's references to the INT8 weights are weights.
 * FLoRA (`methods/flora/optimizer.py`): per compressed weight the fp32 compressed momentum (r×n or m×r) and the fp32
   factored second moment (m + n), no stored basis; its update reads the full gradient.
-* WeLore is refused: its split depends on the weights' spectra (`hf-galore welore analyze` reports its memory).
+* WeLore (`methods/welore/optimizer.py`): AdamW over the trainable parameters of the split model, built from a
+  WeLore checkpoint's config with its recorded factors and trainable set. A dense model is refused: its split
+  depends on the weights' spectra (`hf-galore welore analyze` reports that memory).
 
 What the loop adds up (bytes; `e` is the element size of `dtype`):
 
@@ -228,12 +230,13 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-def _build_model(model_or_config: Any) -> nn.Module:
-    """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory)."""
+def _build_model(model_or_config: Any, converted: bool = False) -> nn.Module:
+    """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory), with the
+    converted modules its config records when `converted` (see [`hf_galore.loading.build_meta_model`])."""
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     if isinstance(model_or_config, (str, os.PathLike)) or _is_pretrained_config(model_or_config):
-        return build_meta_model(model_or_config)
+        return build_meta_model(model_or_config, converted=converted)
     raise InvalidConfigError(
         f"model_or_config={type(model_or_config).__name__} is not supported; pass an nn.Module, a transformers "
         "PretrainedConfig, or the path of a config.json (or of a directory holding one)."
@@ -384,7 +387,8 @@ def estimate_memory(
 
     Raises:
         [`UnknownOptimizerError`]: `optim` is neither registered nor a baseline (the message lists the choices).
-        [`UnsupportedSetupError`]: a WeLore name (its split needs the weights' spectra).
+        [`UnsupportedSetupError`]: a WeLore name on a model that is not split yet (the split needs the weights'
+            spectra; a WeLore checkpoint's config, or a split model, is estimated).
         [`InvalidConfigError`], [`NoTargetModulesError`]: bad `optim_args`, `dtype` or targets.
     """
     for label, value in (("batch", batch), ("seq", seq), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -393,7 +397,11 @@ def estimate_memory(
     name = _resolve_name(optim, layerwise)
     weight_dtype = _dtype(dtype)
     elem = _nbytes(1, weight_dtype)
-    model = _build_model(model_or_config)
+    spec = None if name in BASELINES else get_spec(name)
+    optimizer_cls = None if spec is None else spec.optimizer_cls
+    model = _build_model(
+        model_or_config, converted=optimizer_cls is not None and optimizer_cls.estimates_converted_model
+    )
     notes: list[str] = []
     params = _unique_trainable(model)
     tied = _tied_ids(model)
@@ -402,17 +410,12 @@ def estimate_memory(
     if rank is not None:
         args["rank"] = rank
 
-    if name in BASELINES:
+    if spec is None or optimizer_cls is None:
         return _estimate_baseline(model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing)
 
-    spec = get_spec(name)
-    optimizer_cls = spec.optimizer_cls
-    if optimizer_cls.memory_estimate_unsupported:
-        supported = [n for n, s in REGISTRY.items() if not s.optimizer_cls.memory_estimate_unsupported]
-        raise UnsupportedSetupError(
-            f"estimate_memory does not support optim={name!r}: {optimizer_cls.memory_estimate_unsupported}. "
-            f"Supported: {', '.join(supported)}, {', '.join(BASELINES)}."
-        )
+    refusal = optimizer_cls.memory_estimate_refusal(model)
+    if refusal:
+        raise UnsupportedSetupError(f"estimate_memory cannot model optim={name!r} for this model: {refusal}.")
     settings = _group_settings(optimizer_cls, parse_optim_args(args, spec.config_classes, name))
     rank = settings.get("rank")
 

@@ -348,7 +348,8 @@ def test_estimate_memory_help_shows_defaults_and_what_is_not_modelled(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 1)", "(default: 512)", "(default: fp32)", "(default: 1.0", "(default: all-linear)"):
         assert default in out
-    assert "Not modelled: the WeLore names" in out and "FLoRA" not in out  # FLoRA is estimated from its own rules
+    assert "WeLore names are estimated on a WeLore checkpoint" in out and "welore analyze" in out
+    assert "FLoRA" not in out  # estimated from its own rules
     assert "MODEL_DIR_OR_CONFIG" in out  # the same model form as check-targets
 
 

@@ -232,3 +232,28 @@ def test_flora_is_estimated_with_its_own_rules():
     assert estimate.rank == 4 and galore.projection_bases > 0
     with pytest.raises(InvalidConfigError, match="rank=64 exceeds"):
         estimate_memory(tiny_llama_config(), "flora_adamw", rank=64)
+
+
+@pytest.mark.parametrize("optim", ["welore_adamw", pytest.param("welore_adamw_8bit", marks=needs_bnb)])
+def test_welore_checkpoint_is_estimated_as_adamw_over_its_trainable_factors(tmp_path, optim):
+    from hf_galore import welore
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(tiny_roberta_config())
+    welore.compress(model, welore.WeLoreConfig(target_compression=0.3))
+    model.save_pretrained(tmp_path)
+    optim_args = "min_8bit_size=0" if optim.endswith("8bit") else None
+    estimate = estimate_memory(tmp_path, optim, optim_args=optim_args, batch=2, seq=8)  # the split, on meta
+
+    loaded = welore.from_pretrained(tmp_path).train()
+    args = TrainingArguments("unused", optim_target_modules="all-linear", optim_args=optim_args, use_cpu=True)
+    optimizer_cls, kwargs = hf_galore.optimizer_cls_and_kwargs(args, loaded, optim)
+    optimizer = optimizer_cls(**kwargs)
+    loaded(input_ids=torch.randint(0, 99, (2, 8)), labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    assert estimate.state_bytes == measured_state_bytes(optimizer)
+    assert estimate.weights == measured_weight_bytes(loaded)
+    assert estimate.gradients == 4 * sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    # A dense model cannot be split without its weights: refused, naming what works instead.
+    with pytest.raises(UnsupportedSetupError, match="WeLore checkpoint"):
+        estimate_memory(tiny_roberta_config(), optim)

@@ -711,8 +711,14 @@ class LowRankOptimizer(Optimizer):
     #: State keys that reference the model's own buffers rather than optimizer-owned storage.
     weight_state_keys: ClassVar[tuple[str, ...]] = ()
 
-    #: Why the memory estimator cannot model this optimizer from a meta-device model (None: it can).
-    memory_estimate_unsupported: ClassVar[str | None] = None
+    #: Whether the memory estimator builds the model as saved after the method's model surgery (the converted
+    #: modules a checkpoint's config records) instead of the dense architecture.
+    estimates_converted_model: ClassVar[bool] = False
+
+    @classmethod
+    def memory_estimate_refusal(cls, model: torch.nn.Module) -> str | None:
+        """Why the memory estimator cannot model this optimizer on `model` (a meta-device model), or None."""
+        return None
 
     @classmethod
     def projected_side(cls, shape: tuple[int, ...], settings: dict[str, Any], target: bool) -> Side:
