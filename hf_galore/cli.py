@@ -9,8 +9,9 @@ Commands:
   `optim_target_modules` resolution on a model built from its `config.json` on the meta device (no weights are
   loaded and no memory is allocated), printing the projected modules with their weight shapes and a summary of the
   matched modules that are not projected.
-* `hf-galore estimate-memory --model CONFIG --optim NAME [--rank R --batch B --seq S ...] [--json]`: predicted bytes
-  of weights, gradients, optimizer states, bases, refresh workspace and (roughly) activations, see `hf_galore.memory`.
+* `hf-galore estimate-memory MODEL_DIR_OR_CONFIG --optim NAME [--rank R --batch B --seq S ...] [--json]`:
+  predicted bytes of weights, gradients, optimizer states, bases, refresh workspace and (roughly) activations, see
+  `hf_galore.memory`.
 * `hf-galore welore analyze|compress|merge`: WeLore's spectrum report and LRC/N-LRC split, factorized compression
   of a local model directory, and merging a factorized checkpoint back to dense.
 
@@ -30,7 +31,10 @@ Example:
     hf-galore check-targets ./my-llama --targets all-linear
     hf-galore check-targets ./all-MiniLM-L6-v2 --task sequence-classification --targets ".*attention.*"
     hf-galore check-targets ./my-roberta/config.json --targets query value
+    hf-galore estimate-memory ./my-llama --optim galore_adamw_8bit --rank 128 --batch 8 --seq 512 --dtype bf16
     ```
+
+Both model commands take the model positionally; `--model MODEL_DIR_OR_CONFIG` is accepted as well.
 """
 
 from __future__ import annotations
@@ -229,70 +233,16 @@ def _add_list_parser(subparsers: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _config_path(path: str) -> Path:
-    """The `config.json` named by `path` (a directory holding one, or the file itself)."""
-    candidate = Path(path)
-    if candidate.is_dir():
-        candidate = candidate / "config.json"
-        if not candidate.is_file():
-            raise FileNotFoundError(f"{path!r} is a directory without a config.json.")
-    elif not candidate.is_file():
-        raise FileNotFoundError(f"{path!r} is neither a directory containing config.json nor a config.json file.")
-    return candidate
-
-
 def build_meta_model(path: str, task: str | None = None) -> Any:
     """Build the model described by a local `config.json` on the meta device: no weights, no memory.
 
-    The class is the auto class of `task` when given (e.g. `AutoModelForSequenceClassification`, which names the
-    weights as the fine-tuned task model does: `bert.encoder.*` plus the `classifier` head); otherwise
-    `config.architectures[0]` looked up in `transformers`, or `AutoModel` (the bare backbone, without a task head)
-    when the config names no architecture or one transformers does not have.
-
-    Args:
-        path (`str`): A directory containing `config.json`, or the path of a `config.json` file.
-        task (`str`, *optional*): A key of `TASK_AUTO_CLASSES` (e.g. `"sequence-classification"`).
-
-    Returns:
-        `PreTrainedModel`: The model, with every parameter on the meta device.
-
-    Raises:
-        `FileNotFoundError`: when `path` holds no `config.json`.
-        `ValueError` or `OSError`: when transformers cannot parse the config.
+    [`hf_galore.loading.build_meta_model`] with the auto class of `task` (a key of `TASK_AUTO_CLASSES`, e.g.
+    `"sequence-classification"`: `AutoModelForSequenceClassification`, which names the weights as the fine-tuned
+    task model does), or `config.architectures[0]` when no task is given.
     """
-    import torch
-    import transformers
+    from .loading import build_meta_model as build
 
-    config_file = _config_path(path)
-    # A file path is accepted by `from_pretrained`; a directory must be passed as itself (for sibling files).
-    source = str(config_file.parent) if config_file.name == "config.json" else str(config_file)
-    config = transformers.AutoConfig.from_pretrained(source)
-    if task is not None:
-        auto_cls = getattr(transformers, TASK_AUTO_CLASSES[task])
-        logger.info("Building %s(%s) from %s on the meta device.", auto_cls.__name__, config.model_type, config_file)
-        with torch.device("meta"):
-            return auto_cls.from_config(config)
-    architectures = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    if model_cls is None:
-        if architectures:
-            logger.warning(
-                "transformers %s has no class %r; using AutoModel (the backbone without its task head; pick one "
-                "with --task).",
-                transformers.__version__,
-                architectures[0],
-            )
-        else:
-            logger.warning(
-                "%s names no `architectures`; using AutoModel (no task head; pick one with --task).", config_file
-            )
-    logger.info("Building %s from %s on the meta device.", getattr(model_cls, "__name__", "AutoModel"), config_file)
-    with torch.device("meta"):
-        if model_cls is None:
-            return transformers.AutoModel.from_config(config)
-        if hasattr(model_cls, "_from_config"):
-            return model_cls._from_config(config)
-        return model_cls.from_config(config)
+    return build(path, TASK_AUTO_CLASSES[task] if task is not None else None)
 
 
 def _targets_value(values: Sequence[str]) -> TargetSpec:
@@ -371,13 +321,27 @@ def format_resolution(
     return "\n".join(lines)
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model of a model command: positional `MODEL_DIR_OR_CONFIG`, or `--model` (the same, kept for scripts).
+
+    Every model command takes the same form; read it back with [`_model_argument`].
+    """
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL_DIR_OR_CONFIG",
+        help="A local model directory containing config.json, or a config.json.",
+    )
+    parser.add_argument("--model", dest="model_option", metavar="MODEL_DIR_OR_CONFIG", help="The same, as an option.")
+
+
 def _model_argument(args: argparse.Namespace) -> str:
-    """The model path of check-targets, given as the positional argument or as --model (not both)."""
+    """The model path of a model command, given as the positional argument or as --model (not both)."""
     if args.model and args.model_option and args.model != args.model_option:
         raise CommandError(f"got two models, {args.model!r} and --model {args.model_option!r}; give one.")
     model = args.model or args.model_option
     if not model:
-        raise CommandError("give the model: hf-galore check-targets MODEL_DIR_OR_CONFIG (or --model ...).")
+        raise CommandError(f"give the model: hf-galore {args.command} MODEL_DIR_OR_CONFIG (or --model ...).")
     return model
 
 
@@ -400,7 +364,9 @@ def _run_check_targets(args: argparse.Namespace) -> int:
         projected = set(resolution.names)
         with_heads = resolve_target_modules(model, targets, include_heads=True)
         heads_left_out = [(n, tuple(m.weight.shape)) for n, m in with_heads.modules if n not in projected]
-    config_file = str(_config_path(path))
+    from .loading import config_path
+
+    config_file = str(config_path(path))
     print(format_resolution(model, config_file, targets, resolution, heads_left_out, args.all_skipped))
     return 0
 
@@ -414,13 +380,7 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
         'a string (a regex matched against the whole module name, or "all-linear"); several are passed as a list '
         "(each entry matches a name exactly, as a substring, or as a regex), exactly as in TrainingArguments.",
     )
-    parser.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL_DIR_OR_CONFIG",
-        help="A local model directory containing config.json, or a config.json.",
-    )
-    parser.add_argument("--model", dest="model_option", metavar="MODEL_DIR_OR_CONFIG", help="The same, as an option.")
+    _add_model_arguments(parser)
     parser.add_argument(
         "--task",
         choices=sorted(TASK_AUTO_CLASSES),
@@ -455,16 +415,6 @@ def _add_check_targets_parser(subparsers: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_dense_model(path: str) -> Any:
-    """The model of a local directory, with weights, as `config.architectures[0]` (else `AutoModel`)."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    architectures = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    return (model_cls or transformers.AutoModel).from_pretrained(path)
-
-
 def _copy_side_files(src: str, dst: str) -> None:
     """Copy tokenizer and other non-weight files, so the output directory is usable on its own."""
     import shutil
@@ -482,9 +432,10 @@ def _welore_config(args: argparse.Namespace) -> Any:
 
 
 def _run_welore_analyze(args: argparse.Namespace) -> int:
+    from .loading import load_dense_model
     from .methods import welore
 
-    plan = welore.analyze(_load_dense_model(args.model), _welore_config(args), _targets_value(args.targets))
+    plan = welore.analyze(load_dense_model(args.model), _welore_config(args), _targets_value(args.targets))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -506,9 +457,10 @@ def _run_welore_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_welore_compress(args: argparse.Namespace) -> int:
+    from .loading import load_dense_model
     from .methods import welore
 
-    model = _load_dense_model(args.model)
+    model = load_dense_model(args.model)
     plan = welore.compress(model, _welore_config(args), _targets_value(args.targets))
     model.save_pretrained(args.out)
     _copy_side_files(args.model, args.out)
@@ -582,7 +534,7 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
     from .memory import estimate_memory
 
     estimate = estimate_memory(
-        args.model,
+        _model_argument(args),
         args.optim,
         rank=args.rank,
         batch=args.batch,
@@ -603,15 +555,15 @@ def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "estimate-memory",
         help="Estimate weights/gradients/optimizer-state/activation memory of one training step (no weights).",
-        description="Build the model of --model on the meta device and count, from its parameter shapes and the "
-        "optimizer's storage rules, the bytes of weights, gradients, optimizer states, projection bases and the "
-        "refresh workspace; activations are a rough transformer formula.",
-        epilog="Not modelled: the FLoRA names (their state rules are not in the estimator yet; galore_adafactor has "
-        "the same factored second moment) and the WeLore names (the LRC/N-LRC split needs the weights' singular "
-        "values; run `hf-galore welore analyze MODEL_DIR`, which reports WeLore's parameters and memory). Asking "
-        "for one exits with an error saying so.",
+        description="Build the model of MODEL_DIR_OR_CONFIG on the meta device and count, from its parameter shapes "
+        "and the optimizer's own storage rules, the bytes of weights, gradients, optimizer states, projection bases "
+        "and the refresh workspace; activations are a rough transformer formula.",
+        epilog="The WeLore names are estimated on a WeLore checkpoint (the folder `hf-galore welore compress` or "
+        "Trainer.save_model writes: its config records the split); a dense model is not modelled for them (the "
+        "LRC/N-LRC split needs the weights' singular values; run `hf-galore welore analyze MODEL_DIR`, which reports "
+        "WeLore's parameters and memory), and asking exits with an error saying so.",
     )
-    parser.add_argument("--model", required=True, metavar="CONFIG_DIR_OR_JSON", help="config.json or its folder.")
+    _add_model_arguments(parser)
     parser.add_argument("--optim", required=True, help="A registered optim= name, or adamw_torch / adamw_8bit.")
     parser.add_argument(
         "--rank", type=int, default=None, help="Projection rank (default: the optim_args rank, else 128)."

@@ -1,4 +1,7 @@
-"""One place for building and loading models in hf_galore's formats (Q-GaLore's INT8 Linears, WeLore's factors).
+"""One place for building and loading models: meta-device models from a config, dense models from a folder,
+checkpoint tensors (safetensors or `pytorch_model.bin`), module swaps, and hf_galore's own formats (Q-GaLore's INT8
+Linears, WeLore's factors). Every other module (the CLI, the memory estimator, the methods' transforms) goes through
+the helpers here instead of calling transformers' model classes itself.
 
 A method whose model surgery changes the module structure registers a [`ModelFormat`] here: how to rebuild the
 empty structure from its record, what to finish after the weights are loaded, and how to merge back to dense
@@ -30,8 +33,10 @@ import functools
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,35 +176,194 @@ def set_record(model: nn.Module, quant_method: str, record: dict[str, Any] | Non
     model.hf_quantizer = quantizer_cls(config.quantization_config, pre_quantized=True)
 
 
+#: Checkpoint files of a model folder, in the order `from_pretrained` prefers them: `(index, single file)`.
+_CHECKPOINT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
 def read_checkpoint_tensors(path: str | os.PathLike, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of the safetensors checkpoint in the folder `path` (single file or sharded), as stored.
+    """The tensors `keys` of the checkpoint in the folder `path`, as stored.
+
+    Reads safetensors (`model.safetensors` or its sharded index) and, failing that, PyTorch pickles
+    (`pytorch_model.bin` or its index, with `torch.load(weights_only=True)`): the formats `save_pretrained` writes.
 
     Raises:
-        [`InvalidConfigError`]: a key is not in the checkpoint, or the folder holds no safetensors checkpoint.
+        [`InvalidConfigError`]: a key is not in the checkpoint, or the folder holds no checkpoint.
     """
     import json
 
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            weight_map = json.load(handle)["weight_map"]
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map = dict.fromkeys(keys, "model.safetensors")
+    for index_name, single_name in _CHECKPOINT_FILES:
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            break
+        if os.path.isfile(os.path.join(path, single_name)):
+            weight_map = dict.fromkeys(keys, single_name)
+            break
     else:
-        raise InvalidConfigError(f"{path!r} holds no safetensors checkpoint (model.safetensors or its index).")
+        raise InvalidConfigError(
+            f"{path!r} holds no checkpoint (model.safetensors, pytorch_model.bin, or their sharded index)."
+        )
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted({weight_map.get(k, "") for k in keys}):
         wanted = [k for k in keys if weight_map.get(k, "") == file]
-        with safe_open(os.path.join(path, file), framework="pt") as handle:
-            available = set(handle.keys())
-            missing = [k for k in wanted if k not in available]
-            if missing:
-                raise InvalidConfigError(f"{path!r} has no tensor {missing[0]!r}.")
-            tensors.update({k: handle.get_tensor(k) for k in wanted})
+        available = _read_file(os.path.join(path, file), wanted)
+        missing = [k for k in wanted if k not in available]
+        if missing:
+            raise InvalidConfigError(f"{path!r} has no tensor {missing[0]!r}.")
+        tensors.update(available)
     return tensors
+
+
+def _read_file(file: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` present in one checkpoint file (safetensors: only those are read)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as handle:
+            present = set(handle.keys())
+            return {k: handle.get_tensor(k) for k in keys if k in present}
+    state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    return {k: state_dict[k] for k in keys if k in state_dict}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def config_path(path: str | os.PathLike) -> Path:
+    """The `config.json` named by `path` (a directory holding one, or the file itself).
+
+    Raises:
+        `FileNotFoundError`: `path` is neither.
+    """
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / "config.json"
+        if not candidate.is_file():
+            raise FileNotFoundError(f"{os.fspath(path)!r} is a directory without a config.json.")
+    elif not candidate.is_file():
+        raise FileNotFoundError(
+            f"{os.fspath(path)!r} is neither a directory containing config.json nor a config.json file."
+        )
+    return candidate
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """The `PretrainedConfig` of a local `config.json` or of the folder holding one."""
+    import transformers
+
+    file = config_path(path)
+    # A directory is passed as itself (transformers then also finds sibling files); any other file name as the file.
+    return transformers.AutoConfig.from_pretrained(str(file.parent) if file.name == "config.json" else str(file))
+
+
+def architecture_class(config: Any) -> type | None:
+    """The transformers class named by `config.architectures[0]`, or None (no architecture, or one this transformers
+    does not have)."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    return getattr(transformers, architectures[0], None) if architectures else None
+
+
+def build_meta_model(source: Any, auto_class: str | None = None, *, converted: bool = False) -> nn.Module:
+    """Build a model on the meta device from its config: no weights, no memory.
+
+    The class is the transformers auto class `auto_class` when given (e.g. `"AutoModelForSequenceClassification"`,
+    which names the weights as the fine-tuned task model does); otherwise `config.architectures[0]`, or `AutoModel`
+    (the bare backbone, without a task head, with a warning) when the config names no class transformers has.
+
+    Args:
+        source (`str`, `os.PathLike` or `PretrainedConfig`): A config, a `config.json`, or a folder holding one.
+        auto_class (`str`, *optional*): Name of a transformers auto class.
+        converted (`bool`, defaults to `False`): When the config records an hf_galore format (a checkpoint saved
+            after WeLore's split or Q-GaLore's INT8 surgery), rebuild that structure as `from_pretrained` does (the
+            format's `build` and `finish`), so the model has the converted modules and trainable set; otherwise the
+            dense architecture is built. The format must be registered (`import hf_galore.methods`).
+
+    Returns:
+        `PreTrainedModel`: The model, with every parameter on the meta device.
+
+    Raises:
+        `FileNotFoundError`: `source` is a path holding no `config.json`.
+        `ValueError` or `OSError`: transformers cannot parse the config.
+    """
+
+    config = load_config(source) if isinstance(source, (str, os.PathLike)) else source
+    model = _build_dense_meta_model(config, auto_class)
+    model_format = FORMATS.get(_quant_method(getattr(config, "quantization_config", None)) or "")
+    if converted and model_format is not None:
+        record = get_record(model, model_format.quant_method) or {}
+        with torch.device("meta"):
+            model_format.build(model, record)
+        model_format.finish(model, record)
+    return model
+
+
+def _build_dense_meta_model(config: Any, auto_class: str | None) -> nn.Module:
+    import transformers
+
+    if auto_class is not None:
+        cls = getattr(transformers, auto_class)
+        logger.info("Building %s(%s) on the meta device.", auto_class, config.model_type)
+        with torch.device("meta"):
+            return cls.from_config(config)
+    model_cls = architecture_class(config)
+    if model_cls is None:
+        architectures = getattr(config, "architectures", None) or []
+        logger.warning(
+            "%s; using AutoModel (the backbone without its task head; pick a task model class to include it).",
+            f"transformers {transformers.__version__} has no class {architectures[0]!r}"
+            if architectures
+            else "The config names no `architectures`",
+        )
+    logger.info("Building %s on the meta device.", getattr(model_cls, "__name__", "AutoModel"))
+    with torch.device("meta"):
+        if model_cls is None:
+            return transformers.AutoModel.from_config(config)
+        # `_from_config` is what `from_config` of the auto classes calls: it honours the config's dtype and
+        # attention settings without the auto-class lookup.
+        if hasattr(model_cls, "_from_config"):
+            return model_cls._from_config(config)
+        return model_cls.from_config(config)
+
+
+def load_dense_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """The model of a local folder, with its weights, as `config.architectures[0]` (else `AutoModel`).
+
+    `kwargs` go to `from_pretrained` (e.g. `dtype`).
+    """
+    import transformers
+
+    config = load_config(path)
+    model_cls = architecture_class(config) or transformers.AutoModel
+    return model_cls.from_pretrained(os.fspath(path), config=config, **kwargs)
+
+
+def renamed_argument(kwargs: dict[str, Any], old: str, new: str, value: Any, owner: str) -> Any:
+    """`value`, or the value of the renamed keyword `old` popped from `kwargs` (with a `FutureWarning`).
+
+    Lets a function keep accepting an argument's old name, e.g. `from_pretrained(path, model_cls=...)`.
+
+    Raises:
+        `TypeError`: both names were given.
+    """
+    if old not in kwargs:
+        return value
+    if value is not None:
+        raise TypeError(f"{owner}() got both {new!r} and its old name {old!r}; pass {new!r} only.")
+    warnings.warn(
+        f"{owner}(): the argument {old!r} is renamed {new!r}; the old name will be removed in a future release.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return kwargs.pop(old)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -403,11 +567,10 @@ def from_pretrained(
     if legacy is not None:
         delattr(config, model_format.legacy_config_key)
     if model_class is None:
-        architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        model_class = architecture_class(config)
         if model_class is None:
             raise InvalidConfigError(
-                f"{path!r}: config.architectures={architectures!r} names no transformers class; pass the model "
-                "class, e.g. AutoModelForCausalLM."
+                f"{path!r}: config.architectures={getattr(config, 'architectures', None)!r} names no transformers "
+                "class; pass the model class, e.g. AutoModelForCausalLM."
             )
     return model_class.from_pretrained(path, config=config, **kwargs).eval()

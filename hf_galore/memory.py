@@ -1,40 +1,45 @@
 """Memory estimator: bytes of weights, gradients, optimizer states, projection bases, refresh workspace and
 activations of one training step, for any GaLore-family `optim=` name and the plain AdamW baselines.
 
-The model is built from its config on the meta device, so nothing is allocated. Everything but the activations is
-*counted* from the parameter shapes with the optimizers' own rules (the same [`choose_side`] / [`low_rank_shape`],
-the same config defaults, the same 8-bit and INT4/INT8 storage formats), so the optimizer-state prediction equals
-the bytes that `optimizer.state` holds after the first step. The activations are a rough transformer formula.
+The model is built from its config on the meta device (by [`hf_galore.loading.build_meta_model`]), so nothing is
+allocated. Everything but the activations is *counted* from the parameter shapes by one generic loop that asks the
+chosen optimizer class for the bytes of each parameter ([`LowRankOptimizer.param_bytes`], a [`ParamBytes`]). Each
+rule lives next to the storage it describes, so the optimizer-state prediction equals the bytes that
+`optimizer.state` holds after the first step:
 
-Rules (bytes; `e` is the element size of `dtype`, r the rank, m×n a projected weight):
+* `hf_galore.optim.adamw`: two fp32 moments of the projected shape (param dtype for non-projected parameters);
+  8-bit: two uint8 codes + one fp32 absmax per `block_size` elements each, fp32 below `min_8bit_size` elements.
+* `hf_galore.optim.adafactor`: fp32 row + column statistics (the full vector for 1-D tensors) + `exp_avg` when
+  `beta1` is set.
+* `hf_galore.optim.base`: the bases P (m×r) and/or Q (n×r) in the gradient dtype, or with `basis_bits` 8/4 packed
+  (INT4: half a byte per element, INT8: one) with fp32 scale and zero per `basis_group_size` elements; the refresh
+  workspace (randomized range finder: 2·(m + n)·(r + oversample) fp32; exact SVD: min(m, n)·(m + n + 1) fp32; plus
+  an fp32 copy of a gradient that is not fp32).
+* Q-GaLore (`methods/q_galore/optimizer.py`): INT8 target weights (m·n codes + fp32 scale/zero per
+  `weight_group_size` elements + a one-element carrier), bases packed with `proj_bits`/`proj_group_size`, the fp32
+  leading singular vector per side and the fp32 `cos_queue`; its state's references to the INT8 weights are weights.
+* FLoRA (`methods/flora/optimizer.py`): per compressed weight the fp32 compressed momentum (r×n or m×r) and the fp32
+  factored second moment (m + n), no stored basis; its update reads the full gradient.
+* WeLore (`methods/welore/optimizer.py`): AdamW over the trainable parameters of the split model, built from a
+  WeLore checkpoint's config with its recorded factors and trainable set. A dense model is refused: its split
+  depends on the weights' spectra (`hf-galore welore analyze` reports that memory).
 
-* **weights**: every unique parameter at `e` bytes per element. Q-GaLore's targeted Linears hold instead m·n uint8
-  codes plus fp32 scale and zero per `weight_group_size` elements, and a one-element gradient carrier.
+What the loop adds up (bytes; `e` is the element size of `dtype`):
+
 * **gradients**: non-layer-wise, one gradient per trainable parameter (dense m·n for Q-GaLore's carriers), in the
   parameter's dtype. Layer-wise, each gradient is consumed and freed in its own backward hook, so at most one full
   gradient is alive at a time (the largest), plus the full gradients of tied weights (updated in `step()`), plus,
-  with gradient accumulation, one projected accumulator (r×n or m×r, gradient dtype) per projected weight; with
-  clipping (`max_grad_norm > 0`) instead every prepared gradient (projected for targets, full for the others),
-  which waits for `step()` to know the global norm.
-* **optimizer states** (everything in `optimizer.state` but the bases): `galore_adamw` two fp32 moments of the
-  projected shape (param dtype for non-projected parameters); 8-bit names two uint8 codes + one fp32 absmax per
-  `block_size` elements each, fp32 below `min_8bit_size` elements; Adafactor fp32 row + column statistics (the
-  full vector for 1-D tensors) + `exp_avg` when `beta1` is set; Q-GaLore adds the fp32 leading singular vector per
-  side and the fp32 `cos_queue`. `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter;
-  `adamw_8bit` (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
-* **projection bases**: P (m×r) and/or Q (n×r) in the gradient dtype; with `basis_bits` 8 or 4 (Q-GaLore:
-  `proj_bits`) packed (INT4: half a byte per element, INT8: one) with fp32 scale and zero per `basis_group_size`
-  (`proj_group_size`) elements.
-* **refresh transient**: the workspace of the largest single refresh (bases are computed one weight at a time): for
-  the randomized range finder 2·(m + n)·(r + oversample) fp32 (the sketch and its QR/power-iteration partner), for
-  the exact SVD the full U, S, Vh of min(m, n)·(m + n + 1) fp32; plus an fp32 copy of the gradient when it is not
-  already fp32.
-* **step workspace**: temporaries of the update itself: the prepared (projected) gradients of one chunk (of one
-  parameter in the layer-wise hooks), and per element of the parameters updated together two fp32 temporaries
-  (Adam's denominator and low-rank direction), plus for 8-bit states both moments dequantised to fp32 and their
-  concatenated codes (10 bytes). The batched path (`foreach=True`) updates up to 2**23 elements together (a
-  larger single parameter alone), the per-parameter loop and the layer-wise hooks one parameter at a time; an
-  AdamW-style plain update of a parameter larger than 2**23 elements (a large embedding) runs in slices of 2**23.
+  with gradient accumulation, one accumulator per projected weight; with clipping (`max_grad_norm > 0`) instead
+  every prepared gradient (projected for GaLore targets, full otherwise), which waits for `step()` to know the
+  global norm.
+* **baselines**: `adamw_torch`: two moments in param dtype + a 4-byte `step` tensor per parameter; `adamw_8bit`
+  (bitsandbytes): the 8-bit rule with blocks of 256 plus the two shared 256-entry quantization maps.
+* **step workspace**: temporaries of the update itself: the prepared gradients of one chunk (of one parameter in
+  the layer-wise hooks), and per element of the parameters updated together the optimizer's
+  `update_workspace_bytes` (8: Adam's denominator and low-rank direction; 18 for 8-bit states, which also
+  dequantise both moments and concatenate their codes). The batched path (`foreach=True`) updates up to 2**23
+  elements together (a larger single parameter alone), the per-parameter loop and the layer-wise hooks one
+  parameter at a time; an AdamW-style plain update of a parameter larger than 2**23 elements runs in slices.
 * **activations** (approximate, order of magnitude only): per layer b·s·h·(34 + 5·a·s/h)·e/2 bytes (Korthikanti et
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
@@ -57,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,14 +70,10 @@ import torch
 from torch import nn
 
 from . import methods  # noqa: F401 - registers every method's optim= names
-from .configs import AdafactorConfig, Blockwise8bitConfig, MultiTensorConfig, parse_optim_args, split_optim_args
+from .configs import Blockwise8bitConfig, parse_optim_args, split_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
-from .methods.galore import GaLoreConfig
-from .methods.q_galore import QGaLoreConfig
-from .methods.q_galore.optimizer import WEIGHT_KEYS as Q_GALORE_WEIGHT_KEYS
+from .loading import build_meta_model
 from .optim.base import LowRankOptimizer
-from .projection.quant import num_groups
-from .projection.subspace import Side, choose_side, low_rank_shape
 from .registry import REGISTRY, get_spec
 from .targeting import TargetSpec, resolve_target_modules
 
@@ -189,8 +191,11 @@ class MemoryEstimate:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-#: Q-GaLore's state keys that reference the model's INT8 weight buffers: weights, not optimizer state.
-WEIGHT_REFERENCE_KEYS = tuple(Q_GALORE_WEIGHT_KEYS)
+#: State keys that reference the model's own weight buffers (Q-GaLore's INT8 weights): weights, not optimizer state.
+#: Collected from the registered optimizer classes' `weight_state_keys`.
+WEIGHT_REFERENCE_KEYS = tuple(
+    sorted({key for spec in REGISTRY.values() for key in getattr(spec.optimizer_cls, "weight_state_keys", ())})
+)
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
@@ -225,29 +230,22 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-def _build_model(model_or_config: Any) -> nn.Module:
-    """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory)."""
+def _build_model(model_or_config: Any, converted: bool = False) -> nn.Module:
+    """An `nn.Module` as is; a `PretrainedConfig` or a config path built on the meta device (no memory), with the
+    converted modules its config records when `converted` (see [`hf_galore.loading.build_meta_model`])."""
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    if isinstance(model_or_config, (str, bytes)) or hasattr(model_or_config, "__fspath__"):
-        from .cli import build_meta_model
-
-        return build_meta_model(str(model_or_config))
-    from transformers import PretrainedConfig
-
-    if isinstance(model_or_config, PretrainedConfig):
-        import transformers
-
-        architectures = getattr(model_or_config, "architectures", None) or []
-        model_cls = getattr(transformers, architectures[0], None) if architectures else None
-        with torch.device("meta"):
-            if model_cls is None:
-                return transformers.AutoModel.from_config(model_or_config)
-            return model_cls._from_config(model_or_config)
+    if isinstance(model_or_config, (str, os.PathLike)) or _is_pretrained_config(model_or_config):
+        return build_meta_model(model_or_config, converted=converted)
     raise InvalidConfigError(
         f"model_or_config={type(model_or_config).__name__} is not supported; pass an nn.Module, a transformers "
         "PretrainedConfig, or the path of a config.json (or of a directory holding one)."
     )
+
+
+def _is_pretrained_config(value: Any) -> bool:
+    # By duck type (`to_json_string` + `model_type`), so that this module does not import transformers.
+    return hasattr(value, "to_json_string") and hasattr(value, "model_type")
 
 
 def _unique_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -261,47 +259,28 @@ def _tied_ids(model: nn.Module) -> set[int]:
     return {pid for pid, count in counts.items() if count > 1}
 
 
-# ----------------------------------------------------------------------------------------------------------- states
+# ----------------------------------------------------------------------------------------------------------- rules
 def _adamw8bit_state(numel: int, block: int, min_8bit: int) -> int:
-    """Two 8-bit moments of `numel` elements (fp32 below `min_8bit`)."""
+    """bitsandbytes' AdamW8bit (the `adamw_8bit` baseline): two 8-bit moments of `numel` elements (fp32 below
+    `min_8bit`)."""
     if numel < min_8bit:
         return 2 * numel * 4
     return 2 * (numel + 4 * math.ceil(numel / block))
 
 
-def _adafactor_state(shape: tuple[int, ...], beta1: float | None) -> int:
-    numel = math.prod(shape)
-    second = (math.prod(shape[:-1]) + shape[-1]) if len(shape) >= 2 else numel
-    return 4 * (second + (numel if beta1 is not None else 0))
-
-
-def _refresh_workspace(shape: tuple[int, int], side: Side, galore: GaLoreConfig, grad_dtype: torch.dtype) -> int:
-    """fp32 workspace of one weight's refresh (the sides of `full` are computed one after the other)."""
-    m, n = shape
-    copy = 0 if grad_dtype == torch.float32 else 4 * m * n  # `left_basis` works on an fp32 copy
-    if galore.svd == "exact":
-        work = 4 * min(m, n) * (m + n + 1)
-    else:
-        work = 4 * 2 * (m + n) * min(galore.rank + galore.oversample, m, n)
-    return copy + work
-
-
-def _step_workspace(
-    sizes: list[int], grad_elem: int, adam: bool, eight_bit: bool, chunked: bool, layerwise: bool
-) -> int:
+def _step_workspace(sizes: list[int], grad_elem: int, per_element: int, chunked: bool, layerwise: bool) -> int:
     """Temporaries of the optimizer update. `step()` prepares (projects) the gradients of up to
     `foreach_chunk_elements` elements (more if one parameter is larger) before applying them, so those prepared
     gradients (gradient dtype) are alive together; the layer-wise hooks prepare one at a time. The update then
-    needs, per element updated together, two fp32 temporaries (Adam: denominator and low-rank direction; Adafactor:
-    the fp32 gradient and the update), plus for 8-bit states both moments dequantised to fp32 and their
-    concatenated codes: the batched path updates the whole chunk together, the loop and the hooks one parameter."""
+    needs `per_element` bytes per element updated together (the optimizer's `update_workspace_bytes`): the batched
+    path updates the whole chunk together, the loop and the hooks one parameter."""
     if not sizes:
         return 0
     largest = max(sizes)
     chunk = min(sum(sizes), max(largest, LowRankOptimizer.foreach_chunk_elements))
     prepared = largest if layerwise else chunk
     together = chunk if chunked else largest
-    return prepared * grad_elem + together * (8 + (10 if adam and eight_bit else 0))
+    return prepared * grad_elem + together * per_element
 
 
 def _resolve_name(optim: str, layerwise: bool | None) -> str:
@@ -408,7 +387,8 @@ def estimate_memory(
 
     Raises:
         [`UnknownOptimizerError`]: `optim` is neither registered nor a baseline (the message lists the choices).
-        [`UnsupportedSetupError`]: a WeLore or FLoRA name (not modelled yet).
+        [`UnsupportedSetupError`]: a WeLore name on a model that is not split yet (the split needs the weights'
+            spectra; a WeLore checkpoint's config, or a split model, is estimated).
         [`InvalidConfigError`], [`NoTargetModulesError`]: bad `optim_args`, `dtype` or targets.
     """
     for label, value in (("batch", batch), ("seq", seq), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -417,7 +397,11 @@ def estimate_memory(
     name = _resolve_name(optim, layerwise)
     weight_dtype = _dtype(dtype)
     elem = _nbytes(1, weight_dtype)
-    model = _build_model(model_or_config)
+    spec = None if name in BASELINES else get_spec(name)
+    optimizer_cls = None if spec is None else spec.optimizer_cls
+    model = _build_model(
+        model_or_config, converted=optimizer_cls is not None and optimizer_cls.estimates_converted_model
+    )
     notes: list[str] = []
     params = _unique_trainable(model)
     tied = _tied_ids(model)
@@ -426,100 +410,53 @@ def estimate_memory(
     if rank is not None:
         args["rank"] = rank
 
-    if name in BASELINES:
+    if spec is None or optimizer_cls is None:
         return _estimate_baseline(model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing)
 
-    spec = get_spec(name)
-    if spec.method in _UNSUPPORTED_METHODS:
-        raise UnsupportedSetupError(
-            f"estimate_memory does not support optim={name!r} yet: {_UNSUPPORTED_METHODS[spec.method]}. Supported: "
-            f"{', '.join(n for n, s in REGISTRY.items() if s.method not in _UNSUPPORTED_METHODS)}, "
-            f"{', '.join(BASELINES)}."
-        )
-    configs = parse_optim_args(args, spec.config_classes, name)
-    galore = next(c for c in configs if isinstance(c, GaLoreConfig))
-    blockwise = next((c for c in configs if isinstance(c, Blockwise8bitConfig)), None)
-    adafactor = next((c for c in configs if isinstance(c, AdafactorConfig)), None)
-    q_cfg = next((c for c in configs if isinstance(c, QGaLoreConfig)), None)
+    refusal = optimizer_cls.memory_estimate_refusal(model)
+    if refusal:
+        raise UnsupportedSetupError(f"estimate_memory cannot model optim={name!r} for this model: {refusal}.")
+    settings = _group_settings(optimizer_cls, parse_optim_args(args, spec.config_classes, name))
+    rank = settings.get("rank")
 
     resolution = resolve_target_modules(model, target_modules, include_heads=spec.transformers_name)
-    projected_ids = {id(m.weight) for _, m in resolution.modules}
-    if q_cfg is not None:
+    target_ids = {id(m.weight) for _, m in resolution.modules}
+    if optimizer_cls.converts_targets:
         tied_targets = [n for n, m in resolution.modules if id(m.weight) in tied]
         if tied_targets:
             raise InvalidConfigError(
-                f"Q-GaLore cannot quantize {tied_targets}: their weights are tied to another module. Leave them out "
-                'of target_modules ("all-linear" already excludes output heads).'
+                f"{spec.method} cannot convert {tied_targets}: their weights are tied to another module. Leave them "
+                'out of target_modules ("all-linear" already excludes output heads).'
             )
 
-    def moments(shape: tuple[int, ...], param_elem: int, low_rank: bool) -> int:
-        numel = math.prod(shape)
-        if adafactor is not None:
-            return _adafactor_state(shape, adafactor.beta1)
-        if blockwise is not None:
-            return _adamw8bit_state(numel, blockwise.block_size, blockwise.min_8bit_size)
-        return 2 * numel * (4 if low_rank else param_elem)
-
+    # One generic loop: the optimizer class states the bytes of each parameter (its own storage rules).
     weights = gradients = states = bases = refresh = accumulators = 0
     update_sizes: list[int] = []  # elements of each parameter's (projected) update, for the step workspace
     held_for_clipping = 0  # layer-wise with clipping: every prepared gradient waits for step()
-    multi_tensor = next((c for c in configs if isinstance(c, MultiTensorConfig)), None)
-    chunked = multi_tensor is not None and multi_tensor.foreach and not spec.layerwise
     largest_grad = tied_grads = 0
     num_params = num_projected = 0
     for _, p in model.named_parameters():
         shape = tuple(p.shape)
-        numel = math.prod(shape)
-        num_params += numel
-        is_target = id(p) in projected_ids and p.requires_grad
-        if q_cfg is not None and is_target:
-            # INT8 codes + fp32 scale/zero per group; the carrier parameter stores one element.
-            weights += numel + 8 * num_groups(numel, q_cfg.weight_group_size) + elem
-        else:
-            weights += numel * elem
+        num_params += math.prod(shape)
+        target = id(p) in target_ids and p.requires_grad
         if not p.requires_grad:
+            weights += optimizer_cls.weight_bytes(shape, settings, weight_dtype, False)
             continue
-        grad = numel * elem
+        cost = optimizer_cls.param_bytes(shape, settings, weight_dtype, target)
+        weights += cost.weights
+        states += cost.states
+        bases += cost.bases
+        grad = math.prod(shape) * elem
         gradients += grad
         if id(p) in tied:
             tied_grads += grad
         else:
             largest_grad = max(largest_grad, grad)
-        side = choose_side(shape, galore.proj_type, galore.rank) if is_target else Side.NONE
-        if side == Side.NONE:
-            states += moments(shape, elem, low_rank=False)
-            # AdamW-style plain updates of parameters larger than a chunk run slice by slice.
-            update_sizes.append(
-                numel if adafactor is not None else min(numel, LowRankOptimizer.foreach_chunk_elements)
-            )
-            held_for_clipping += grad
-            continue
-        num_projected += 1
-        low_shape = low_rank_shape(shape, side, galore.rank)
-        update_sizes.append(math.prod(low_shape))
-        held_for_clipping += math.prod(low_shape) * elem
-        states += moments(low_shape, elem, low_rank=True)
-        accumulators += math.prod(low_shape) * elem
-        refresh = max(refresh, _refresh_workspace(shape, side, galore, weight_dtype))
-        m, n = shape
-        basis_shapes = [(m, galore.rank)] * (side in (Side.LEFT, Side.BOTH))
-        basis_shapes += [(n, galore.rank)] * (side in (Side.RIGHT, Side.BOTH))
-        bits, group_size = (
-            (q_cfg.proj_bits, q_cfg.proj_group_size)
-            if q_cfg is not None
-            else (galore.basis_bits, galore.basis_group_size)
-        )
-        for rows, cols in basis_shapes:
-            basis_numel = rows * cols
-            if bits >= 16:
-                bases += basis_numel * elem
-            else:
-                packed = math.ceil(basis_numel / 2) if bits == 4 else basis_numel
-                bases += packed + 8 * num_groups(basis_numel, group_size)
-            if q_cfg is not None:
-                states += 4 * rows  # fp32 leading singular vector of this side
-        if q_cfg is not None:
-            states += 4 * q_cfg.queue_size  # fp32 cos_queue
+        update_sizes.append(cost.update_elements)
+        held_for_clipping += cost.prepared
+        accumulators += cost.accumulator
+        refresh = max(refresh, cost.refresh)
+        num_projected += cost.projected
 
     if spec.layerwise:
         gradients = largest_grad + tied_grads
@@ -533,16 +470,17 @@ def estimate_memory(
             notes.append("layer-wise with accumulation: refresh steps keep full gradients of refreshing weights")
     elif gradient_accumulation_steps > 1:
         notes.append("gradient accumulation does not change the non-layer-wise gradient bytes")
-    if num_projected == 0:
-        notes.append(f"no targeted weight has min(m, n) > rank={galore.rank}: nothing is projected")
+    if num_projected == 0 and rank is not None:
+        notes.append(f"no targeted weight has min(m, n) > rank={rank}: nothing is projected")
     activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
     notes += [note] if note else []
     notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
+    chunked = bool(settings.get("foreach", False)) and not spec.layerwise
     return MemoryEstimate(
         optim=name,
         model=type(model).__name__,
         dtype=str(weight_dtype).removeprefix("torch."),
-        rank=galore.rank,
+        rank=rank,
         batch=batch,
         seq=seq,
         layerwise=spec.layerwise,
@@ -556,10 +494,24 @@ def estimate_memory(
         refresh_transient=refresh,
         activations=activations,
         step_workspace=_step_workspace(
-            update_sizes, elem, adafactor is None, blockwise is not None, chunked, spec.layerwise
+            update_sizes, elem, optimizer_cls.update_workspace_bytes, chunked, spec.layerwise
         ),
         notes=notes,
     )
+
+
+def _group_settings(optimizer_cls: type[LowRankOptimizer], configs: list[Any]) -> dict[str, Any]:
+    """The settings of the optimizer's param groups: its defaults overridden by the parsed `optim_args`, as
+    `hf_galore.builder.optimizer_settings` passes them to the constructor (model-surgery configs excluded)."""
+    settings: dict[str, Any] = {
+        "weight_decay": 0.0,
+        **optimizer_cls.low_rank_defaults(),
+        **optimizer_cls.inner_defaults,
+    }
+    for config in configs:
+        if getattr(config, "optimizer_kwargs", True):
+            settings.update(config.to_dict())
+    return settings
 
 
 def _estimate_baseline(

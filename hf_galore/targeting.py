@@ -12,13 +12,15 @@
 
 Only trainable `nn.Linear` weights are targeted. Quantized bitsandbytes Linears and PEFT's LoRA internals
 (`lora_A`, `lora_B`, `base_layer`) are `nn.Linear` subclasses but are never projected, however they are matched.
-A matched module that is not projected is listed in `TargetResolution.skipped` and logged in one WARNING line;
+A matched module that is not projected is listed in `TargetResolution.skipped` with a [`SkipReason`] (its message,
+plus a [`SkipKind`] that code compares instead of the wording) and logged in one WARNING line;
 like transformers, a non-Linear module matched only through a regular expression (a container such as
 `self_attn` under `r".*attn.*"`) is not reported. An invalid regular expression raises [`InvalidConfigError`].
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -79,24 +81,57 @@ def is_head(name: str, module: nn.Module, output_module: nn.Module | None) -> bo
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+class SkipKind(str, enum.Enum):
+    """Why a matched module is not projected, as a value code can compare (the message is for people)."""
+
+    PEFT_LAYER = "peft_layer"
+    PEFT_INTERNALS = "peft_internals"
+    NOT_LINEAR = "not_linear"
+    QUANTIZED = "quantized"
+    FROZEN = "frozen"
+    NON_FLOATING = "non_floating"
+
+
+class SkipReason(str):
+    """The reason a matched module is skipped: the message (a `str`, printed and compared as before) that also
+    carries its [`SkipKind`] and the module's class name, so code filters on `kind`, never on the wording.
+
+    Attributes:
+        kind: The [`SkipKind`] (None for a plain message).
+        module_type: The skipped module's class name (e.g. `"Conv1D"`).
+    """
+
+    kind: SkipKind | None
+    module_type: str
+
+    def __new__(cls, message: str, kind: SkipKind | None = None, module_type: str = "") -> SkipReason:
+        reason = super().__new__(cls, message)
+        reason.kind, reason.module_type = kind, module_type
+        return reason
+
+
 _PEFT_REASON = "PEFT adapter internals (LoRA factors are already low-rank)"
+_PEFT_KINDS = (SkipKind.PEFT_LAYER, SkipKind.PEFT_INTERNALS)
 
 
-def _skip_reason(name: str, module: nn.Module) -> str | None:
+def _skip_reason(name: str, module: nn.Module) -> SkipReason | None:
+    module_type = type(module).__name__
     if isinstance(getattr(module, "base_layer", None), nn.Module):
         # A PEFT tuner layer (e.g. `peft.tuners.lora.Linear`) wrapping a frozen base Linear.
-        return f"PEFT adapter layer ({type(module).__name__}; its base_layer is frozen, its factors are low-rank)"
+        message = f"PEFT adapter layer ({module_type}; its base_layer is frozen, its factors are low-rank)"
+        return SkipReason(message, SkipKind.PEFT_LAYER, module_type)
     if not isinstance(module, nn.Linear):
-        return f"not an nn.Linear ({type(module).__name__})"
+        return SkipReason(f"not an nn.Linear ({module_type})", SkipKind.NOT_LINEAR, module_type)
     if type(module).__module__.startswith("bitsandbytes"):
-        return f"quantized bitsandbytes layer ({type(module).__name__}); its weight is not trainable in full rank"
+        message = f"quantized bitsandbytes layer ({module_type}); its weight is not trainable in full rank"
+        return SkipReason(message, SkipKind.QUANTIZED, module_type)
     if _PEFT_INTERNALS.search(name):
-        return _PEFT_REASON
+        return SkipReason(_PEFT_REASON, SkipKind.PEFT_INTERNALS, module_type)
     weight = module.weight
     if not weight.requires_grad:
-        return "frozen (requires_grad=False)"
+        return SkipReason("frozen (requires_grad=False)", SkipKind.FROZEN, module_type)
     if not torch.is_floating_point(weight):
-        return f"non-floating weight ({weight.dtype})"
+        return SkipReason(f"non-floating weight ({weight.dtype})", SkipKind.NON_FLOATING, module_type)
     return None
 
 
@@ -226,7 +261,7 @@ def resolve_target_modules(
             resolution.modules.append((name, module))
         elif _PEFT_INTERNALS.search(name) and not isinstance(module, nn.Linear):
             continue  # PEFT's containers (lora_A ModuleDict, dropout, ...): their Linears are reported instead
-        elif not isinstance(module, nn.Linear) and kind == _BY_REGEX and not reason.startswith("PEFT"):
+        elif not isinstance(module, nn.Linear) and kind == _BY_REGEX and reason.kind not in _PEFT_KINDS:
             resolution.ignored.append((name, reason))  # a container caught by a loose regex: transformers is silent
         else:
             resolution.skipped.append((name, reason))
@@ -245,7 +280,7 @@ def resolve_target_modules(
             " On a PEFT model the LoRA factors are already low-rank and always get the plain inner update; to "
             "project the full-size weights of `modules_to_save` (e.g. the classifier) pass a regex such as "
             r'r".*classifier\.modules_to_save\..*", or use a plain optimizer (e.g. optim="adamw_torch") for LoRA alone.'
-            if any(reason.startswith("PEFT adapter") for _, reason in resolution.skipped)
+            if any(getattr(reason, "kind", None) in _PEFT_KINDS for _, reason in resolution.skipped)
             else ""
         )
         raise NoTargetModulesError(

@@ -348,7 +348,9 @@ def test_estimate_memory_help_shows_defaults_and_what_is_not_modelled(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 1)", "(default: 512)", "(default: fp32)", "(default: 1.0", "(default: all-linear)"):
         assert default in out
-    assert "Not modelled: the FLoRA names" in out and "WeLore names" in out
+    assert "WeLore names are estimated on a WeLore checkpoint" in out and "welore analyze" in out
+    assert "FLoRA" not in out  # estimated from its own rules
+    assert "MODEL_DIR_OR_CONFIG" in out  # the same model form as check-targets
 
 
 # ---------------------------------------------------------------------------------------------------------------------

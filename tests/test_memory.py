@@ -41,6 +41,11 @@ CASES = [
     pytest.param(
         "q_galore_adamw_8bit", "rank=4, min_8bit_size=0, proj_group_size=16, weight_group_size=16", marks=needs_bnb
     ),
+    ("flora_adamw", "rank=4"),
+    ("flora_adamw", "rank=4, proj_type=reverse_std, foreach=false"),
+    ("flora_adafactor", "rank=4"),
+    ("flora_adafactor", "rank=4, beta1=0"),
+    ("flora_adamw_layerwise", "rank=4"),
 ]
 
 
@@ -157,7 +162,7 @@ def test_bad_inputs_name_the_value_and_the_choices():
 
 def test_cli_estimate_memory(tmp_path, capsys):
     tiny_llama_config().save_pretrained(tmp_path)
-    argv = ["estimate-memory", "--model", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--batch", "2"]
+    argv = ["estimate-memory", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--batch", "2"]
     assert main([*argv, "--seq", "8"]) == 0
     out = capsys.readouterr().out
     assert "optimizer states" in out and "LlamaForCausalLM" in out
@@ -165,8 +170,15 @@ def test_cli_estimate_memory(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     expected = estimate_memory(tiny_llama_config(), "galore_adamw_layerwise", rank=4, batch=2, seq=8, dtype="bf16")
     assert data["state_bytes"] == expected.state_bytes and data["optim"] == "galore_adamw_layerwise"
-    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "nope"]) == 2
+    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "nope"]) == 2  # --model: the same
     assert "Choices:" in capsys.readouterr().err
+    # The same model form as check-targets: positional, or --model (kept for scripts), not two different ones.
+    assert main(["estimate-memory", "--model", str(tmp_path), "--optim", "galore_adamw", "--rank", "4"]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert main(["estimate-memory", str(tmp_path), "--model", "other", "--optim", "galore_adamw"]) == 2
+    assert "two models" in capsys.readouterr().err
+    assert main(["estimate-memory", "--optim", "galore_adamw"]) == 2
+    assert "hf-galore estimate-memory MODEL_DIR_OR_CONFIG" in capsys.readouterr().err
 
 
 def test_memory_estimate_to_dict_round_trip():
@@ -211,3 +223,37 @@ def test_step_workspace_follows_the_chunking_rule(monkeypatch):
     monkeypatch.setattr(LowRankOptimizer, "foreach_chunk_elements", 10)
     assert estimate_memory(config, "galore_adamw", rank=8).step_workspace == max(projected_sizes) * (4 + 8)
     assert batched.total_peak >= batched.weights + batched.state_bytes + batched.gradients + batched.step_workspace
+
+
+def test_flora_is_estimated_with_its_own_rules():
+    estimate = estimate_memory(tiny_llama_config(), "flora_adamw", rank=4)
+    assert estimate.num_projected > 0 and estimate.projection_bases == 0  # seeded projections: nothing stored
+    galore = estimate_memory(tiny_llama_config(), "galore_adafactor", rank=4)
+    assert estimate.rank == 4 and galore.projection_bases > 0
+    with pytest.raises(InvalidConfigError, match="rank=64 exceeds"):
+        estimate_memory(tiny_llama_config(), "flora_adamw", rank=64)
+
+
+@pytest.mark.parametrize("optim", ["welore_adamw", pytest.param("welore_adamw_8bit", marks=needs_bnb)])
+def test_welore_checkpoint_is_estimated_as_adamw_over_its_trainable_factors(tmp_path, optim):
+    from hf_galore import welore
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(tiny_roberta_config())
+    welore.compress(model, welore.WeLoreConfig(target_compression=0.3))
+    model.save_pretrained(tmp_path)
+    optim_args = "min_8bit_size=0" if optim.endswith("8bit") else None
+    estimate = estimate_memory(tmp_path, optim, optim_args=optim_args, batch=2, seq=8)  # the split, on meta
+
+    loaded = welore.from_pretrained(tmp_path).train()
+    args = TrainingArguments("unused", optim_target_modules="all-linear", optim_args=optim_args, use_cpu=True)
+    optimizer_cls, kwargs = hf_galore.optimizer_cls_and_kwargs(args, loaded, optim)
+    optimizer = optimizer_cls(**kwargs)
+    loaded(input_ids=torch.randint(0, 99, (2, 8)), labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    assert estimate.state_bytes == measured_state_bytes(optimizer)
+    assert estimate.weights == measured_weight_bytes(loaded)
+    assert estimate.gradients == 4 * sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    # A dense model cannot be split without its weights: refused, naming what works instead.
+    with pytest.raises(UnsupportedSetupError, match="WeLore checkpoint"):
+        estimate_memory(tiny_roberta_config(), optim)

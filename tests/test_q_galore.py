@@ -25,7 +25,7 @@ from transformers import (
 from hf_galore import REGISTRY, QGaLoreAdamW8bit, QGaLoreConfig
 from hf_galore.builder import make_optimizer_kwargs
 from hf_galore.errors import InvalidConfigError, UnsupportedSetupError
-from hf_galore.methods.q_galore import from_pretrained, merge_to_dense, quantize_model
+from hf_galore.methods.q_galore import from_pretrained, merge, merge_to_dense, quantize_model
 from hf_galore.modules import Int8Linear
 from hf_galore.projection import quant
 
@@ -269,7 +269,7 @@ def test_trainer_end_to_end_save_load_and_merge(tmp_path, kind, name):
     assert all(torch.equal(t, reloaded.state_dict()[k]) for k, t in wrapped.state_dict().items())
 
     expected = {n: m.dequantize_weight() for n, m in reloaded.named_modules() if isinstance(m, Int8Linear)}
-    merged = merge_to_dense(reloaded)
+    merged = merge(reloaded)
     assert not any(isinstance(m, Int8Linear) for m in merged.modules())
     for n, weight in expected.items():
         assert type(merged.get_submodule(n)) is nn.Linear and torch.equal(merged.get_submodule(n).weight, weight)
@@ -370,7 +370,7 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
 def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_path):
     """fp32 scales/zeros of a bf16 model survive the stock load; transformers 4.x casts them to bf16 while loading,
     which the format's finishing step repairs from the checkpoint (simulated here on the installed version)."""
-    from hf_galore import q_galore
+    from hf_galore.methods.q_galore import transform
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
@@ -384,5 +384,29 @@ def test_bf16_checkpoint_loads_bit_for_bit_and_cast_scales_are_read_again(tmp_pa
     stored = layer.weight_scales.clone()
     layer.weight_scales.data = stored.to(torch.bfloat16)  # what transformers 4.x does to every float tensor
     assert not torch.equal(layer.weight_scales.float(), stored)
-    q_galore.transform._finish(loaded, loaded.config.quantization_config.record())
+    transform._finish(loaded, loaded.config.quantization_config.record())
     assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, stored)
+
+
+def test_merge_to_dense_is_a_deprecated_alias_of_merge():
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantize_model(model, ["0"], weight_group_size=16)
+    copy = merge(model, inplace=False)  # the same name and arguments as hf_galore.welore.merge
+    assert isinstance(model[0], Int8Linear) and type(copy[0]) is nn.Linear
+    with pytest.warns(FutureWarning, match="merge_to_dense is renamed"):
+        merged = merge_to_dense(model, torch.float32)
+    assert merged is model and type(model[0]) is nn.Linear and torch.equal(model[0].weight, copy[0].weight)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_checkpoint_tensors_are_read_from_either_format(tmp_path, safe):
+    from hf_galore import loading
+
+    model = LlamaForCausalLM(tiny_llama_config())
+    quantize_model(model, "all-linear", weight_group_size=64)
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    key = "model.layers.0.mlp.down_proj.weight_scales"
+    (tensor,) = loading.read_checkpoint_tensors(tmp_path, [key]).values()
+    assert torch.equal(tensor, model.state_dict()[key])
+    with pytest.raises(InvalidConfigError, match="has no tensor"):
+        loading.read_checkpoint_tensors(tmp_path, ["nope"])

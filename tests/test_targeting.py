@@ -10,7 +10,7 @@ from conftest import LLAMA_LINEARS, ROBERTA_ENCODER_LINEARS
 from torch import nn
 
 from hf_galore.errors import InvalidConfigError, NoTargetModulesError
-from hf_galore.targeting import log_resolution, resolve_target_modules, summarize_names
+from hf_galore.targeting import SkipKind, log_resolution, resolve_target_modules, summarize_names
 
 
 def test_all_linear_excludes_the_classifier_head(tiny_roberta):
@@ -100,6 +100,12 @@ def test_non_linear_matched_by_name_is_skipped_and_reported_once(tiny_llama, cap
     skipped = dict(resolution.skipped)
     assert "not an nn.Linear" in skipped["model.layers.0.self_attn"]
     assert "not an nn.Linear" in skipped["model.layers.1.mlp.act_fn"]
+    # The reason is also structured, so code filters on its kind and module class instead of its wording.
+    reason = skipped["model.layers.0.self_attn"]
+    assert (
+        reason.kind is SkipKind.NOT_LINEAR
+        and reason.module_type == type(tiny_llama.model.layers[0].self_attn).__name__
+    )
     with caplog.at_level(logging.INFO, logger="hf_galore.targeting"):
         log_resolution(resolution, "test")
     records = [r for r in caplog.records if r.name == "hf_galore.targeting"]
@@ -112,6 +118,7 @@ def test_frozen_and_adapter_internals_are_not_targeted(tiny_llama):
     resolution = resolve_target_modules(tiny_llama, "all-linear")
     assert "model.layers.0.self_attn.q_proj" not in resolution.names
     assert ("model.layers.0.self_attn.q_proj", "frozen (requires_grad=False)") in resolution.skipped
+    assert dict(resolution.skipped)["model.layers.0.self_attn.q_proj"].kind is SkipKind.FROZEN
 
 
 def test_peft_lora_model_targets_no_adapter_factors(tiny_llama):

@@ -351,7 +351,7 @@ def test_trainer_trains_only_lrc_factors_and_n_lrc_is_unchanged(tmp_path, kind, 
     assert loss_after < loss_before
 
     optimizer = trainer.optimizer.optimizer
-    assert type(optimizer) is hf_galore.WeLoreAdamW
+    assert type(optimizer) is welore.WeLoreAdamW
     assert not any(g["low_rank"] for g in optimizer.param_groups)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -407,7 +407,7 @@ def test_welore_adamw_8bit_trains(tmp_path):
     loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < loss_before
-    assert type(trainer.optimizer.optimizer) is hf_galore.WeLoreAdamW8bit
+    assert type(trainer.optimizer.optimizer) is welore.WeLoreAdamW8bit
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -442,3 +442,29 @@ def test_cli_list_shows_welore_optimizers(capsys):
     assert knobs == {"target_compression", "min_reduction", "train_norms", "train_biases", "train_embeddings",
                      "train_heads"}  # fmt: skip
     assert by_name["welore_adamw_8bit"]["needs_bitsandbytes"] is True
+
+
+def test_from_pretrained_and_merge_take_the_q_galore_arguments(tmp_path):
+    """`from_pretrained(path, model_class, dtype, device)` and `merge(model, dtype, *, inplace)`, as Q-GaLore's; the
+    old `model_cls` keyword and positional `inplace` still work, with a FutureWarning."""
+    import inspect
+
+    from hf_galore.methods import q_galore
+
+    for name in ("from_pretrained", "merge"):
+        ours, theirs = inspect.signature(getattr(welore, name)), inspect.signature(getattr(q_galore, name))
+        assert list(ours.parameters)[:4] == list(theirs.parameters)[:4]
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(tiny_roberta_config())
+    welore.compress(model, WeLoreConfig(target_compression=0.3))
+    model.save_pretrained(tmp_path)
+    with pytest.warns(FutureWarning, match="'model_cls' is renamed 'model_class'"):
+        loaded = welore.from_pretrained(tmp_path, model_cls=RobertaForSequenceClassification)
+    assert type(loaded) is RobertaForSequenceClassification
+    with pytest.warns(FutureWarning, match="inplace= by keyword"):
+        copy = welore.merge(loaded, False)
+    assert welore.is_compressed(loaded) and not welore.is_compressed(copy)
+    factored = [n for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)]
+    half = welore.merge(loaded, torch.float16)
+    assert half is loaded and factored
+    assert all(type(m := half.get_submodule(n)) is nn.Linear and m.weight.dtype == torch.float16 for n in factored)

@@ -45,6 +45,16 @@ class LowRankAdafactor(LowRankOptimizer):
         "warmup_init": False,
     }
 
+    @classmethod
+    def inner_state_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, low_rank: bool
+    ) -> int:
+        """fp32 row + column statistics (the full vector for a 1-D tensor), plus `exp_avg` when `beta1` is set (as
+        `_init_inner_state`)."""
+        numel = math.prod(shape)
+        second = (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) if len(shape) >= 2 else numel
+        return 4 * (second + (numel if settings["beta1"] is not None else 0))
+
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
         if hp["warmup_init"] and not hp["relative_step"]:
             raise InvalidConfigError("warmup_init=True requires relative_step=True.")

@@ -17,7 +17,7 @@ from ..configs import Blockwise8bitConfig
 from ..errors import InvalidConfigError
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
-from .base import ApplyBack, LowRankOptimizer, bias_corrections
+from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size
 
 
 def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
@@ -65,6 +65,18 @@ class LowRankAdamW(LowRankOptimizer):
             raise InvalidConfigError(f"Invalid eps {hp['eps']}: it must be ≥ 0.")
         if not isinstance(hp["foreach"], bool):
             raise InvalidConfigError(f"Invalid foreach {hp['foreach']!r}: it must be True or False.")
+
+    @classmethod
+    def inner_state_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, low_rank: bool
+    ) -> int:
+        """Two moments: fp32 in the projected space, the parameter's dtype otherwise (as `_init_inner_state`)."""
+        return 2 * math.prod(shape) * (4 if low_rank else element_size(dtype))
+
+    @classmethod
+    def plain_update_elements(cls, numel: int) -> int:
+        """A plain update larger than a chunk runs slice by slice (see `_sliceable`)."""
+        return min(numel, cls.foreach_chunk_elements)
 
     # Storage of the two moments; the 8-bit subclass overrides these methods.
     def _init_inner_state(
@@ -239,6 +251,20 @@ class LowRankAdamW8bit(LowRankAdamW):
         "block_size": 256,
         "min_8bit_size": 4096,
     }
+
+    #: Beyond the fp32 temporaries: both moments dequantised to fp32 and their concatenated codes.
+    update_workspace_bytes: ClassVar[int] = LowRankAdamW.update_workspace_bytes + 10
+
+    @classmethod
+    def inner_state_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, low_rank: bool
+    ) -> int:
+        """Two moments of uint8 codes plus one fp32 absmax per `block_size` elements each; fp32 below
+        `min_8bit_size` elements (as `_init_inner_state`)."""
+        numel = math.prod(shape)
+        if numel < settings["min_8bit_size"]:
+            return 2 * numel * 4
+        return 2 * (numel + 4 * math.ceil(numel / settings["block_size"]))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._store = Blockwise8bitStore()

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from ..configs import check_number
 from ..errors import InvalidConfigError
-from ..projection.quant import dequantize_packed, quantize_packed
+from ..projection.quant import dequantize_packed, num_groups, quantize_packed
 from ..projection.subspace import (
     Side,
     add_projected_back_,
@@ -94,6 +94,40 @@ def check_float_hyperparameters(hp: dict[str, Any]) -> None:
         for i, item in enumerate(values):
             label = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
             check_number(label, item, low, high, low_open=low_open, high_open=high_open, allow_none=allow_none)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamBytes:
+    """What one parameter costs an optimizer, in bytes: the storage rules the memory estimator sums.
+
+    Reported by [`LowRankOptimizer.param_bytes`] from a shape and the group's settings, without a tensor, by the
+    class that allocates the storage, so the rule lives next to the code it describes.
+
+    Attributes:
+        weights: The parameter as the model stores it (Q-GaLore: INT8 codes + scales/zeros + the carrier).
+        states: Tensors in `optimizer.state` other than the bases (moments, Q-GaLore's leading vectors and queue).
+        bases: Projection bases (P and/or Q, packed when quantized).
+        projected: Whether the update runs in a compressed space (min(m, n) > rank).
+        prepared: The gradient handed to the update (projected for GaLore, full for FLoRA), gradient dtype; the
+            layer-wise hooks hold it until `step()` when clipping.
+        accumulator: The layer-wise gradient-accumulation buffer of a projected weight.
+        refresh: Transient workspace of one basis refresh / projection resampling of this parameter.
+        update_elements: Elements updated at once for this parameter (the step workspace scales with it).
+    """
+
+    weights: int
+    states: int
+    bases: int = 0
+    projected: bool = False
+    prepared: int = 0
+    accumulator: int = 0
+    refresh: int = 0
+    update_elements: int = 0
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype`."""
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class ApplyBack(Protocol):
@@ -463,7 +497,8 @@ class LowRankOptimizer(Optimizer):
         return (state["step"] - state["refresh_offset"]) % group["update_proj_gap"] == 0
 
     # Basis storage: in the gradient dtype, or quantized (basis_bits 8/4; Q-GaLore: proj_bits).
-    def _basis_format(self, group: dict[str, Any]) -> tuple[int, int]:
+    @classmethod
+    def _basis_format(cls, group: dict[str, Any]) -> tuple[int, int]:
         """`(bits, group_size)` of the bases stored for `group`; 16 bits means unquantized."""
         return int(group["basis_bits"]), int(group["basis_group_size"])
 
@@ -668,6 +703,119 @@ class LowRankOptimizer(Optimizer):
         prepared = self._prepare_gradient(p, p.grad, group)
         if prepared is not None and self._finite_only([(p, prepared)]):
             self._apply_update(p, prepared, group)
+
+    # ------------------------------------------------------------------------------------------------ byte rules
+    # What `_init_state` / `_store_bases` allocate, from a shape and the group's settings (no tensor needed), for
+    # hf_galore.memory: each engine states the rule of the storage it owns, and the estimator only sums them.
+
+    #: Bytes of fp32 temporaries per element updated together (Adam: denominator and low-rank direction; Adafactor:
+    #: the fp32 gradient and the update).
+    update_workspace_bytes: ClassVar[int] = 8
+
+    #: Whether the method's model surgery converts each targeted weight (its `weight_bytes` then differ, and a weight
+    #: tied to another module cannot be a target).
+    converts_targets: ClassVar[bool] = False
+
+    #: State keys that reference the model's own buffers rather than optimizer-owned storage.
+    weight_state_keys: ClassVar[tuple[str, ...]] = ()
+
+    #: Whether the memory estimator builds the model as saved after the method's model surgery (the converted
+    #: modules a checkpoint's config records) instead of the dense architecture.
+    estimates_converted_model: ClassVar[bool] = False
+
+    @classmethod
+    def memory_estimate_refusal(cls, model: torch.nn.Module) -> str | None:
+        """Why the memory estimator cannot model this optimizer on `model` (a meta-device model), or None."""
+        return None
+
+    @classmethod
+    def projected_side(cls, shape: tuple[int, ...], settings: dict[str, Any], target: bool) -> Side:
+        """The side `_init_state` projects for a parameter of `shape` (Side.NONE: plain update)."""
+        if not target or cls.low_rank_config is None or len(shape) != 2:
+            return Side.NONE
+        return choose_side(shape, settings["proj_type"], settings["rank"])
+
+    @classmethod
+    def weight_bytes(cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, target: bool) -> int:
+        """Bytes of the parameter in the model (a method that converts its targets overrides this)."""
+        return math.prod(shape) * element_size(dtype)
+
+    @classmethod
+    def inner_state_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, low_rank: bool
+    ) -> int:
+        """Bytes of `_init_inner_state(state, shape, ..., low_rank)` for a parameter of dtype `dtype`."""
+        raise NotImplementedError
+
+    @classmethod
+    def plain_update_elements(cls, numel: int) -> int:
+        """Elements updated at once by the plain update of a `numel`-element parameter."""
+        return numel
+
+    @classmethod
+    def basis_bytes(cls, shape: tuple[int, int], side: Side, settings: dict[str, Any], dtype: torch.dtype) -> int:
+        """Bytes `_store_bases` keeps: P (m×r) and/or Q (n×r) in the gradient dtype, or packed (INT4: half a byte,
+        INT8: one per element) with fp32 scale and zero per `group_size` elements."""
+        bits, group_size = cls._basis_format(settings)
+        total = 0
+        for rows in cls._basis_rows(shape, side):
+            numel = rows * settings["rank"]
+            if bits >= 16:
+                total += numel * element_size(dtype)
+            else:
+                total += (math.ceil(numel / 2) if bits == 4 else numel) + 8 * num_groups(numel, group_size)
+        return total
+
+    @staticmethod
+    def _basis_rows(shape: tuple[int, int], side: Side) -> list[int]:
+        """Rows of each stored basis: m for P (left), n for Q (right)."""
+        m, n = shape
+        return [m] * (side in (Side.LEFT, Side.BOTH)) + [n] * (side in (Side.RIGHT, Side.BOTH))
+
+    @classmethod
+    def refresh_bytes(cls, shape: tuple[int, int], side: Side, settings: dict[str, Any], dtype: torch.dtype) -> int:
+        """fp32 workspace of one refresh (the sides of `full` are computed one after the other): the randomized range
+        finder's sketch and its QR/power-iteration partner, or the exact SVD's U, S, Vh; plus an fp32 copy of a
+        gradient that is not fp32 (`left_basis` works on one)."""
+        m, n = shape
+        copy = 0 if dtype == torch.float32 else 4 * m * n
+        if settings["svd"] == "exact":
+            return copy + 4 * min(m, n) * (m + n + 1)
+        return copy + 4 * 2 * (m + n) * min(settings["rank"] + settings["oversample"], m, n)
+
+    @classmethod
+    def param_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, target: bool
+    ) -> ParamBytes:
+        """The bytes a trainable parameter of `shape` and `dtype` costs this optimizer (see [`ParamBytes`]).
+
+        Args:
+            shape (`tuple[int, ...]`): The parameter's shape.
+            settings (`dict`): The group's settings (`low_rank_defaults()`, `inner_defaults` and the overrides).
+            dtype (`torch.dtype`): The parameter's (and gradient's) dtype.
+            target (`bool`): Whether it is in a `low_rank=True` group.
+        """
+        numel, elem = math.prod(shape), element_size(dtype)
+        weights = cls.weight_bytes(shape, settings, dtype, target)
+        side = cls.projected_side(shape, settings, target)
+        if side == Side.NONE:
+            return ParamBytes(
+                weights=weights,
+                states=cls.inner_state_bytes(shape, settings, dtype, low_rank=False),
+                prepared=numel * elem,
+                update_elements=cls.plain_update_elements(numel),
+            )
+        low = math.prod(low_rank_shape(shape, side, settings["rank"]))
+        return ParamBytes(
+            weights=weights,
+            states=cls.inner_state_bytes(low_rank_shape(shape, side, settings["rank"]), settings, dtype, True),
+            bases=cls.basis_bytes(shape, side, settings, dtype),
+            projected=True,
+            prepared=low * elem,
+            accumulator=low * elem,
+            refresh=cls.refresh_bytes(shape, side, settings, dtype),
+            update_elements=low,
+        )
 
     # ------------------------------------------------------------------------------------------------ inner
     def _init_inner_state(

@@ -29,7 +29,7 @@ import torch
 from ...errors import InvalidConfigError
 from ...optim.adafactor import LowRankAdafactor
 from ...optim.adamw import LowRankAdamW
-from ...optim.base import bias_corrections, mix_seed, rms
+from ...optim.base import ParamBytes, bias_corrections, element_size, mix_seed, rms
 from ...optim.layerwise import LayerwiseMixin
 from ...projection.random import (
     GENERATOR_PHILOX,
@@ -114,8 +114,38 @@ class _FloraMixin:
         state["exp_avg_sq_col"] = torch.zeros(p.shape[1], **kwargs)
         return state
 
-    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+    @classmethod
+    def _uses_momentum(cls, group: dict[str, Any]) -> bool:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ byte rules
+    @classmethod
+    def param_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, target: bool
+    ) -> ParamBytes:
+        """A compressed weight (m×n): the fp32 compressed momentum (r×n or m×r, with momentum) and the fp32 factored
+        second moment of the full gradient (m + n), no stored basis (`_init_state`); its update reads the full
+        gradient, and its layer-wise accumulator is the fp32 compressed gradient. The workspace of one update holds
+        the two momentum projections (old and resampled, dim×r fp32). Other parameters: the inner engine's rules."""
+        if target and settings["rank"] > min(shape):  # refused by `add_param_group` too
+            raise InvalidConfigError(
+                f"FLoRA rank={settings['rank']} exceeds the smaller dimension of a targeted weight of shape {shape}. "
+                f"Lower rank to at most {min(shape)}, or leave that module out of optim_target_modules."
+            )
+        side = cls.projected_side(shape, settings, target)
+        if side == Side.NONE:
+            return super().param_bytes(shape, settings, dtype, target)  # type: ignore[misc]
+        numel, m, n = math.prod(shape), shape[0], shape[1]
+        low = math.prod(low_rank_shape(shape, side, settings["rank"]))
+        return ParamBytes(
+            weights=cls.weight_bytes(shape, settings, dtype, target),  # type: ignore[attr-defined]
+            states=4 * (m + n) + (4 * low if cls._uses_momentum(settings) else 0),
+            projected=True,
+            prepared=numel * element_size(dtype),
+            accumulator=4 * low,
+            refresh=2 * 4 * projected_dim(shape, side) * settings["rank"],
+            update_elements=numel,
+        )
 
     def _fallback_scale(self, group: dict[str, Any]) -> float:
         return 1.0  # FLoRA has no `scale`: a weight it cannot compress takes the plain update as it is
@@ -250,7 +280,8 @@ class FloraAdafactor(_FloraMixin, LowRankAdafactor):
 
     inner_defaults: ClassVar[dict[str, Any]] = {**LowRankAdafactor.inner_defaults, "beta1": 0.9}
 
-    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+    @classmethod
+    def _uses_momentum(cls, group: dict[str, Any]) -> bool:
         return bool(group["beta1"])
 
     def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
@@ -294,7 +325,8 @@ class FloraAdamW(_FloraMixin, LowRankAdamW):
 
     inner_defaults: ClassVar[dict[str, Any]] = LowRankAdamW.inner_defaults
 
-    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+    @classmethod
+    def _uses_momentum(cls, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0
 
     def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):

@@ -1,13 +1,14 @@
 """Q-GaLore (Zhang et al., 2024): GaLore with INT8 weights, INT4 bases and a lazy, layer-adaptive refresh.
 
-`hf_galore.q_galore` is this package: [`quantize_model`], [`merge_to_dense`], [`from_pretrained`].
+`hf_galore.q_galore` is this package: [`quantize_model`], [`merge`] (formerly `merge_to_dense`,
+still accepted with a `FutureWarning`), [`from_pretrained`].
 """
 
 from ...utils.deprecation import moved_attributes
 from . import spec
 from .config import QGaLoreConfig
 from .optimizer import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
-from .transform import QUANT_METHOD, from_pretrained, int8_targets, merge_to_dense, quantize_model
+from .transform import QUANT_METHOD, from_pretrained, int8_targets, merge, merge_to_dense, quantize_model
 
 __all__ = [
     "QUANT_METHOD",
@@ -16,6 +17,7 @@ __all__ = [
     "QGaLoreConfig",
     "from_pretrained",
     "int8_targets",
+    "merge",
     "merge_to_dense",
     "quantize_model",
     "spec",

@@ -28,6 +28,7 @@ Every other parameter is updated exactly as by [`GaLoreAdamW8bit`].
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -36,8 +37,9 @@ import torch
 from ...errors import InvalidConfigError
 from ...modules.int8_linear import Int8Linear, owner_of
 from ...optim.adamw import LowRankAdamW8bit
-from ...optim.base import SIDES, ApplyBack, mix_seed
+from ...optim.base import SIDES, ApplyBack, ParamBytes, element_size, mix_seed
 from ...optim.layerwise import LayerwiseMixin
+from ...projection.quant import num_groups
 from ...projection.subspace import Side, add_projected_back_
 from ..galore.config import GaLoreConfig
 from .config import QGaLoreConfig
@@ -154,8 +156,37 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
                     buffer.copy_(saved)
             self._bind_weight(state, module)
 
+    # ------------------------------------------------------------------------------------------------ byte rules
+    #: The model surgery stores each targeted weight as INT8 (a tied target cannot be quantized).
+    converts_targets: ClassVar[bool] = True
+    #: State keys referencing the model's INT8 buffers: weights, not optimizer state, for memory accounting.
+    weight_state_keys: ClassVar[tuple[str, ...]] = tuple(WEIGHT_KEYS)
+
+    @classmethod
+    def weight_bytes(cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, target: bool) -> int:
+        """A target is an [`Int8Linear`]: m·n uint8 codes, fp32 scale and zero per `weight_group_size` elements,
+        and a one-element gradient carrier in `dtype`."""
+        if not target:
+            return super().weight_bytes(shape, settings, dtype, target)
+        numel = math.prod(shape)
+        return numel + 8 * num_groups(numel, settings["weight_group_size"]) + element_size(dtype)
+
+    @classmethod
+    def param_bytes(
+        cls, shape: tuple[int, ...], settings: dict[str, Any], dtype: torch.dtype, target: bool
+    ) -> ParamBytes:
+        """GaLore's 8-bit rules plus, per projected weight, the fp32 leading singular vector of each side and the fp32
+        `cos_queue` (`_init_state`, `_store_bases`). The INT8 weight references in the state are weights."""
+        result = super().param_bytes(shape, settings, dtype, target)
+        if not result.projected:
+            return result
+        side = cls.projected_side(shape, settings, target)
+        extra = 4 * sum(cls._basis_rows(shape, side)) + 4 * settings["queue_size"]
+        return dataclasses.replace(result, states=result.states + extra)
+
     # ------------------------------------------------------------------------------------------------ bases
-    def _basis_format(self, group: dict[str, Any]) -> tuple[int, int]:
+    @classmethod
+    def _basis_format(cls, group: dict[str, Any]) -> tuple[int, int]:
         return int(group["proj_bits"]), int(group["proj_group_size"])
 
     def _store_bases(

@@ -9,14 +9,16 @@
 * After `import hf_galore`, the stock `AutoModel*.from_pretrained` rebuilds that structure and loads the buffers
   bit for bit (see `hf_galore.loading`); without the import it raises instead of loading random Linears.
   [`from_pretrained`] is a thin wrapper that also picks the class from `config.architectures`.
-* [`merge_to_dense`] (or `model.dequantize()`) turns every [`Int8Linear`] back into an `nn.Linear` holding its
+* [`merge`] (or `model.dequantize()`; formerly `merge_to_dense`) turns every [`Int8Linear`] back into an `nn.Linear` holding its
   dequantized weight: an ordinary checkpoint that plain transformers loads.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -89,19 +91,37 @@ def quantize_model(
 
 
 # ---------------------------------------------------------------------------------------------------- load / merge
-def merge_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every [`Int8Linear`] of `model` by an `nn.Linear` with its dequantized weight (in place; returns it).
+def merge(model: nn.Module, dtype: torch.dtype | None = None, *, inplace: bool = True) -> nn.Module:
+    """Replace every [`Int8Linear`] of `model` by an `nn.Linear` with its dequantized weight.
 
-    The record (`quantization_config`) is removed too, so `save_pretrained` then writes an ordinary checkpoint.
+    The record (`quantization_config`) is removed too, so `save_pretrained` then writes an ordinary checkpoint. Same
+    name and arguments as `hf_galore.welore.merge`.
 
     Args:
         model (`nn.Module`): A model prepared by Q-GaLore.
         dtype (`torch.dtype`, *optional*): dtype of the new weights (default: each module's gradient dtype).
+        inplace (`bool`, defaults to `True`): Modify `model` itself; `False` merges a deep copy.
+
+    Returns:
+        `nn.Module`: The dense model.
     """
+    if not inplace:
+        model = copy.deepcopy(model)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]:
         set_submodule(model, name, module.to_linear(dtype))
     loading.set_record(model, QUANT_METHOD, None)
     return model
+
+
+def merge_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Deprecated name of [`merge`] (in place), kept for existing code; warns with a `FutureWarning`."""
+    warnings.warn(
+        "hf_galore.q_galore.merge_to_dense is renamed hf_galore.q_galore.merge (the name WeLore uses); the old name "
+        "will be removed in a future release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return merge(model, dtype)
 
 
 def _build(model: nn.Module, record: dict[str, Any]) -> None:
@@ -160,25 +180,37 @@ loading.register_format(
         module_names=lambda record: list(record["modules"]),
         build=_build,
         finish=_finish,
-        merge=merge_to_dense,
+        merge=merge,
         legacy_config_key=LEGACY_CONFIG_KEY,
     )
 )
 
 
-def from_pretrained(path: str | os.PathLike, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+def from_pretrained(
+    path: str | os.PathLike,
+    model_class: type | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Load a model saved after Q-GaLore training, INT8 Linears and all, bit for bit (in eval mode).
 
     A thin wrapper of the stock `from_pretrained` (which loads these checkpoints itself after `import hf_galore`):
     it checks the checkpoint is a Q-GaLore one, with a clear error otherwise, and defaults the class to
-    `config.architectures[0]`.
+    `config.architectures[0]`. Same arguments, in the same order, as `hf_galore.welore.from_pretrained`.
 
     Args:
         path (`str`): A local folder written by `save_pretrained` / `Trainer.save_model`.
         model_class (`type`, *optional*): The model class, e.g. `LlamaForCausalLM` or an `AutoModelFor...` class.
-        **kwargs: Passed to `from_pretrained` (e.g. `dtype`, `device_map`).
+        dtype (`torch.dtype` or `str`, *optional*): dtype of the float weights (transformers' default when unset);
+            the INT8 codes and their fp32 scales/zeros keep their stored dtypes.
+        device (`torch.device` or `str`, *optional*): Device to move the model to after loading.
+        **kwargs: Passed to `from_pretrained` (e.g. `device_map`).
 
     Raises:
         [`InvalidConfigError`]: the folder was not saved from a Q-GaLore model.
     """
-    return loading.from_pretrained(path, QUANT_METHOD, model_class, **kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = loading.from_pretrained(path, QUANT_METHOD, model_class, **kwargs)
+    return model.to(device) if device is not None else model

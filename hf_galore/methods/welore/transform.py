@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ from ...modules.low_rank_linear import LowRankLinear
 from ...projection.spectrum import is_lrc, kept_ranks, normalize_spectrum, params_at, singular_values
 from ...targeting import (
     ALL_LINEAR,
+    SkipKind,
+    SkipReason,
     TargetSpec,
     is_head,
     matches_target,
@@ -380,7 +383,7 @@ def _conv1d_skips(model: nn.Module, targets: TargetSpec) -> list[tuple[str, str]
         if type(module).__name__ != "Conv1D" or is_head(name, module, output):
             continue
         if all_linear or matches_target(name, targets):
-            skipped.append((name, _CONV1D_REASON))
+            skipped.append((name, SkipReason(_CONV1D_REASON, SkipKind.NOT_LINEAR, "Conv1D")))
     return skipped
 
 
@@ -397,7 +400,11 @@ def _targets(model: nn.Module, target_modules: TargetSpec | None) -> tuple[list[
             else ""
         )
         raise NoTargetModulesError(f"WeLore found no weight to compress: {exc}{hint}") from None
-    skipped = [s for s in resolution.skipped if not s[1].startswith("not an nn.Linear (Conv1D")] + conv
+    # Conv1D modules are reported once, with WeLore's own reason (from `_conv1d_skips`), not as "not an nn.Linear".
+    conv1d = (SkipKind.NOT_LINEAR, "Conv1D")
+    skipped = [
+        s for s in resolution.skipped if (getattr(s[1], "kind", None), getattr(s[1], "module_type", "")) != conv1d
+    ] + conv
     return list(resolution.modules), skipped
 
 
@@ -468,9 +475,6 @@ def analyze(
     return plan
 
 
-_replace_module = loading.set_submodule
-
-
 def _factorize(model: nn.Module, ranks: Mapping[str, int], from_weights: bool) -> None:
     """Swap each named Linear for a [`LowRankLinear`] of the given rank (SVD of its weight, or empty shapes)."""
     for name, rank in ranks.items():
@@ -479,7 +483,7 @@ def _factorize(model: nn.Module, ranks: Mapping[str, int], from_weights: bool) -
         except AttributeError:
             raise InvalidConfigError(
                 f"The WeLore record names module {name!r}, which {type(model).__name__} does not have. The checkpoint "
-                "was made from another architecture; pass the matching model_cls."
+                "was made from another architecture; pass the matching model_class."
             ) from None
         if not isinstance(linear, nn.Linear):
             raise InvalidConfigError(
@@ -492,7 +496,7 @@ def _factorize(model: nn.Module, ranks: Mapping[str, int], from_weights: bool) -
             low = LowRankLinear(
                 linear.in_features, linear.out_features, rank, linear.bias is not None, device=w.device, dtype=w.dtype
             )
-        _replace_module(model, name, low)
+        loading.set_submodule(model, name, low)
 
 
 def trainable_parameter_names(model: nn.Module, config: WeLoreConfig) -> set[str]:
@@ -620,26 +624,37 @@ def compress(
     return plan
 
 
-def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
+def merge(model: nn.Module, dtype: torch.dtype | None = None, *, inplace: bool = True) -> nn.Module:
     """Replace every [`LowRankLinear`] by a dense `nn.Linear` with weight `up.weight @ down.weight` (fp32 product).
 
     The WeLore record is removed from the config and every parameter is made trainable again, so the result is a
-    plain model that `save_pretrained` / `AutoModel.from_pretrained` handle without hf_galore.
+    plain model that `save_pretrained` / `AutoModel.from_pretrained` handle without hf_galore. Same name and
+    arguments as `hf_galore.q_galore.merge`.
 
     Args:
         model (`nn.Module`): A WeLore-compressed model.
+        dtype (`torch.dtype`, *optional*): dtype of the merged weights (default: the factors' dtype).
         inplace (`bool`, defaults to `True`): Modify `model` itself; `False` merges a deep copy.
 
     Returns:
         `nn.Module`: The dense model.
     """
+    if isinstance(dtype, bool):  # the former signature merge(model, inplace)
+        warnings.warn(
+            "hf_galore.welore.merge(model, inplace) is now merge(model, dtype=None, *, inplace=True); pass "
+            "inplace= by keyword.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        dtype, inplace = None, dtype
     if not inplace:
         import copy
 
         model = copy.deepcopy(model)
     names = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
     for name in names:
-        _replace_module(model, name, model.get_submodule(name).to_linear())
+        linear = model.get_submodule(name).to_linear()
+        loading.set_submodule(model, name, linear.to(dtype) if dtype is not None else linear)
     _set_record(model, None)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -672,30 +687,35 @@ loading.register_format(
 
 def from_pretrained(
     path: str | os.PathLike,
-    model_cls: type | None = None,
-    dtype: torch.dtype | None = None,
+    model_class: type | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Load a factorized WeLore checkpoint written by `save_pretrained` / `Trainer.save_model` (in eval mode).
 
     A thin wrapper of the stock `from_pretrained`, which itself rebuilds the [`LowRankLinear`] structure after
     `import hf_galore` (see `hf_galore.loading`): it checks the checkpoint is a WeLore one, with a clear error
     otherwise, defaults the class to `config.architectures[0]`, and the dtype to the checkpoint's. The recorded
-    trainable set is re-applied.
+    trainable set is re-applied. Same arguments, in the same order, as `hf_galore.q_galore.from_pretrained`.
 
     Args:
         path (`str`): Directory holding `config.json` (with a WeLore `quantization_config`) and the weights.
-        model_cls (`type`, *optional*): The model class; defaults to `config.architectures[0]` in `transformers`.
-        dtype (`torch.dtype`, *optional*): Dtype to load the model in; defaults to the checkpoint's `dtype`.
+        model_class (`type`, *optional*): The model class; defaults to `config.architectures[0]` in `transformers`.
+            (Formerly `model_cls`, still accepted with a `FutureWarning`.)
+        dtype (`torch.dtype` or `str`, *optional*): Dtype to load the model in; defaults to the checkpoint's.
         device (`torch.device` or `str`, *optional*): Device to move the model to after loading.
+        **kwargs: Passed to `from_pretrained` (e.g. `device_map`).
 
     Returns:
         `PreTrainedModel`: The factorized model, in eval mode.
 
     Raises:
-        [`InvalidConfigError`]: when the checkpoint is not a WeLore checkpoint or does not match `model_cls`.
+        [`InvalidConfigError`]: when the checkpoint is not a WeLore checkpoint or does not match `model_class`.
     """
-    model = loading.from_pretrained(path, QUANT_METHOD, model_cls, dtype=dtype if dtype is not None else "auto")
+    model_class = loading.renamed_argument(kwargs, "model_cls", "model_class", model_class, "welore.from_pretrained")
+    kwargs["dtype"] = dtype if dtype is not None else "auto"
+    model = loading.from_pretrained(path, QUANT_METHOD, model_class, **kwargs)
     return model.to(device) if device is not None else model
 
 
