@@ -74,13 +74,25 @@ def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
+def optim_name(value: Any) -> str:
+    """The name of an `optim=` value, which is a `transformers.training_args.OptimizerNames` member or a plain string.
+
+    Example:
+        ```python
+        >>> optim_name(OptimizerNames.GALORE_ADAMW), optim_name("flora_adamw")
+        ('galore_adamw', 'flora_adamw')
+        ```
+    """
+    return str(getattr(value, "value", value))
+
+
 def get_spec(name: str) -> OptimizerSpec:
     """The spec registered as `name`.
 
     Raises:
         [`UnknownOptimizerError`]: listing our names and the closest match.
     """
-    key = str(getattr(name, "value", name))
+    key = optim_name(name)
     if key in REGISTRY:
         return REGISTRY[key]
     raise UnknownOptimizerError(unknown_name_message(key, list(REGISTRY)))

@@ -92,11 +92,11 @@ class WeLoreCallback(TrainerCallback):
     def _config(self, args: Any) -> Any:
         from ..configs import parse_optim_args
         from ..methods.welore import WELORE_OPTIMIZERS, WeLoreConfig, resolve_config
-        from ..registry import REGISTRY
+        from ..registry import REGISTRY, optim_name
 
         if self.config is not None:
             return resolve_config(self.config)
-        name = str(getattr(args.optim, "value", args.optim))
+        name = optim_name(args.optim)
         if name in WELORE_OPTIMIZERS:
             configs = parse_optim_args(args.optim_args, REGISTRY[name].config_classes, name)
             return next(c for c in configs if isinstance(c, WeLoreConfig))

@@ -40,7 +40,7 @@ from ..errors import (
     UnsupportedTransformersVersionError,
 )
 from ..optim.layerwise import is_layerwise
-from ..registry import REGISTRY, get_spec, unknown_name_message
+from ..registry import REGISTRY, get_spec, optim_name, unknown_name_message
 from .callbacks import attach_layerwise_callbacks
 from .learning_rates import transformers_learning_rates
 
@@ -99,11 +99,6 @@ def optimizer_name_from_pickle(value: str) -> Any:
 
 def _reduce_member(value: str, protocol: int) -> tuple[Any, tuple[str]]:
     return optimizer_name_from_pickle, (value,)
-
-
-def _optim_name(optim: Any) -> str:
-    """The name of `TrainingArguments.optim`, which is an `OptimizerNames` member or a plain string."""
-    return str(getattr(optim, "value", optim))
 
 
 def _add_enum_member(enum_cls: type, value: str) -> bool:
@@ -288,7 +283,7 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
         >>> trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model, "galore_adamw"))
         ```
     """
-    name = _optim_name(optim if optim is not None else args.optim)
+    name = optim_name(optim if optim is not None else args.optim)
     check_supported_setup(args, name)
     optimizer_cls, kwargs = make_optimizer_kwargs(
         name,
@@ -311,7 +306,7 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     """Handler for transformers ≥ 5.2's `_OPTIMIZER_HANDLERS` table."""
     if ctx.model is None:
-        raise HfGaloreError(f"optim={str(ctx.args.optim)!r} needs the model to select the weights to project.")
+        raise HfGaloreError(f"optim={optim_name(ctx.args.optim)!r} needs the model to select the weights to project.")
     return optimizer_cls_and_kwargs(ctx.args, ctx.model)
 
 
@@ -328,7 +323,7 @@ def _wrap_get_cls_and_kwargs(original: Any, route: bool = True) -> Any:
 
     @functools.wraps(original)
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
-        name = _optim_name(args.optim)
+        name = optim_name(args.optim)
         if name in REGISTRY:
             split_optim_args(args.optim_args)  # raises our InvalidConfigError naming the malformed item
             if route:
@@ -348,7 +343,7 @@ def prepare_model_for(args: Any, model: nn.Module | None) -> None:
     and before any DDP wrap; [`check_before_training`] ran before the stock constructor. The optimizer handler calls
     it again and finds the model already prepared.
     """
-    name = _optim_name(args.optim)
+    name = optim_name(args.optim)
     spec = REGISTRY.get(name)
     if spec is None or spec.prepare_model is None or model is None:
         return
@@ -377,7 +372,7 @@ def _check_before_init(signature: inspect.Signature, trainer: Any, args: tuple, 
     training_args = bound.get("args")
     if training_args is None:
         return
-    name = _optim_name(training_args.optim)
+    name = optim_name(training_args.optim)
     spec = REGISTRY.get(name)
     optimizers = bound.get("optimizers") or (None, None)
     if spec is None or optimizers[0] is not None or bound.get("optimizer_cls_and_kwargs") is not None:
@@ -403,7 +398,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
     @functools.wraps(original)
     def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = original(self, *args, **kwargs)
-        name = _optim_name(self.args.optim)
+        name = optim_name(self.args.optim)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
         if name in REGISTRY and getattr(self, "optimizer_cls_and_kwargs", None) is None:
             expected = REGISTRY[name].optimizer_cls
@@ -430,7 +425,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
 def _wrap_get_learning_rates(original: Any) -> Any:
     @functools.wraps(original)
     def get_learning_rates(self: Any) -> list[Any]:
-        name = _optim_name(self.args.optim)
+        name = optim_name(self.args.optim)
         spec = REGISTRY.get(name)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
         if spec is not None and spec.transformers_name and isinstance(actual, spec.optimizer_cls):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...configs import Blockwise8bitConfig, MultiTensorConfig
 from ...errors import NoTargetModulesError, UnsupportedSetupError
-from ...registry import OptimizerSpec, register_optimizer
+from ...registry import OptimizerSpec, optim_name, register_optimizer
 from ...targeting import TargetSpec, group_parameters
 from ..galore.config import GaLoreConfig
 from .config import QGaLoreConfig
@@ -65,7 +65,7 @@ def _world_size(args: Any) -> int:
 
 def check_setup(args: Any) -> None:
     """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
-    name = str(getattr(args.optim, "value", args.optim))
+    name = optim_name(args.optim)
     problems = []
     if _world_size(args) > 1:
         problems.append(f"{_world_size(args)} processes (run on one process)")
