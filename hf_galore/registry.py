@@ -36,9 +36,10 @@ class OptimizerSpec:
             Called as `prepare_model(model, target_modules, configs)` with the parsed config instances.
         build_groups: Optional replacement of [`build_param_groups`], called with the same keyword arguments plus
             `configs`; for methods whose trainable set is not "projected Linears + the rest".
-        check_setup: Optional `check_setup(args)` raising [`UnsupportedSetupError`] for TrainingArguments the
-            method does not support yet; runs before anything else.
-        hooked_cls: Optional `hooked_cls(args)` returning a class to build instead of `optimizer_cls` for these
+        check_setup: Optional `check_setup(args, configs=None)` raising [`UnsupportedSetupError`] for
+            TrainingArguments the method does not support yet; runs before anything else. `configs` are the parsed
+            `optim_args` (the Trainer integration passes those of its [`OptimizerPlan`]; None: parse `args.optim_args`).
+        hooked_cls: Optional `hooked_cls(args, configs=None)` returning a class to build instead of `optimizer_cls` for these
             TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the Trainer
             like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain names).
         transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
@@ -56,8 +57,8 @@ class OptimizerSpec:
     summary: str = ""
     prepare_model: Callable[..., None] | None = None
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
-    check_setup: Callable[[Any], None] | None = None
-    hooked_cls: Callable[[Any], type | None] | None = None
+    check_setup: Callable[..., None] | None = None
+    hooked_cls: Callable[..., type | None] | None = None
     transformers_name: bool = False
 
 

@@ -374,3 +374,52 @@ def test_a_nonfinite_gradient_skips_that_weights_update_and_training_recovers(cl
     assert losses[-1] < 0.9 * losses[0]
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
+
+
+# ------------------------------------------------------------------------------- one plan per Trainer (issue #17)
+@pytest.mark.parametrize(
+    ("name", "optim_args", "welore_callback"),
+    [
+        ("welore_adamw", "target_compression=0.5", False),
+        ("welore_adamw", "target_compression=0.5", True),
+        ("q_galore_adamw_8bit", "rank=4, update_proj_gap=4", False),
+    ],
+)
+def test_optim_args_are_parsed_once_and_the_surgery_runs_once_per_trainer(
+    tmp_path, monkeypatch, name, optim_args, welore_callback
+):
+    from hf_galore import builder
+    from hf_galore.integrations.callbacks import WeLoreCallback
+    from hf_galore.registry import REGISTRY
+
+    parses, surgeries = [], []
+    parse, spec = builder.parse_optim_args, REGISTRY[name]
+
+    def counting_parse(*args, **kwargs):
+        parses.append(args)
+        return parse(*args, **kwargs)
+
+    def counting_surgery(*args):
+        surgeries.append(args)
+        spec.prepare_model(*args)
+
+    monkeypatch.setattr(builder, "parse_optim_args", counting_parse)
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(spec, prepare_model=counting_surgery))
+    callbacks = [WeLoreCallback()] if welore_callback else None
+    args = training_args(tmp_path, name, optim_args=optim_args, max_steps=2)
+    trainer = make_trainer(_llama(), args, lm_dataset(), callbacks=callbacks)
+    trainer.train()
+    assert len(parses) == 1 and len(surgeries) == 1
+
+
+def test_a_trainer_plan_is_reused_until_its_arguments_change(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_galore.integrations.plans import plan_for
+
+    trainer, args = SimpleNamespace(), training_args(tmp_path, "galore_adamw")
+    plan = plan_for(args, trainer=trainer)
+    assert plan_for(args, trainer=trainer) is plan and plan.config(configs.MultiTensorConfig).foreach is True
+    args.optim_args = "rank=4, foreach=false"
+    changed = plan_for(args, trainer=trainer)
+    assert changed is not plan and changed.kwargs["foreach"] is False and plan_for(args, trainer=trainer) is changed

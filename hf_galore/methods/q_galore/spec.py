@@ -63,8 +63,9 @@ def _world_size(args: Any) -> int:
         return 1
 
 
-def check_setup(args: Any) -> None:
-    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
+def check_setup(args: Any, configs: Sequence[Any] | None = None) -> None:
+    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built); `configs` (the
+    parsed `optim_args`) are not needed."""
     name = optim_name(args.optim)
     problems = []
     if _world_size(args) > 1:
