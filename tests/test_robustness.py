@@ -120,8 +120,12 @@ def test_hooks_of_a_garbage_optimizer_are_removed():
 # ---------------------------------------------------------------------------------------------------- item 4: knobs
 def _float_knobs():
     """Every float field of every config dataclass (found, not listed, so a new knob is covered too)."""
+    from hf_galore.registry import REGISTRY
+
+    # The shared configs and every method's (registered through its specs; they live in hf_galore.methods).
+    candidates = [*vars(configs).values(), *(c for spec in REGISTRY.values() for c in spec.config_classes)]
     knobs = []
-    for cls in vars(configs).values():
+    for cls in dict.fromkeys(c for c in candidates if isinstance(c, type)):
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin)):
             continue
         hints = typing.get_type_hints(cls)
