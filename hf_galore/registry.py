@@ -38,10 +38,12 @@ class OptimizerSpec:
             `configs`; for methods whose trainable set is not "projected Linears + the rest".
         check_setup: Optional `check_setup(args, configs=None)` raising [`UnsupportedSetupError`] for
             TrainingArguments the method does not support yet; runs before anything else. `configs` are the parsed
-            `optim_args` (the Trainer integration passes those of its [`OptimizerPlan`]; None: parse `args.optim_args`).
-        hooked_cls: Optional `hooked_cls(args, configs=None)` returning a class to build instead of `optimizer_cls` for these
-            TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the Trainer
-            like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain names).
+            `optim_args`: the Trainer integration passes its [`OptimizerPlan`]'s, so nothing parses them twice;
+            a hook called with None parses `args.optim_args` itself.
+        hooked_cls: Optional `hooked_cls(args, configs=None)` returning a class to build instead of `optimizer_cls`
+            for these TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the
+            Trainer like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain
+            names). `configs` as for `check_setup`.
         transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
             transformers' behaviour is observable it is followed: `"all-linear"` includes the output head, and
             `Trainer.get_learning_rates()` shows transformers' grouping (see `integrations/transformers.py`).

@@ -11,7 +11,8 @@ on version strings:
 4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
    fallback to AdamW), and `Trainer.__init__` to run every check that can refuse the run ([`check_before_training`])
    and then a method's model surgery (WeLore split, Q-GaLore INT8 Linears) before a checkpoint can be loaded into
-   the model;
+   the model. `optim_args` are parsed once per Trainer: the checks, the surgery, `WeLoreCallback` and the optimizer
+   handler share one [`OptimizerPlan`] kept on the Trainer (see `integrations/plans.py`);
 5. wraps `Trainer.get_learning_rates` so that transformers' own `galore_*` names show transformers' grouping
    (see [`transformers_learning_rates`]).
 
