@@ -143,6 +143,12 @@ class MultiTensorConfig(OptionsMixin):
 
     foreach: bool = field(default=True, metadata={"help": "Batch elementwise work across parameters."})
 
+    def __post_init__(self) -> None:
+        # A truthy string or number given in Python would silently pick a path; `optim_args` strings are converted.
+        check_condition(
+            isinstance(self.foreach, bool), f"foreach={self.foreach!r} is not valid: it must be true or false."
+        )
+
 
 @dataclass
 class AdafactorConfig(OptionsMixin):

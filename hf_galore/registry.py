@@ -36,11 +36,14 @@ class OptimizerSpec:
             Called as `prepare_model(model, target_modules, configs)` with the parsed config instances.
         build_groups: Optional replacement of [`build_param_groups`], called with the same keyword arguments plus
             `configs`; for methods whose trainable set is not "projected Linears + the rest".
-        check_setup: Optional `check_setup(args)` raising [`UnsupportedSetupError`] for TrainingArguments the
-            method does not support yet; runs before anything else.
-        hooked_cls: Optional `hooked_cls(args)` returning a class to build instead of `optimizer_cls` for these
-            TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the Trainer
-            like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain names).
+        check_setup: Optional `check_setup(args, configs=None)` raising [`UnsupportedSetupError`] for
+            TrainingArguments the method does not support yet; runs before anything else. `configs` are the parsed
+            `optim_args`: the Trainer integration passes its [`OptimizerPlan`]'s, so nothing parses them twice;
+            a hook called with None parses `args.optim_args` itself.
+        hooked_cls: Optional `hooked_cls(args, configs=None)` returning a class to build instead of `optimizer_cls`
+            for these TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the
+            Trainer like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain
+            names). `configs` as for `check_setup`.
         transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
             transformers' behaviour is observable it is followed: `"all-linear"` includes the output head, and
             `Trainer.get_learning_rates()` shows transformers' grouping (see `integrations/transformers.py`).
@@ -56,8 +59,8 @@ class OptimizerSpec:
     summary: str = ""
     prepare_model: Callable[..., None] | None = None
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
-    check_setup: Callable[[Any], None] | None = None
-    hooked_cls: Callable[[Any], type | None] | None = None
+    check_setup: Callable[..., None] | None = None
+    hooked_cls: Callable[..., type | None] | None = None
     transformers_name: bool = False
 
 
@@ -74,13 +77,25 @@ def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
+def optim_name(value: Any) -> str:
+    """The name of an `optim=` value, which is a `transformers.training_args.OptimizerNames` member or a plain string.
+
+    Example:
+        ```python
+        >>> optim_name(OptimizerNames.GALORE_ADAMW), optim_name("flora_adamw")
+        ('galore_adamw', 'flora_adamw')
+        ```
+    """
+    return str(getattr(value, "value", value))
+
+
 def get_spec(name: str) -> OptimizerSpec:
     """The spec registered as `name`.
 
     Raises:
         [`UnknownOptimizerError`]: listing our names and the closest match.
     """
-    key = str(getattr(name, "value", name))
+    key = optim_name(name)
     if key in REGISTRY:
         return REGISTRY[key]
     raise UnknownOptimizerError(unknown_name_message(key, list(REGISTRY)))

@@ -1,10 +1,21 @@
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from hf_galore.configs import AdafactorConfig, Blockwise8bitConfig, parse_optim_args, split_optim_args
+import pytest
+import torch
+
+from hf_galore.configs import (
+    AdafactorConfig,
+    Blockwise8bitConfig,
+    MultiTensorConfig,
+    parse_optim_args,
+    split_optim_args,
+)
 from hf_galore.errors import InvalidConfigError
-from hf_galore.methods.galore import GaLoreConfig
+from hf_galore.methods.flora import FloraAdafactor, FloraConfig
+from hf_galore.methods.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreConfig
+from hf_galore.registry import REGISTRY, get_spec
 
 
 def test_defaults_match_transformers_builtin_galore():
@@ -69,3 +80,37 @@ def test_split_accepts_dicts_and_empty():
     assert split_optim_args("") == {}
     assert split_optim_args({"rank": 4}) == {"rank": 4}
     assert split_optim_args("rank = 4 ,scale=1") == {"rank": "4", "scale": "1"}
+
+
+# ------------------------------------------------------------------------------------- one home per knob (issue #17)
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_optim_args_key_reaches_the_optimizer_through_its_declared_configs(name):
+    """The spec's optimizer-kwargs configs are among those the optimizer class declares (WeLore's names expose no
+    `foreach`), and the class' defaults are the configs' defaults (nothing written twice)."""
+    spec = get_spec(name)
+    cls = spec.optimizer_cls
+    declared = {c for c in (cls.low_rank_config, *cls.inner_configs) if c is not None}
+    assert {c for c in spec.config_classes if getattr(c, "optimizer_kwargs", True)} <= declared
+    defaults = {**cls.low_rank_defaults(), **cls.inner_defaults}
+    for config in declared:
+        for f in dataclasses.fields(config):
+            assert defaults[f.name] == f.default, (name, f.name)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "config"),
+    [
+        (GaLoreAdamW, {"foreach": "yes"}, MultiTensorConfig),
+        (GaLoreAdafactor, {"warmup_init": True}, AdafactorConfig),
+        (FloraAdafactor, {"kappa": 1.5}, FloraConfig),
+        (FloraAdafactor, {"proj_type": "full"}, FloraConfig),
+    ],
+    ids=lambda x: getattr(x, "__name__", None),
+)
+def test_optimizers_refuse_what_their_configs_refuse_with_the_same_message(cls, kwargs, config):
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(InvalidConfigError) as from_optimizer:
+        cls([weight], lr=1e-3, **kwargs)
+    with pytest.raises(InvalidConfigError) as from_config:
+        config(**kwargs)
+    assert str(from_optimizer.value) == str(from_config.value)

@@ -256,3 +256,37 @@ def test_frozen_parameters_are_left_out(tmp_path):
     grouped = {id(p) for g in kwargs["params"] for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
     assert len(kwargs["params"][0]["params"]) == 13  # 12 encoder Linears + 2 classifier Linears - the frozen query
+
+
+def test_optim_name_reads_members_and_strings():
+    from hf_galore.registry import optim_name
+
+    assert optim_name(OptimizerNames.GALORE_ADAMW) == "galore_adamw" == optim_name("galore_adamw")
+    assert optim_name(OptimizerNames("flora_adamw")) == "flora_adamw"
+
+
+def test_no_module_below_the_methods_imports_a_method():
+    """optim/, projection/, modules/, utils/ and the leaf modules never import `hf_galore.methods` (the deprecation
+    aliases name moved attributes as strings and import them only when a deprecated name is used)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(hf_galore.__file__).parent
+    lower = [*(root / d for d in ("optim", "projection", "modules", "utils"))]
+    files = [f for d in lower for f in d.rglob("*.py")]
+    files += [root / f"{m}.py" for m in ("configs", "registry", "targeting", "builder", "errors")]
+    offenders = []
+    for path in files:
+        package = ".".join(path.relative_to(root.parent).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join([*base, node.module or ""]) if node.level else node.module or ""
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n == "hf_galore.methods" or n.startswith("hf_galore.methods.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

@@ -18,7 +18,7 @@ from torch import nn
 from trainer_utils import lm_dataset, make_trainer, training_args
 from transformers import LlamaForCausalLM
 
-from hf_galore import REGISTRY, InvalidConfigError, UnsupportedSetupError, configs
+from hf_galore import InvalidConfigError, UnsupportedSetupError, configs
 from hf_galore.methods.flora.optimizer import FloraAdafactor, FloraAdamW, FloraAdamWLayerwise
 from hf_galore.methods.galore import (
     GaLoreAdafactor,
@@ -119,12 +119,15 @@ def test_hooks_of_a_garbage_optimizer_are_removed():
 
 # ---------------------------------------------------------------------------------------------------- item 4: knobs
 def _float_knobs():
-    """Every float field of every registered optimizer's config dataclasses (found, not listed, so a new knob is
-    covered too)."""
+    """Every float field of every config dataclass (found, not listed, so a new knob is covered too)."""
+    from hf_galore.registry import REGISTRY
+
+    # The shared configs and every method's (registered through its specs; they live in hf_galore.methods).
+    candidates = [*vars(configs).values(), *(c for spec in REGISTRY.values() for c in spec.config_classes)]
     knobs = []
-    classes = {cls for spec in REGISTRY.values() for cls in spec.config_classes}
-    for cls in sorted(classes, key=lambda c: c.__name__):
-        assert dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin), cls
+    for cls in dict.fromkeys(c for c in candidates if isinstance(c, type)):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, configs.OptionsMixin)):
+            continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if float in (hints[f.name], *typing.get_args(hints[f.name])):
@@ -375,3 +378,52 @@ def test_a_nonfinite_gradient_skips_that_weights_update_and_training_recovers(cl
     assert losses[-1] < 0.9 * losses[0]
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
+
+
+# ------------------------------------------------------------------------------- one plan per Trainer (issue #17)
+@pytest.mark.parametrize(
+    ("name", "optim_args", "welore_callback"),
+    [
+        ("welore_adamw", "target_compression=0.5", False),
+        ("welore_adamw", "target_compression=0.5", True),
+        ("q_galore_adamw_8bit", "rank=4, update_proj_gap=4", False),
+    ],
+)
+def test_optim_args_are_parsed_once_and_the_surgery_runs_once_per_trainer(
+    tmp_path, monkeypatch, name, optim_args, welore_callback
+):
+    from hf_galore import builder
+    from hf_galore.integrations.callbacks import WeLoreCallback
+    from hf_galore.registry import REGISTRY
+
+    parses, surgeries = [], []
+    parse, spec = builder.parse_optim_args, REGISTRY[name]
+
+    def counting_parse(*args, **kwargs):
+        parses.append(args)
+        return parse(*args, **kwargs)
+
+    def counting_surgery(*args):
+        surgeries.append(args)
+        spec.prepare_model(*args)
+
+    monkeypatch.setattr(builder, "parse_optim_args", counting_parse)
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(spec, prepare_model=counting_surgery))
+    callbacks = [WeLoreCallback()] if welore_callback else None
+    args = training_args(tmp_path, name, optim_args=optim_args, max_steps=2)
+    trainer = make_trainer(_llama(), args, lm_dataset(), callbacks=callbacks)
+    trainer.train()
+    assert len(parses) == 1 and len(surgeries) == 1
+
+
+def test_a_trainer_plan_is_reused_until_its_arguments_change(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_galore.integrations.plans import plan_for
+
+    trainer, args = SimpleNamespace(), training_args(tmp_path, "galore_adamw")
+    plan = plan_for(args, trainer=trainer)
+    assert plan_for(args, trainer=trainer) is plan and plan.config(configs.MultiTensorConfig).foreach is True
+    args.optim_args = "rank=4, foreach=false"
+    changed = plan_for(args, trainer=trainer)
+    assert changed is not plan and changed.kwargs["foreach"] is False and plan_for(args, trainer=trainer) is changed

@@ -351,7 +351,7 @@ def test_trainer_trains_only_lrc_factors_and_n_lrc_is_unchanged(tmp_path, kind, 
     assert loss_after < loss_before
 
     optimizer = trainer.optimizer.optimizer
-    assert type(optimizer) is welore.WeLoreAdamW
+    assert type(optimizer) is welore.WeLoreAdamW  # WeLore has its own optimizer classes since the restructure
     assert not any(g["low_rank"] for g in optimizer.param_groups)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]

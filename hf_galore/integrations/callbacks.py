@@ -7,6 +7,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..optim.layerwise import is_layerwise
+from ..registry import optim_name
+from .plans import current_trainer, plan_for
 
 
 class LayerwiseGradNormCallback(TrainerCallback):
@@ -90,16 +92,14 @@ class WeLoreCallback(TrainerCallback):
         self.plan: Any = None
 
     def _config(self, args: Any) -> Any:
-        from ..configs import parse_optim_args
         from ..methods.welore import WELORE_OPTIMIZERS, WeLoreConfig, resolve_config
-        from ..registry import REGISTRY
 
         if self.config is not None:
             return resolve_config(self.config)
-        name = str(getattr(args.optim, "value", args.optim))
+        name = optim_name(args.optim)
         if name in WELORE_OPTIMIZERS:
-            configs = parse_optim_args(args.optim_args, REGISTRY[name].config_classes, name)
-            return next(c for c in configs if isinstance(c, WeLoreConfig))
+            # The plan the Trainer's __init__ validated before the stock constructor (which fires on_init_end).
+            return plan_for(args, name, current_trainer()).config(WeLoreConfig)
         return WeLoreConfig()
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -11,7 +11,8 @@ on version strings:
 4. wraps `Trainer.create_optimizer` to assert the optimizer built for one of our names is ours (never a silent
    fallback to AdamW), and `Trainer.__init__` to run every check that can refuse the run ([`check_before_training`])
    and then a method's model surgery (WeLore split, Q-GaLore INT8 Linears) before a checkpoint can be loaded into
-   the model;
+   the model. `optim_args` are parsed once per Trainer: the checks, the surgery, `WeLoreCallback` and the optimizer
+   handler share one [`OptimizerPlan`] kept on the Trainer (see `integrations/plans.py`);
 5. wraps `Trainer.get_learning_rates` so that transformers' own `galore_*` names show transformers' grouping
    (see [`transformers_learning_rates`]).
 
@@ -26,13 +27,14 @@ import functools
 import inspect
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from .. import methods  # noqa: F401 - registers every method's optim= names
-from ..builder import make_optimizer_kwargs, optimizer_settings
-from ..configs import parse_optim_args, split_optim_args
+from ..builder import OptimizerPlan, optimizer_kwargs_from_plan, prepare_model
+from ..configs import split_optim_args
 from ..errors import (
     HfGaloreError,
     OptimizerMismatchError,
@@ -40,10 +42,11 @@ from ..errors import (
     UnsupportedTransformersVersionError,
 )
 from ..optim.layerwise import is_layerwise
-from ..registry import REGISTRY, get_spec, unknown_name_message
+from ..registry import REGISTRY, get_spec, optim_name, unknown_name_message
 from ..utils.versions import supported_transformers, transformers_install_hint
 from .callbacks import attach_layerwise_callbacks
 from .learning_rates import transformers_learning_rates
+from .plans import building, current_trainer, plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +103,6 @@ def _reduce_member(value: str, protocol: int) -> tuple[Any, tuple[str]]:
     return optimizer_name_from_pickle, (value,)
 
 
-def _optim_name(optim: Any) -> str:
-    """The name of `TrainingArguments.optim`, which is an `OptimizerNames` member or a plain string."""
-    return str(getattr(optim, "value", optim))
-
-
 def _add_enum_member(enum_cls: type, value: str) -> bool:
     """Add `value` to the closed Enum `enum_cls` in place; False if it already exists."""
     if value in enum_cls._value2member_map_:
@@ -143,11 +141,15 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def check_supported_setup(args: Any, name: str) -> None:
-    """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet."""
+def check_supported_setup(args: Any, name: str, configs: Sequence[Any] | None = None) -> None:
+    """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet.
+
+    `configs` are the parsed `optim_args` (an [`OptimizerPlan`]'s); without them, a method hook that needs one
+    parses `args.optim_args` itself.
+    """
     spec = get_spec(name)
     if spec.check_setup is not None:
-        spec.check_setup(args)
+        spec.check_setup(args, configs)
     if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise UnsupportedSetupError(
             f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
@@ -161,7 +163,7 @@ def check_supported_setup(args: Any, name: str) -> None:
         )
     # Optimizers driven by backward hooks: the layer-wise names, and a plain name whose `hooked_cls` takes over for
     # these arguments (FLoRA's compressed gradient accumulation). The hooks consume each gradient in backward.
-    hooked = spec.hooked_cls is not None and spec.hooked_cls(args) is not None
+    hooked = spec.hooked_cls is not None and spec.hooked_cls(args, configs) is not None
     if not (spec.layerwise or hooked):
         return
     problems = []
@@ -185,23 +187,19 @@ def check_supported_setup(args: Any, name: str) -> None:
         )
 
 
-def check_before_training(args: Any, name: str) -> None:
-    """Run every check that can refuse `optim=name` with these `TrainingArguments`, touching no model.
+def check_before_training(args: Any, name: str, trainer: Any = None) -> OptimizerPlan:
+    """Run every check that can refuse `optim=name` with these `TrainingArguments`, touching no model; return the
+    [`OptimizerPlan`] they validated.
 
-    [`check_supported_setup`] (the method's own setup check, DeepSpeed/FSDP, the layer-wise limits) and the full
-    validation of the optimizer's settings ([`optimizer_settings`]: bitsandbytes, every `optim_args` key and range,
-    the learning rate, the optimizer's constructor checks). The `Trainer.__init__` wrapper runs it before any model
-    surgery, so a refused run leaves the caller's model exactly as it was.
+    The full validation of the optimizer's settings (building the plan: bitsandbytes, every `optim_args` key and
+    range, the learning rate, the optimizer's constructor checks), then [`check_supported_setup`] on the parsed
+    configs (the method's own setup check, DeepSpeed/FSDP, the layer-wise limits). The `Trainer.__init__` wrapper
+    runs it before any model surgery, so a refused run leaves the caller's model exactly as it was. With a
+    `trainer`, the plan is kept on it for the surgery and the optimizer handler (see [`plan_for`]).
     """
-    check_supported_setup(args, name)
-    optimizer_settings(
-        name,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        optim_args=args.optim_args,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
+    plan = plan_for(args, name, trainer)
+    check_supported_setup(args, plan.name, plan.configs)
+    return plan
 
 
 def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -287,21 +285,11 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
         >>> trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, model, "galore_adamw"))
         ```
     """
-    name = _optim_name(optim if optim is not None else args.optim)
-    check_supported_setup(args, name)
-    optimizer_cls, kwargs = make_optimizer_kwargs(
-        name,
-        model,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        target_modules=args.optim_target_modules,
-        optim_args=args.optim_args,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        no_decay_names=_no_decay_names(model),
-    )
-    spec = get_spec(name)
-    hooked_cls = spec.hooked_cls(args) if spec.hooked_cls is not None else None  # FLoRA's compressed accumulation
+    # Inside a Trainer (its create_optimizer), the plan its __init__ built and validated, unless args changed since.
+    plan = check_before_training(args, optim_name(optim if optim is not None else args.optim), current_trainer())
+    optimizer_cls, kwargs = optimizer_kwargs_from_plan(plan, model, no_decay_names=_no_decay_names(model))
+    spec = plan.spec
+    hooked_cls = spec.hooked_cls(args, plan.configs) if spec.hooked_cls is not None else None  # FLoRA's accumulation
     if spec.layerwise or hooked_cls is not None:
         kwargs.update(_layerwise_kwargs(args, model, kwargs["params"]))
     return hooked_cls or optimizer_cls, kwargs
@@ -310,7 +298,7 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     """Handler for transformers ≥ 5.2's `_OPTIMIZER_HANDLERS` table."""
     if ctx.model is None:
-        raise HfGaloreError(f"optim={str(ctx.args.optim)!r} needs the model to select the weights to project.")
+        raise HfGaloreError(f"optim={optim_name(ctx.args.optim)!r} needs the model to select the weights to project.")
     return optimizer_cls_and_kwargs(ctx.args, ctx.model)
 
 
@@ -327,7 +315,7 @@ def _wrap_get_cls_and_kwargs(original: Any, route: bool = True) -> Any:
 
     @functools.wraps(original)
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
-        name = _optim_name(args.optim)
+        name = optim_name(args.optim)
         if name in REGISTRY:
             split_optim_args(args.optim_args)  # raises our InvalidConfigError naming the malformed item
             if route:
@@ -339,20 +327,18 @@ def _wrap_get_cls_and_kwargs(original: Any, route: bool = True) -> Any:
     return staticmethod(get_optimizer_cls_and_kwargs)
 
 
-def prepare_model_for(args: Any, model: nn.Module | None) -> None:
-    """Run the model surgery of the optimizer named by `args.optim`, if it has one (idempotent).
+def prepare_model_for(args: Any, model: nn.Module | None, plan: OptimizerPlan | None = None) -> None:
+    """Run the model surgery of the optimizer named by `args.optim`, if it has one, once per plan.
 
     Called at the end of `Trainer.__init__`, so the surgery (WeLore's split, Q-GaLore's INT8 Linears) happens before
     `train(resume_from_checkpoint=...)` loads the checkpoint's weights into the model, before the optimizer exists
-    and before any DDP wrap; [`check_before_training`] ran before the stock constructor. The optimizer handler calls
-    it again and finds the model already prepared.
+    and before any DDP wrap; [`check_before_training`] ran before the stock constructor and left its plan on the
+    Trainer. The optimizer handler then builds from the same plan, which records that the model is prepared.
     """
-    name = _optim_name(args.optim)
-    spec = REGISTRY.get(name)
+    spec = REGISTRY.get(optim_name(args.optim))
     if spec is None or spec.prepare_model is None or model is None:
         return
-    configs = parse_optim_args(args.optim_args, spec.config_classes, name)
-    spec.prepare_model(model, args.optim_target_modules, configs)
+    prepare_model(plan if plan is not None else plan_for(args, trainer=current_trainer()), model)
 
 
 def _has_welore_callback(callbacks: Any) -> bool:
@@ -376,13 +362,13 @@ def _check_before_init(signature: inspect.Signature, trainer: Any, args: tuple, 
     training_args = bound.get("args")
     if training_args is None:
         return
-    name = _optim_name(training_args.optim)
+    name = optim_name(training_args.optim)
     spec = REGISTRY.get(name)
     optimizers = bound.get("optimizers") or (None, None)
     if spec is None or optimizers[0] is not None or bound.get("optimizer_cls_and_kwargs") is not None:
         return
     if spec.prepare_model is not None or _has_welore_callback(bound.get("callbacks")):
-        check_before_training(training_args, name)
+        check_before_training(training_args, name, trainer)  # the plan stays on the Trainer
 
 
 def _wrap_init(original: Any) -> Any:
@@ -390,10 +376,11 @@ def _wrap_init(original: Any) -> Any:
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        _check_before_init(signature, self, args, kwargs)
-        original(self, *args, **kwargs)
-        if getattr(self, "optimizer_cls_and_kwargs", None) is None and getattr(self, "optimizer", None) is None:
-            prepare_model_for(self.args, self.model)
+        with building(self):  # the plan of the checks is the one the callbacks and the surgery read
+            _check_before_init(signature, self, args, kwargs)
+            original(self, *args, **kwargs)
+            if getattr(self, "optimizer_cls_and_kwargs", None) is None and getattr(self, "optimizer", None) is None:
+                prepare_model_for(self.args, self.model)
 
     return __init__
 
@@ -401,8 +388,9 @@ def _wrap_init(original: Any) -> Any:
 def _wrap_create_optimizer(original: Any) -> Any:
     @functools.wraps(original)
     def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
-        optimizer = original(self, *args, **kwargs)
-        name = _optim_name(self.args.optim)
+        with building(self):  # the handler, called with (args, model) only, finds this Trainer's plan
+            optimizer = original(self, *args, **kwargs)
+        name = optim_name(self.args.optim)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate / smp wrappers
         if name in REGISTRY and getattr(self, "optimizer_cls_and_kwargs", None) is None:
             expected = REGISTRY[name].optimizer_cls
@@ -429,7 +417,7 @@ def _wrap_create_optimizer(original: Any) -> Any:
 def _wrap_get_learning_rates(original: Any) -> Any:
     @functools.wraps(original)
     def get_learning_rates(self: Any) -> list[Any]:
-        name = _optim_name(self.args.optim)
+        name = optim_name(self.args.optim)
         spec = REGISTRY.get(name)
         actual = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
         if spec is not None and spec.transformers_name and isinstance(actual, spec.optimizer_cls):

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..configs import AdafactorConfig
 from ..errors import InvalidConfigError
 from ..projection.subspace import change_basis
 from .base import ApplyBack, LowRankOptimizer, rms
@@ -35,15 +36,9 @@ class LowRankAdafactor(LowRankOptimizer):
         **kwargs: GaLore knobs, see [`GaLoreConfig`].
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {
-        "eps": (1e-30, 1e-3),
-        "clip_threshold": 1.0,
-        "decay_rate": -0.8,
-        "beta1": None,
-        "scale_parameter": False,
-        "relative_step": False,
-        "warmup_init": False,
-    }
+    #: Adafactor's regularisers are not `optim_args` keys (transformers' `galore_adafactor` does not take them either).
+    engine_defaults: ClassVar[dict[str, Any]] = {"eps": (1e-30, 1e-3)}
+    inner_configs: ClassVar[tuple[type, ...]] = (AdafactorConfig,)
 
     @classmethod
     def inner_state_bytes(
@@ -56,10 +51,9 @@ class LowRankAdafactor(LowRankOptimizer):
         return 4 * (second + (numel if settings["beta1"] is not None else 0))
 
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
-        if hp["warmup_init"] and not hp["relative_step"]:
-            raise InvalidConfigError("warmup_init=True requires relative_step=True.")
+        super()._validate_hyperparameters(hp)
         if hp["lr"] is None and not hp["relative_step"]:
-            raise InvalidConfigError("GaLoreAdafactor needs an lr unless relative_step=True.")
+            raise InvalidConfigError(f"{type(self).__name__} needs an lr unless relative_step=True.")
 
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool

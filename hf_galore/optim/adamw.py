@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..configs import Blockwise8bitConfig
-from ..errors import InvalidConfigError
+from ..configs import Blockwise8bitConfig, MultiTensorConfig
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
 from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size
@@ -55,16 +54,9 @@ class LowRankAdamW(LowRankOptimizer):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.999), "eps": 1e-8, "foreach": True}
-
-    def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
-        beta1, beta2 = hp["betas"]
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise InvalidConfigError(f"Invalid betas {hp['betas']}: both must be in [0, 1).")
-        if hp["eps"] < 0:
-            raise InvalidConfigError(f"Invalid eps {hp['eps']}: it must be ≥ 0.")
-        if not isinstance(hp["foreach"], bool):
-            raise InvalidConfigError(f"Invalid foreach {hp['foreach']!r}: it must be True or False.")
+    #: Adam's coefficients are not `optim_args` keys: the Trainer passes its `adam_beta1/2` and `adam_epsilon`.
+    engine_defaults: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.999), "eps": 1e-8}
+    inner_configs: ClassVar[tuple[type, ...]] = (MultiTensorConfig,)
 
     @classmethod
     def inner_state_bytes(
@@ -246,11 +238,7 @@ class LowRankAdamW8bit(LowRankAdamW):
         **kwargs: See [`GaLoreAdamW`].
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {
-        **LowRankAdamW.inner_defaults,
-        "block_size": 256,
-        "min_8bit_size": 4096,
-    }
+    inner_configs: ClassVar[tuple[type, ...]] = (*LowRankAdamW.inner_configs, Blockwise8bitConfig)
 
     #: Beyond the fp32 temporaries: both moments dequantised to fp32 and their concatenated codes.
     update_workspace_bytes: ClassVar[int] = LowRankAdamW.update_workspace_bytes + 10
@@ -269,10 +257,6 @@ class LowRankAdamW8bit(LowRankAdamW):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._store = Blockwise8bitStore()
         super().__init__(*args, **kwargs)
-
-    def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(hp)
-        Blockwise8bitConfig(block_size=hp["block_size"], min_8bit_size=hp["min_8bit_size"])  # range checks
 
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool

@@ -64,17 +64,15 @@ _RESTORED_GROUP_KEYS = {"lr"} | _FOREIGN_GROUP_KEYS
 #: offsets, Q-GaLore's similarity queue): a checkpoint saved with other values cannot be converted.
 _LAYOUT_KEYS = ("rank", "proj_type", "seed", "stagger", "queue_size")
 
-#: Valid ranges of the float hyperparameters of every inner optimizer, checked wherever a key is present:
-#: `(low, high, low_open, high_open, allow_none)`. A NaN or an infinity is never valid.
+#: Valid ranges of the float hyperparameters that no config dataclass holds, checked wherever a key is present:
+#: `(low, high, low_open, high_open, allow_none)`. A NaN or an infinity is never valid. `lr` and `weight_decay` come
+#: from the Trainer's arguments, `betas`/`eps` are the engines' own (see `engine_defaults`); every other knob is
+#: checked by its config's `__post_init__` (see `LowRankOptimizer.inner_configs`).
 _FLOAT_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
     "lr": (0.0, math.inf, False, True, True),  # None: Adafactor's relative step
     "weight_decay": (0.0, math.inf, False, True, False),
     "betas": (0.0, 1.0, False, True, False),
     "eps": (0.0, math.inf, False, True, False),
-    "beta1": (0.0, 1.0, False, True, True),
-    "clip_threshold": (0.0, math.inf, True, True, False),
-    "decay_rate": (-math.inf, 0.0, True, True, False),
-    "scale": (0.0, math.inf, True, True, False),
 }
 
 
@@ -159,8 +157,24 @@ class LowRankOptimizer(Optimizer):
         **kwargs: GaLore defaults (see [`GaLoreConfig`]) and the inner optimizer's hyperparameters.
     """
 
-    #: Hyperparameters of the inner optimizer and their defaults; set by the inner engines.
+    #: Config dataclasses of the inner engine's knobs (e.g. `MultiTensorConfig`, `AdafactorConfig`): the only source
+    #: of their defaults and ranges. A later class overrides the defaults of an earlier one's fields.
+    inner_configs: ClassVar[tuple[type, ...]] = ()
+
+    #: Inner hyperparameters that no config holds, with their defaults: Adam's `betas`/`eps` and Adafactor's `eps`,
+    #: which the Trainer fills from its own arguments (`adam_beta1/2`, `adam_epsilon`) rather than from `optim_args`.
+    engine_defaults: ClassVar[dict[str, Any]] = {}
+
+    #: Every inner hyperparameter with its default: `engine_defaults` plus the fields of `inner_configs`, derived
+    #: when a class declaring either is created (see `__init_subclass__`). Do not write it by hand.
     inner_defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def _derive_inner_defaults(cls) -> dict[str, Any]:
+        defaults = dict(cls.engine_defaults)
+        for config in cls.inner_configs:
+            defaults.update({f.name: f.default for f in dataclasses.fields(config)})
+        return defaults
 
     #: The config dataclass of the projection knobs (valid as optimizer kwargs and per-group overrides): the only
     #: source of their defaults and ranges. Set by each method's optimizer declaration (e.g. `GaLoreConfig`).
@@ -188,6 +202,8 @@ class LowRankOptimizer(Optimizer):
             )
         defaults.update(kwargs)
         check_float_hyperparameters(defaults)
+        # The projection knobs too: the defaults are what every low-rank group without its own values uses.
+        self._check_configs(defaults, low_rank=True)
         self._validate_hyperparameters(defaults)
         self._ordinals: dict[torch.Tensor, int] = {}
         self._warned: set[str] = set()
@@ -197,8 +213,24 @@ class LowRankOptimizer(Optimizer):
         self._warn_full_rank_fallbacks()
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _check_configs(self, hp: dict[str, Any], low_rank: bool) -> None:
+        """Run the range checks of `inner_configs` (and of `low_rank_config` when `low_rank`) on the values in `hp`.
+
+        The configs' `__post_init__` are the only implementation of those checks, so an optimizer built in Python
+        refuses exactly what `optim_args` would, with the same messages.
+
+        Raises:
+            [`InvalidConfigError`]: from the first config that refuses a value.
+        """
+        configs = list(self.inner_configs)
+        if low_rank and self.low_rank_config is not None:
+            configs.append(self.low_rank_config)
+        for config in configs:
+            config(**{f.name: hp[f.name] for f in dataclasses.fields(config)})
+
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
-        """Range checks of the inner optimizer's hyperparameters (subclasses extend)."""
+        """Checks only the optimizer can make, run on the constructor's defaults and on every param group after
+        the configs' range checks: e.g. combinations of knobs from different configs (subclasses extend)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         allowed = set(self.defaults) | _FOREIGN_GROUP_KEYS
@@ -213,14 +245,14 @@ class LowRankOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_float_hyperparameters(group)
-        self._validate_hyperparameters(group)
         if group["low_rank"] and self.low_rank_config is None:
             raise InvalidConfigError(
                 f"{type(self).__name__} projects no parameter (it has no projection knobs); remove low_rank=True from "
                 "the param group, or use a GaLore optimizer."
             )
+        self._check_configs(group, low_rank=group["low_rank"])
+        self._validate_hyperparameters(group)
         if group["low_rank"]:
-            self.low_rank_config(**{k: group[k] for k in self.low_rank_defaults() if k != "low_rank"})  # ranges
             for p in group["params"]:
                 if p.dim() != 2:
                     raise InvalidConfigError(
@@ -284,6 +316,11 @@ class LowRankOptimizer(Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.optim_names = ()  # each class lists its own names, never its parent's
+        # Derived from the configs, never written twice; a class that declares neither inherits its parent's (which
+        # may be a hand-written `inner_defaults` of a subclass outside hf_galore).
+        declares = "inner_configs" in cls.__dict__ or "engine_defaults" in cls.__dict__
+        if declares and "inner_defaults" not in cls.__dict__:
+            cls.inner_defaults = cls._derive_inner_defaults()
         _CLASSES_BY_NAME[cls.__name__] = cls
 
     #: Other `kind`s of the state signature this class reads (names its state layout had before a rename).

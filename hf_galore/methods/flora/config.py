@@ -45,7 +45,7 @@ class FloraConfig(OptionsMixin):
             self.rank >= 1, f"rank must be a positive integer, got {self.rank}. Set e.g. optim_args='rank=64'."
         )
         check_condition(
-            self.kappa >= 1,
+            isinstance(self.kappa, int) and not isinstance(self.kappa, bool) and self.kappa >= 1,
             f"kappa must be a positive integer (steps between resamplings), got {self.kappa}. "
             "Set e.g. optim_args='kappa=1000'.",
         )

@@ -42,14 +42,12 @@ from ...projection.random import (
     transfer,
 )
 from ...projection.subspace import Side, choose_side, low_rank_shape
-from .config import FloraConfig
+from .config import FloraAdafactorConfig, FloraConfig
 
 #: Independent seed streams of one weight: the momentum projection (indexed by resampling count) and the
 #: accumulation projection (indexed by optimizer step).
 MOMENTUM_STREAM = 1
 ACCUMULATION_STREAM = 2
-
-_FLORA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 #: Adafactor's regulariser of the squared gradient, also used by FloraAdamW's factored second moment so that an
 #: all-zero row cannot divide by zero.
@@ -66,20 +64,8 @@ class _FloraMixin:
     low_rank_config: ClassVar[type] = FloraConfig
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(hp)  # type: ignore[misc]
-        kappa = hp["kappa"]
-        if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1:
-            raise InvalidConfigError(
-                f"Invalid kappa {kappa!r}: it must be a positive integer (optimizer steps between resamplings of "
-                "the momentum projection). Set e.g. kappa=1000."
-            )
-        if hp["proj_type"] not in _FLORA_PROJ_TYPES:
-            raise InvalidConfigError(
-                f"proj_type={hp['proj_type']!r} is not valid for FLoRA (its projections are one-sided); choose "
-                f"one of {', '.join(_FLORA_PROJ_TYPES)}."
-            )
-
+    # kappa, proj_type (one-sided only), rank and seed are checked by `FloraConfig` (the base class runs it on the
+    # defaults and on every low-rank group); what only the optimizer can check is the rank against each weight.
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]  # type: ignore[attr-defined]
@@ -278,7 +264,7 @@ class FloraAdafactor(_FloraMixin, LowRankAdafactor):
         ```
     """
 
-    inner_defaults: ClassVar[dict[str, Any]] = {**LowRankAdafactor.inner_defaults, "beta1": 0.9}
+    inner_configs: ClassVar[tuple[type, ...]] = (FloraAdafactorConfig,)  # momentum on by default (beta1=0.9)
 
     @classmethod
     def _uses_momentum(cls, group: dict[str, Any]) -> bool:
@@ -322,8 +308,6 @@ class FloraAdamW(_FloraMixin, LowRankAdamW):
         >>> optimizer = FloraAdamW(groups, lr=1e-3, rank=64, kappa=1000)
         ```
     """
-
-    inner_defaults: ClassVar[dict[str, Any]] = LowRankAdamW.inner_defaults
 
     @classmethod
     def _uses_momentum(cls, group: dict[str, Any]) -> bool:

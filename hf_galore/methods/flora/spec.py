@@ -6,7 +6,7 @@ All of them accumulate gradients compressed by default: the plain names through 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...configs import MultiTensorConfig, parse_optim_args
@@ -53,34 +53,37 @@ def _register_flora() -> None:
         )
 
 
-def _flora_accumulation(name: str, args: Any) -> str:
-    """The `accumulation` key of `args.optim_args` for the FLoRA name `name` (validated)."""
-    configs = parse_optim_args(args.optim_args, get_spec(name).config_classes, name)
+def _flora_accumulation(name: str, args: Any, configs: Sequence[Any] | None = None) -> str:
+    """The `accumulation` key for the FLoRA name `name`: from the parsed `configs` (the Trainer's plan), else parsed
+    from `args.optim_args` (validated)."""
+    if configs is None:
+        configs = parse_optim_args(args.optim_args, get_spec(name).config_classes, name)
     (accumulation,) = [c for c in configs if isinstance(c, FloraAccumulationConfig)]
     return accumulation.accumulation
 
 
-def _compresses_accumulation(name: str, args: Any) -> bool:
+def _compresses_accumulation(name: str, args: Any, configs: Sequence[Any] | None = None) -> bool:
     """Whether a plain FLoRA name accumulates compressed: gradient accumulation is on and not `accumulation=full`."""
-    return getattr(args, "gradient_accumulation_steps", 1) > 1 and _flora_accumulation(name, args) == "compressed"
+    accumulates = getattr(args, "gradient_accumulation_steps", 1) > 1
+    return accumulates and _flora_accumulation(name, args, configs) == "compressed"
 
 
-def _flora_hooked_cls(name: str, accumulating: type) -> Callable[[Any], type | None]:
+def _flora_hooked_cls(name: str, accumulating: type) -> Callable[..., type | None]:
     """`hooked_cls` of a plain FLoRA name: its `*Accumulating` class when it accumulates compressed."""
 
-    def hooked_cls(args: Any) -> type | None:
-        return accumulating if _compresses_accumulation(name, args) else None
+    def hooked_cls(args: Any, configs: Sequence[Any] | None = None) -> type | None:
+        return accumulating if _compresses_accumulation(name, args, configs) else None
 
     return hooked_cls
 
 
-def _flora_accumulation_check(name: str, layerwise: bool) -> Callable[[Any], None]:
+def _flora_accumulation_check(name: str, layerwise: bool) -> Callable[..., None]:
     """`check_setup` of a FLoRA name: `accumulation=full` only for the plain names. (What compressed accumulation
     cannot run under, fp16 loss scaling and `nn.DataParallel`, is refused for every hook-driven optimizer by
     `check_supported_setup`.)"""
 
-    def check(args: Any) -> None:
-        if layerwise and _flora_accumulation(name, args) == "full":
+    def check(args: Any, configs: Sequence[Any] | None = None) -> None:
+        if layerwise and _flora_accumulation(name, args, configs) == "full":
             raise UnsupportedSetupError(
                 f"optim={name!r} always accumulates compressed; accumulation=full is for the non-layer-wise "
                 f"optim={name.removesuffix('_layerwise')!r}. Remove the key."

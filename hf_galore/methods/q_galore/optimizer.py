@@ -47,8 +47,6 @@ from .config import QGaLoreConfig
 #: State keys referencing an INT8 weight's buffers.
 WEIGHT_KEYS = {"weight_q": "qweight", "weight_scales": "weight_scales", "weight_zeros": "weight_zeros"}
 
-Q_GALORE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(QGaLoreConfig)}
-
 
 class QGaLoreAdamW8bit(LowRankAdamW8bit):
     """GaLore with 8-bit Adam states, INT4 projection bases, a lazy layer-adaptive refresh and INT8 weights.
@@ -78,7 +76,7 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
     """
 
     low_rank_config: ClassVar[type] = GaLoreConfig
-    inner_defaults: ClassVar[dict[str, Any]] = {**LowRankAdamW8bit.inner_defaults, **Q_GALORE_DEFAULTS}
+    inner_configs: ClassVar[tuple[type, ...]] = (*LowRankAdamW8bit.inner_configs, QGaLoreConfig)
 
     def __init__(self, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
         self._int8_modules: dict[torch.Tensor, Int8Linear] = {}
@@ -88,7 +86,7 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
     # ------------------------------------------------------------------------------------------------ setup
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
         super()._validate_hyperparameters(hp)
-        QGaLoreConfig(**{k: hp[k] for k in Q_GALORE_DEFAULTS})  # range checks
+        # QGaLoreConfig's own ranges ran already (`inner_configs`); these combine its knobs with GaLoreConfig's.
         for knob, own in (("basis_bits", "proj_bits"), ("basis_group_size", "proj_group_size")):
             if hp[knob] != self.low_rank_defaults()[knob]:
                 raise InvalidConfigError(

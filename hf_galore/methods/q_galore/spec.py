@@ -12,7 +12,7 @@ from torch import nn
 
 from ...configs import Blockwise8bitConfig, MultiTensorConfig
 from ...errors import NoTargetModulesError, UnsupportedSetupError
-from ...registry import OptimizerSpec, register_optimizer
+from ...registry import OptimizerSpec, optim_name, register_optimizer
 from ...targeting import TargetSpec, group_parameters
 from ..galore.config import GaLoreConfig
 from .config import QGaLoreConfig
@@ -63,9 +63,10 @@ def _world_size(args: Any) -> int:
         return 1
 
 
-def check_setup(args: Any) -> None:
-    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built)."""
-    name = str(getattr(args.optim, "value", args.optim))
+def check_setup(args: Any, configs: Sequence[Any] | None = None) -> None:
+    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built); `configs` (the
+    parsed `optim_args`) are not needed."""
+    name = optim_name(args.optim)
     problems = []
     if _world_size(args) > 1:
         problems.append(f"{_world_size(args)} processes (run on one process)")
