@@ -33,7 +33,7 @@ class LowRankAdafactor(LowRankOptimizer):
         scale_parameter (`bool`, defaults to `False`): Multiply the step size by the weight's RMS.
         relative_step (`bool`, defaults to `False`): Use Adafactor's 1/√t step size instead of `lr`.
         warmup_init (`bool`, defaults to `False`): Warm the relative step up from 1e-6·t.
-        **kwargs: GaLore knobs, see [`GaLoreConfig`].
+        **kwargs: The projection knobs of the subclass' `low_rank_config` (e.g. [`GaLoreConfig`]).
     """
 
     #: Adafactor's regularisers are not `optim_args` keys (transformers' `galore_adafactor` does not take them either).

@@ -34,9 +34,10 @@ def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
 
 
 class LowRankAdamW(LowRankOptimizer):
-    """AdamW whose moments live in a rank-r subspace of each projected weight's gradient.
+    """The AdamW engine: Adam moments of each projected weight's low-rank gradient, fp32.
 
-    Non-projected parameters follow `torch.optim.AdamW` exactly (decoupled weight decay before the update,
+    An engine, not an optimizer users pick: a method's optimizer subclasses it and sets `low_rank_config` (its
+    projection knobs), e.g. `GaLoreAdamW` (GaLoreConfig) or `FloraAdamW` (FloraConfig). Non-projected parameters follow `torch.optim.AdamW` exactly (decoupled weight decay before the update,
     bias-corrected moments, `eps` added after the square root).
 
     Args:
@@ -45,11 +46,13 @@ class LowRankAdamW(LowRankOptimizer):
         betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Adam's moment coefficients.
         eps (`float`, defaults to 1e-8): Term added to the denominator.
         weight_decay (`float`, defaults to 0.0): Decoupled weight decay on the full weight.
-        **kwargs: GaLore knobs (`rank`, `update_proj_gap`, `scale`, `proj_type`, `svd`, ...), see [`GaLoreConfig`].
+        foreach (`bool`, defaults to `True`): Batch the elementwise work of a group (see [`MultiTensorConfig`]).
+        **kwargs: The projection knobs of the subclass' `low_rank_config` (e.g. [`GaLoreConfig`]).
 
     Example:
         ```python
         >>> groups = [{"params": other_params}, {"params": linear_weights, "low_rank": True}]
+        >>> from hf_galore import GaLoreAdamW  # LowRankAdamW with GaLoreConfig's knobs
         >>> optimizer = GaLoreAdamW(groups, lr=1e-3, rank=8, update_proj_gap=200, scale=0.25)
         ```
     """
@@ -227,7 +230,7 @@ class LowRankAdamW(LowRankOptimizer):
 
 
 class LowRankAdamW8bit(LowRankAdamW):
-    """[`GaLoreAdamW`] with both moments stored 8-bit blockwise (dynamic quantisation maps, one absmax per block).
+    """[`LowRankAdamW`] with both moments stored 8-bit blockwise (dynamic quantisation maps, one absmax per block).
 
     States with fewer than `min_8bit_size` elements stay fp32. Quantisation goes through bitsandbytes' public
     `quantize_blockwise`/`dequantize_blockwise`; the state holds only the uint8 codes and fp32 absmax tensors.
@@ -235,7 +238,7 @@ class LowRankAdamW8bit(LowRankAdamW):
     Args:
         block_size (`int`, defaults to 256): Elements per quantisation block.
         min_8bit_size (`int`, defaults to 4096): States smaller than this stay fp32.
-        **kwargs: See [`GaLoreAdamW`].
+        **kwargs: See [`LowRankAdamW`].
     """
 
     inner_configs: ClassVar[tuple[type, ...]] = (*LowRankAdamW.inner_configs, Blockwise8bitConfig)

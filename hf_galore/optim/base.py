@@ -144,17 +144,18 @@ def mix_seed(*parts: int) -> int:
 
 
 class LowRankOptimizer(Optimizer):
-    """Base class of the GaLore optimizers: refresh, project, inner update, project back, apply.
+    """Base class of the GaLore-family optimizers: refresh, project, inner update, project back, apply.
 
     Args:
         params (`Iterable`):
             Parameters or param groups. Groups with `low_rank=True` hold 2-D weights to project; a group that sets
-            `rank` is such a group unless it says `low_rank=False` (galore-torch's param-group API). Any GaLore key
-            (`rank`, `update_proj_gap`, `scale`, `proj_type`, `svd`, `power_iters`, `oversample`, `stagger`,
-            `seed`, ...) can be overridden per group. Unknown group keys raise [`InvalidConfigError`].
+            `rank` is such a group unless it says `low_rank=False` (galore-torch's param-group API). Any key of
+            `low_rank_config` (GaLore's: `rank`, `update_proj_gap`, `scale`, `proj_type`, `svd`, `power_iters`,
+            `oversample`, `stagger`, `seed`, ...) can be overridden per group. Unknown group keys raise [`InvalidConfigError`].
         lr (`float`): Learning rate.
         weight_decay (`float`): Decoupled weight decay, applied to the full weight.
-        **kwargs: GaLore defaults (see [`GaLoreConfig`]) and the inner optimizer's hyperparameters.
+        **kwargs: The projection knobs (`low_rank_config`, e.g. [`GaLoreConfig`]) and the inner engine's knobs
+            (`inner_configs`, `engine_defaults`).
     """
 
     #: Config dataclasses of the inner engine's knobs (e.g. `MultiTensorConfig`, `AdafactorConfig`): the only source

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ...configs import Blockwise8bitConfig
+from ...configs import Blockwise8bitConfig, MultiTensorConfig
 from ...registry import OptimizerSpec, register_optimizer
 from ...targeting import TargetSpec, group_parameters
 from .config import WeLoreConfig
@@ -59,7 +59,7 @@ def _register_welore() -> None:
         OptimizerSpec(
             name="welore_adamw",
             optimizer_cls=WeLoreAdamW,
-            config_classes=(WeLoreConfig,),
+            config_classes=(WeLoreConfig, MultiTensorConfig),
             summary="WeLore: compress to low-rank factors (LRC) and train only them, with fp32 AdamW states.",
             **welore,
         )
@@ -68,7 +68,7 @@ def _register_welore() -> None:
         OptimizerSpec(
             name="welore_adamw_8bit",
             optimizer_cls=WeLoreAdamW8bit,
-            config_classes=(WeLoreConfig, Blockwise8bitConfig),
+            config_classes=(WeLoreConfig, Blockwise8bitConfig, MultiTensorConfig),
             summary="WeLore: compress to low-rank factors (LRC) and train only them, with 8-bit AdamW states.",
             needs_bitsandbytes=True,
             **welore,
