@@ -61,7 +61,7 @@ def test_randomized_refresh_is_the_same_on_cuda_and_cpu_up_to_rounding():
 @pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_8bit", "q_galore_adamw_8bit", "flora_adamw"])
 def test_batched_step_on_cuda_follows_the_per_parameter_loop(name):
     """CUDA's multi-tensor kernels may round differently from the per-tensor ones: the batched path must stay within
-    rounding of the loop (on CPU the two are bitwise equal, `tests/test_foreach.py`)."""
+    rounding of the loop (on CPU the two are bitwise equal, `tests/optim/test_foreach.py`)."""
     from transformers import LlamaForCausalLM
 
     from hf_galore.builder import make_optimizer_kwargs

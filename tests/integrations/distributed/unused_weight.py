@@ -1,4 +1,4 @@
-"""Layer-wise DDP where the ranks use different weights (a two-"expert" toy): launched by tests/test_distributed.py.
+"""Layer-wise DDP where the ranks use different weights (a two-"expert" toy): launched by tests/integrations/test_distributed.py.
 
 Rank 0 uses weights `a` and `b`, rank 1 only `b`. Each rank checks its result against a one-process reference fed
 the mean of the two ranks' losses, and writes `rank{R}.pt`.

@@ -74,7 +74,7 @@ def _setup_cfg_transformers_range() -> str:
     from pathlib import Path
 
     parser = configparser.ConfigParser()
-    parser.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    parser.read(Path(__file__).resolve().parents[2] / "setup.cfg")
     (line,) = [r for r in parser["options"]["install_requires"].split() if r.startswith("transformers")]
     return line.removeprefix("transformers")
 

@@ -1,4 +1,4 @@
-"""Train a tiny RoBERTa classifier with the stock Trainer; launched once per process by tests/test_distributed.py.
+"""Train a tiny RoBERTa classifier with the stock Trainer; launched once per process by tests/integrations/test_distributed.py.
 
 Writes, per rank, `rank{R}.pt` with the final parameters, a per-parameter checksum of every optimizer state tensor
 (bases, moments) and the logged losses, so the test can compare one process against two.
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests/
 
 from conftest import tiny_roberta_config
 from trainer_utils import classification_dataset, training_args

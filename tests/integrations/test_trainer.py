@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM, RobertaForSequenceClassification, Tra
 
 from hf_galore import REGISTRY
 
-NAMES = sorted(n for n, spec in REGISTRY.items() if spec.method == "GaLore")  # WeLore: tests/test_welore.py
+NAMES = sorted(n for n, spec in REGISTRY.items() if spec.method == "GaLore")  # WeLore: tests/methods/test_welore.py
 
 
 def _model(kind: str):

@@ -161,7 +161,7 @@ def test_old_checkpoints_keep_the_legacy_cpu_generator():
     "generator" key: it resumes with the CPU generator it was written with and continues exactly as that version."""
     from pathlib import Path
 
-    fixture = torch.load(Path(__file__).parent / "fixtures" / "flora_state_v0.pt", weights_only=True)
+    fixture = torch.load(Path(__file__).resolve().parents[1] / "fixtures" / "flora_state_v0.pt", weights_only=True)
     weights = [torch.nn.Parameter(w.clone()) for w in fixture["weights_after_3"]]
     optimizer = FloraAdamW([{"params": weights, "low_rank": True}], lr=1e-2, rank=3, kappa=100, weight_decay=0.1)
     optimizer.load_state_dict(fixture["state_dict_after_3"])
