@@ -808,7 +808,7 @@ class LowRankOptimizer(Optimizer):
     def _basis_rows(shape: tuple[int, int], side: Side) -> list[int]:
         """Rows of each stored basis: m for P (left), n for Q (right)."""
         m, n = shape
-        return [m] * (side in (Side.LEFT, Side.BOTH)) + [n] * (side in (Side.RIGHT, Side.BOTH))
+        return [m] * (side in (Side.LEFT, Side.FULL)) + [n] * (side in (Side.RIGHT, Side.FULL))
 
     @classmethod
     def refresh_bytes(cls, shape: tuple[int, int], side: Side, settings: dict[str, Any], dtype: torch.dtype) -> int:

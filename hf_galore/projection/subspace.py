@@ -23,7 +23,8 @@ class Side(IntEnum):
     NONE = 0
     LEFT = 1
     RIGHT = 2
-    BOTH = 3
+    FULL = 3  # proj_type="full": both sides
+    BOTH = 3  # deprecated alias of FULL (same value, so saved states read the same)
 
 
 def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str, rank: int) -> Side:
@@ -46,7 +47,7 @@ def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str, rank: int) 
     if proj_type == "right":
         return Side.RIGHT
     if proj_type == "full":
-        return Side.BOTH
+        return Side.FULL
     raise ValueError(f"Unknown proj_type {proj_type!r}; choose one of std, reverse_std, left, right, full.")
 
 
@@ -152,7 +153,7 @@ def compute_bases(
     generator: torch.Generator | None = None,
     canonical: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(P, Q)` for `side`: P (m×r) for LEFT/BOTH, Q (n×r) for RIGHT/BOTH, in the gradient's dtype.
+    """`(P, Q)` for `side`: P (m×r) for LEFT/FULL, Q (n×r) for RIGHT/FULL, in the gradient's dtype.
 
     The decomposition itself always runs in fp32 (bf16/fp16 SVD is unsupported or inaccurate); the result is cast
     back so that the per-step projections run in the gradient's dtype. `exact` takes both sides from one SVD of G;
@@ -165,36 +166,36 @@ def compute_bases(
     if method == "exact":  # one SVD G = U S Vᵀ gives both sides, with the signs galore-torch sees (P = U, Q = V)
         u, _, vh = torch.linalg.svd(grad.detach().to(torch.float32), full_matrices=False)
         fix = canonicalize_signs if canonical else (lambda basis: basis)
-        if side in (Side.LEFT, Side.BOTH):
+        if side in (Side.LEFT, Side.FULL):
             p = fix(u[:, :rank].contiguous()).to(grad.dtype)
-        if side in (Side.RIGHT, Side.BOTH):
+        if side in (Side.RIGHT, Side.FULL):
             q = fix(vh[:rank].T.contiguous()).to(grad.dtype)
         return p, q
-    if side in (Side.LEFT, Side.BOTH):
+    if side in (Side.LEFT, Side.FULL):
         p = left_basis(grad, rank, method, power_iters, oversample, generator, canonical).to(grad.dtype)
-    if side in (Side.RIGHT, Side.BOTH):
+    if side in (Side.RIGHT, Side.FULL):
         q = left_basis(grad.T, rank, method, power_iters, oversample, generator, canonical).to(grad.dtype)
     return p, q
 
 
 def project(grad: torch.Tensor, side: Side, p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor:
-    """Low-rank gradient: Pᵀ G (LEFT), G Q (RIGHT) or Pᵀ G Q (BOTH)."""
+    """Low-rank gradient: Pᵀ G (LEFT), G Q (RIGHT) or Pᵀ G Q (FULL)."""
     if side == Side.LEFT:
         return p.T @ grad
     if side == Side.RIGHT:
         return grad @ q
-    if side == Side.BOTH:
+    if side == Side.FULL:
         return p.T @ grad @ q
     raise ValueError(f"Cannot project with side {side!r}.")
 
 
 def project_back(low_rank: torch.Tensor, side: Side, p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor:
-    """Full-size update from a low-rank one: P N (LEFT), N Qᵀ (RIGHT) or P N Qᵀ (BOTH)."""
+    """Full-size update from a low-rank one: P N (LEFT), N Qᵀ (RIGHT) or P N Qᵀ (FULL)."""
     if side == Side.LEFT:
         return p @ low_rank
     if side == Side.RIGHT:
         return low_rank @ q.T
-    if side == Side.BOTH:
+    if side == Side.FULL:
         return p @ low_rank @ q.T
     raise ValueError(f"Cannot project back with side {side!r}.")
 
@@ -220,7 +221,7 @@ def add_projected_back_(
         weight.addmm_(p, low_rank, beta=beta, alpha=alpha)
     elif side == Side.RIGHT:
         weight.addmm_(low_rank, q.T, beta=beta, alpha=alpha)
-    elif side == Side.BOTH:
+    elif side == Side.FULL:
         weight.addmm_(p, low_rank @ q.T, beta=beta, alpha=alpha)
     else:
         raise ValueError(f"Cannot project back with side {side!r}.")
@@ -233,7 +234,7 @@ def low_rank_shape(shape: tuple[int, int] | torch.Size, side: Side, rank: int) -
         return (rank, n)
     if side == Side.RIGHT:
         return (m, rank)
-    if side == Side.BOTH:
+    if side == Side.FULL:
         return (rank, rank)
     return (m, n)
 

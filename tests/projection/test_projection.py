@@ -26,7 +26,7 @@ from hf_galore.projection import (
 
 SHAPES = {"tall": (23, 11), "wide": (11, 23), "square": (16, 16)}
 PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
-SIDE_NAMES = {Side.NONE: "none", Side.LEFT: "left", Side.RIGHT: "right", Side.BOTH: "both"}
+SIDE_NAMES = {Side.NONE: "none", Side.LEFT: "left", Side.RIGHT: "right", Side.FULL: "both"}
 
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
@@ -173,7 +173,7 @@ def test_decomposition_runs_in_fp32_and_returns_the_gradient_dtype(dtype, monkey
     monkeypatch.setattr(torch.linalg, "svd", spy)
     grad = torch.randn(20, 12).to(dtype)
     for method in ("exact", "randomized"):
-        p, q = compute_bases(grad, Side.BOTH, 4, method=method, generator=torch.Generator().manual_seed(0))
+        p, q = compute_bases(grad, Side.FULL, 4, method=method, generator=torch.Generator().manual_seed(0))
         assert p.dtype == dtype and q.dtype == dtype
     assert seen and all(d == torch.float32 for d in seen)
 
