@@ -440,8 +440,11 @@ def test_cli_list_shows_welore_optimizers(capsys):
     by_name = {info["name"]: info for info in json.loads(capsys.readouterr().out)}
     knobs = {k["name"] for k in by_name["welore_adamw"]["optim_args"]}
     assert knobs == {"target_compression", "min_reduction", "train_norms", "train_biases", "train_embeddings",
-                     "train_heads"}  # fmt: skip
+                     "train_heads", "foreach"}  # fmt: skip
     assert by_name["welore_adamw_8bit"]["needs_bitsandbytes"] is True
+    # WeLore's own optimizers (not GaLore's with an empty projected group)
+    assert by_name["welore_adamw"]["optimizer_class"] == "hf_galore.WeLoreAdamW"
+    assert by_name["welore_adamw_8bit"]["optimizer_class"] == "hf_galore.WeLoreAdamW8bit"
 
 
 def test_from_pretrained_and_merge_take_the_q_galore_arguments(tmp_path):
