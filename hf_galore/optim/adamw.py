@@ -16,6 +16,7 @@ import torch
 from ..configs import Blockwise8bitConfig, MultiTensorConfig
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
+from ._sharding import local_tensor
 from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size
 
 
@@ -181,7 +182,7 @@ class LowRankAdamW(LowRankOptimizer):
         batched = []
         for p, grad in prepared:
             state = self._state_for(p, group)
-            if Side(state["side"]) == Side.NONE and self._sliceable(p, grad, state):
+            if Side(state["side"]) == Side.NONE and self._sliceable(local_tensor(p), grad, state):
                 self._apply_update(p, grad, group)  # larger than a chunk: updated in slices
             else:
                 batched.append((p, grad))
@@ -214,7 +215,7 @@ class LowRankAdamW(LowRankOptimizer):
             low = [k for k, i in enumerate(indices) if Side(states[i]["side"]) != Side.NONE]
             if plain:
                 self._apply_plain_many(
-                    [prepared[indices[k]][0] for k in plain],
+                    [local_tensor(prepared[indices[k]][0]) for k in plain],
                     [avgs[k] for k in plain],
                     [denoms[k] for k in plain],
                     step_size * self._fallback_scale(group),
@@ -224,7 +225,7 @@ class LowRankAdamW(LowRankOptimizer):
             if low:
                 directions = torch._foreach_div([avgs[k] for k in low], [denoms[k] for k in low])
                 for k, direction in zip(low, directions):
-                    p, state = prepared[indices[k]][0], states[indices[k]]
+                    p, state = local_tensor(prepared[indices[k]][0]), states[indices[k]]
                     self._apply_low_rank(p, direction, step_size, state, group, self._back_projector(p, state, group))
         self._store_moments_many(token)
 
