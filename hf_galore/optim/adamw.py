@@ -17,7 +17,7 @@ from ..configs import Blockwise8bitConfig, MultiTensorConfig
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
 from ._sharding import local_tensor
-from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size
+from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size, global_numel
 
 
 def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
@@ -78,6 +78,7 @@ class LowRankAdamW(LowRankOptimizer):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
+        p = local_tensor(p)
         dtype = torch.float32 if low_rank else p.dtype
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -265,10 +266,12 @@ class LowRankAdamW8bit(LowRankAdamW):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
-        if math.prod(shape) < group["min_8bit_size"]:
+        # The global size decides (a shard of an FSDP2 weight is 8-bit exactly when the whole state would be);
+        # blocks are blocks of this process' shard.
+        if global_numel(p, shape) < group["min_8bit_size"]:
             super()._init_inner_state(state, shape, p, group, low_rank=True)  # small: fp32
             return
-        block = group["block_size"]
+        p, block = local_tensor(p), group["block_size"]
         self._store.init(state, "exp_avg", shape, p.device, block, signed=True)
         self._store.init(state, "exp_avg_sq", shape, p.device, block, signed=False)
 

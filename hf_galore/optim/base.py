@@ -353,7 +353,7 @@ class LowRankOptimizer(Optimizer):
             shape = low_rank_shape(local.shape, side, group["rank"])
         else:
             shape = tuple(local.shape)
-        self._init_inner_state(state, shape, local, group, low_rank=side != Side.NONE)
+        self._init_inner_state(state, shape, p, group, low_rank=side != Side.NONE)
         return state
 
     #: The `optim=` names registered for this class (filled in by `hf_galore.registry.register_optimizer`).
@@ -955,7 +955,10 @@ class LowRankOptimizer(Optimizer):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
-        """Allocate the inner optimizer's state for a (projected) gradient of `shape`."""
+        """Allocate the inner optimizer's state for a (projected) gradient of `shape`.
+
+        For a row-sharded (DTensor) `p`, `shape` is this process' rows of it (allocate like `local_tensor(p)`); a
+        decision that must not depend on the number of processes uses the global size ([`global_numel`])."""
         raise NotImplementedError
 
     def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
@@ -972,6 +975,14 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         """Inner update on the projected gradient `low`; apply it with `apply_back(update, alpha)`."""
         raise NotImplementedError
+
+
+def global_numel(p: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Elements of a state of local `shape` (whose first dimension is the parameter's rows) across all processes: the
+    global row count times the row size for a row-sharded (DTensor) `p`, `prod(shape)` otherwise."""
+    if not is_dtensor(p) or not shape:
+        return math.prod(shape)
+    return int(p.shape[0]) * math.prod(shape[1:])
 
 
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:

@@ -27,11 +27,25 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter")  # fmt: skip
 
 
+#: `(step, parameter, global row)` of the NaNs `--nan` puts in a gradient: rows rank 1 holds under two processes, at
+#: an ordinary step and at a refresh step (refreshes at steps 0, 3, 6): every process must skip that weight's update.
+NANS = ((4, "3.weight", 20), (6, "0.weight", 40))
+
+
+def put_nan(p: torch.Tensor, row: int, rank: int, world: int) -> None:
+    """Set element `[row, 0]` of `p.grad` (global row index) on the process that holds that row."""
+    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+    offset = rank * -(-p.shape[0] // world)
+    if offset <= row < offset + grad.shape[0]:
+        grad[row - offset, 0] = float("nan")
+
+
 def build_model(dtype: torch.dtype) -> nn.Sequential:
-    """Weights 64×24 (tall), 32×64 and 16×32 (wide: `std` would project them on the left in one process)."""
+    """Weights 64×24 (tall), 32×64 and 9×32 (wide: `std` would project them on the left in one process); the last
+    one's 9 rows split unevenly (5 + 4) over two processes."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(24, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16)
+        nn.Linear(24, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 9)
     )
     return model.to(dtype)
 
@@ -103,6 +117,8 @@ def main() -> None:
     parser.add_argument("--proj-type", default="std")
     parser.add_argument("--float64", action="store_true")
     parser.add_argument("--refusals", action="store_true")
+    parser.add_argument("--min-8bit-size", type=int, default=0)
+    parser.add_argument("--nan", action="store_true", help="Put a NaN in a gradient row that rank 1 holds (see NANS).")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -124,20 +140,23 @@ def main() -> None:
     optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
                     "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
     if args.optim == "galore_adamw_8bit":
-        optim_kwargs.update(min_8bit_size=0, block_size=64)
+        optim_kwargs.update(min_8bit_size=args.min_8bit_size, block_size=64)
     refused = refusals(model, optim_kwargs) if args.refusals else {}
     optimizer = OPTIMIZERS[args.optim](param_groups(model), **optim_kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
 
     data = torch.Generator().manual_seed(1)
     inputs = torch.randn(args.steps, args.global_batch, 6, 24, generator=data, dtype=dtype)
-    targets = torch.randn(args.steps, args.global_batch, 6, 16, generator=data, dtype=dtype)
+    targets = torch.randn(args.steps, args.global_batch, 6, 9, generator=data, dtype=dtype)
     per_rank = args.global_batch // world
     losses, collectives, refreshed, bases = [], [], [], {}
     for step in range(args.steps):
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
         loss.backward()
+        for nan_step, name, row in NANS if args.nan else ():
+            if nan_step == step:
+                put_nan(dict(model.named_parameters())[name], row, rank, world)
         before = {id(p): s.get("refresh_count", 0) for p, s in optimizer.state.items()}
         counter.calls = []
         counter.active = True
@@ -168,6 +187,8 @@ def main() -> None:
             "refreshed": refreshed,
             "state_bytes": state_bytes(optimizer),
             "sides": {names[id(p)]: s["side"] for p, s in optimizer.state.items() if "side" in s},
+            "skips": {names[id(p)]: s.get("nonfinite_skips", 0) for p, s in optimizer.state.items()},
+            "steps": {names[id(p)]: s["step"] for p, s in optimizer.state.items()},
             "refusals": refused,
         },
         os.path.join(args.out, f"rank{rank}.pt"),
