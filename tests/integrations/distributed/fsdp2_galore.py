@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--refusals", action="store_true")
     parser.add_argument("--min-8bit-size", type=int, default=0)
     parser.add_argument("--nan", action="store_true", help="Put a NaN in a gradient row that rank 1 holds (see NANS).")
+    parser.add_argument("--no-foreach", action="store_true", help="The per-parameter path instead of the batched one.")
+    parser.add_argument("--chunk-elements", type=int, default=0, help="Override foreach_chunk_elements (0: keep).")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -139,6 +141,10 @@ def main() -> None:
 
     optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
                     "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
+    if args.no_foreach:
+        optim_kwargs["foreach"] = False
+    if args.chunk_elements:  # several chunks per step: one non-finite check (a collective) per chunk
+        OPTIMIZERS[args.optim].foreach_chunk_elements = args.chunk_elements
     if args.optim == "galore_adamw_8bit":
         optim_kwargs.update(min_8bit_size=args.min_8bit_size, block_size=64)
     refused = refusals(model, optim_kwargs) if args.refusals else {}
