@@ -133,14 +133,8 @@ def test_galore_adamw_8bit_on_fsdp2_equals_one_process(tmp_path):
     # min_8bit_size=65: the 64×4 and 32×4 moments are 8-bit (blocks of 64 that each shard holds whole), the 1-D states
     # and the 9×4 moments fp32; the decision uses the global size, so it is the same in both runs. Two power
     # iterations (each an n×w all-reduce) and sign alignment instead of the moment rotation, for coverage.
-    common = (
-        "--optim",
-        "galore_adamw_8bit",
-        "--min-8bit-size",
-        "65",
-        "--extra",
-        'power_iters=2, refresh_signs="aligned"',
-    )
+    extra = '{"power_iters": 2, "refresh_signs": "aligned"}'
+    common = ("--optim", "galore_adamw_8bit", "--min-8bit-size", "65", "--extra", extra)
     (single,) = _run(tmp_path / "single", 1, *common, "--proj-type", "right")
     ranks = _run(tmp_path / "fsdp2", 2, *common)
     _check_sharded_run(single, ranks, _norm_error, EIGHT_BIT_RTOL)

@@ -13,6 +13,7 @@ the setups refused before the first step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--min-8bit-size", type=int, default=0)
     parser.add_argument("--nan", action="store_true", help="Put a NaN in a gradient row that rank 1 holds (see NANS).")
     parser.add_argument("--no-foreach", action="store_true", help="The per-parameter path instead of the batched one.")
-    parser.add_argument("--extra", default="", help="More optimizer kwargs, e.g. \"stagger=True, power_iters=2\".")
+    parser.add_argument("--extra", default="{}", help='More optimizer kwargs as JSON, e.g. {"power_iters": 2}.')
     parser.add_argument("--chunk-elements", type=int, default=0, help="Override foreach_chunk_elements (0: keep).")
     args = parser.parse_args()
 
@@ -142,8 +143,7 @@ def main() -> None:
 
     optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
                     "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
-    if args.extra:
-        optim_kwargs.update(eval(f"dict({args.extra})", {"__builtins__": {"dict": dict, "True": True, "False": False}}))
+    optim_kwargs.update(json.loads(args.extra))
     if args.no_foreach:
         optim_kwargs["foreach"] = False
     if args.chunk_elements:  # several chunks per step: one non-finite check (a collective) per chunk
