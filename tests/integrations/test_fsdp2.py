@@ -122,9 +122,11 @@ def test_galore_adamw_on_fsdp2_equals_one_process(tmp_path):
     assert "svd='randomized'" in refusals["exact"]
     for label in ("adafactor", "layerwise"):
         assert "GaLoreAdamW and GaLoreAdamW8bit" in refusals[label], (label, refusals[label])
-    # The per-parameter path, with the projected gradients cut into several chunks (each a non-finite check): the
-    # same training. Chunks are cut on global sizes, so both ranks run the same collectives.
-    ranks = _run(tmp_path / "loop", 2, "--optim", "galore_adamw", "--no-foreach", "--chunk-elements", "300")
+    # The per-parameter path, with the projected gradients cut into several chunks (each a non-finite check), and
+    # each process' optimizer state saved and loaded (weights_only) into a new optimizer after step 4: the same
+    # training. Chunks are cut on global sizes, so both ranks run the same collectives.
+    loop = ("--no-foreach", "--chunk-elements", "300", "--reload-at", "4")
+    ranks = _run(tmp_path / "loop", 2, "--optim", "galore_adamw", *loop)
     _check_sharded_run(single, ranks, _max_error, FP32_RTOL, chunks=2)
 
 

@@ -13,6 +13,7 @@ the setups refused before the first step.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 
@@ -122,6 +123,13 @@ def main() -> None:
     parser.add_argument("--nan", action="store_true", help="Put a NaN in a gradient row that rank 1 holds (see NANS).")
     parser.add_argument("--no-foreach", action="store_true", help="The per-parameter path instead of the batched one.")
     parser.add_argument("--extra", default="{}", help='More optimizer kwargs as JSON, e.g. {"power_iters": 2}.')
+    parser.add_argument(
+        "--reload-at",
+        type=int,
+        default=-1,
+        help="After this step, continue with a new optimizer "
+        "loaded from the state_dict (saved and loaded with weights_only=True) of this process.",
+    )
     parser.add_argument("--chunk-elements", type=int, default=0, help="Override foreach_chunk_elements (0: keep).")
     args = parser.parse_args()
 
@@ -173,6 +181,13 @@ def main() -> None:
         counter.active = False
         collectives.append(counter.calls)
         optimizer.zero_grad()
+        if step == args.reload_at:  # resume on the same number of processes: each process its own shards
+            buffer = io.BytesIO()
+            torch.save(optimizer.state_dict(), buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            optimizer = OPTIMIZERS[args.optim](param_groups(model), **optim_kwargs)
+            optimizer.load_state_dict(saved)
         refreshed.append(False)
         for p, state in optimizer.state.items():
             if state.get("refresh_count", 0) != before.get(id(p), 0):
