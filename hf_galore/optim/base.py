@@ -10,6 +10,11 @@ For each parameter of a `low_rank=True` group (a 2-D weight):
 Every other parameter gets the plain inner update. Subclasses implement only the inner optimizer
 (`_init_inner_state`, `_plain_update`, `_low_rank_update`).
 
+FSDP2 (`fully_shard`) parameters, DTensors with one `Shard(0)` placement, are stepped on their local rows by the
+classes that declare `supports_row_sharding` (others refuse them when built): projected on the right side, whose
+basis is replicated, so an ordinary step needs no collective but a one-number non-finite check per weight; a refresh
+all-reduces n×(rank+oversample) sketches (`sharded_right_basis`). See docs/how_to/fsdp2.md.
+
 Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
 tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
 `torch.load(weights_only=True)` and a resumed run continues bit for bit.
@@ -578,7 +583,7 @@ class LowRankOptimizer(Optimizer):
         for p, grad in pairs:
             # A row shard counts as its global row count, so every process cuts the same chunks (the non-finite
             # check of a chunk is a collective).
-            numel = grad.numel() if not is_dtensor(p) else int(p.shape[0]) * math.prod(grad.shape[1:])
+            numel = global_numel(p, tuple(grad.shape))
             if chunk and elements + numel > self.foreach_chunk_elements:
                 yield chunk
                 chunk, elements = [], 0
