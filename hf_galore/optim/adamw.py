@@ -16,7 +16,8 @@ import torch
 from ..configs import Blockwise8bitConfig, MultiTensorConfig
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
-from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size
+from ._sharding import local_tensor
+from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size, global_numel
 
 
 def _scale_(tensors: list[torch.Tensor], factor: float) -> None:
@@ -77,6 +78,7 @@ class LowRankAdamW(LowRankOptimizer):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
+        p = local_tensor(p)
         dtype = torch.float32 if low_rank else p.dtype
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -181,7 +183,7 @@ class LowRankAdamW(LowRankOptimizer):
         batched = []
         for p, grad in prepared:
             state = self._state_for(p, group)
-            if Side(state["side"]) == Side.NONE and self._sliceable(p, grad, state):
+            if Side(state["side"]) == Side.NONE and self._sliceable(local_tensor(p), grad, state):
                 self._apply_update(p, grad, group)  # larger than a chunk: updated in slices
             else:
                 batched.append((p, grad))
@@ -214,7 +216,7 @@ class LowRankAdamW(LowRankOptimizer):
             low = [k for k, i in enumerate(indices) if Side(states[i]["side"]) != Side.NONE]
             if plain:
                 self._apply_plain_many(
-                    [prepared[indices[k]][0] for k in plain],
+                    [local_tensor(prepared[indices[k]][0]) for k in plain],
                     [avgs[k] for k in plain],
                     [denoms[k] for k in plain],
                     step_size * self._fallback_scale(group),
@@ -224,7 +226,7 @@ class LowRankAdamW(LowRankOptimizer):
             if low:
                 directions = torch._foreach_div([avgs[k] for k in low], [denoms[k] for k in low])
                 for k, direction in zip(low, directions):
-                    p, state = prepared[indices[k]][0], states[indices[k]]
+                    p, state = local_tensor(prepared[indices[k]][0]), states[indices[k]]
                     self._apply_low_rank(p, direction, step_size, state, group, self._back_projector(p, state, group))
         self._store_moments_many(token)
 
@@ -264,10 +266,12 @@ class LowRankAdamW8bit(LowRankAdamW):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
-        if math.prod(shape) < group["min_8bit_size"]:
+        # The global size decides (a shard of an FSDP2 weight is 8-bit exactly when the whole state would be);
+        # blocks are blocks of this process' shard.
+        if global_numel(p, shape) < group["min_8bit_size"]:
             super()._init_inner_state(state, shape, p, group, low_rank=True)  # small: fp32
             return
-        block = group["block_size"]
+        p, block = local_tensor(p), group["block_size"]
         self._store.init(state, "exp_avg", shape, p.device, block, signed=True)
         self._store.init(state, "exp_avg_sq", shape, p.device, block, signed=False)
 

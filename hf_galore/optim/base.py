@@ -10,6 +10,11 @@ For each parameter of a `low_rank=True` group (a 2-D weight):
 Every other parameter gets the plain inner update. Subclasses implement only the inner optimizer
 (`_init_inner_state`, `_plain_update`, `_low_rank_update`).
 
+FSDP2 (`fully_shard`) parameters, DTensors with one `Shard(0)` placement, are stepped on their local rows by the
+classes that declare `supports_row_sharding` (others refuse them when built): projected on the right side, whose
+basis is replicated, so an ordinary step needs no collective but a one-number non-finite check per weight; a refresh
+all-reduces n×(rank+oversample) sketches (`sharded_right_basis`). See docs/how_to/fsdp2.md.
+
 Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
 tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
 `torch.load(weights_only=True)` and a resumed run continues bit for bit.
@@ -28,7 +33,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..configs import check_number
-from ..errors import InvalidConfigError
+from ..errors import InvalidConfigError, UnsupportedSetupError
 from ..projection.quant import dequantize_packed, num_groups, quantize_packed
 from ..projection.subspace import (
     Side,
@@ -38,9 +43,12 @@ from ..projection.subspace import (
     compute_bases,
     low_rank_shape,
     project,
+    row_sharded_side,
+    sharded_right_basis,
 )
 from ..utils.deprecation import moved_attributes
 from ._hooks import check_unhooked
+from ._sharding import RowSharding, all_reduce, is_dtensor, local_tensor, row_sharding
 
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -189,6 +197,10 @@ class LowRankOptimizer(Optimizer):
         fields = dataclasses.fields(cls.low_rank_config)
         return {"low_rank": False, **{f.name: f.default for f in fields}}
 
+    #: Whether this optimizer steps on FSDP2's row-sharded DTensor parameters (see `_check_sharded_params`). Only
+    #: classes whose every code path was checked on local shards say True; the others refuse DTensor parameters.
+    supports_row_sharding: ClassVar[bool] = False
+
     #: Most (prepared-gradient = state) elements updated together by `_apply_updates`. The batched path's fp32
     #: temporaries (dequantised 8-bit moments, cast gradients, denominators, low-rank directions) are a few times
     #: this, so it bounds the extra memory of a step (2**23 elements: 32 MiB per temporary list).
@@ -260,8 +272,44 @@ class LowRankOptimizer(Optimizer):
                         f"A low_rank group holds a parameter of shape {tuple(p.shape)}; GaLore projects 2-D weights "
                         "only. Put biases, norms and embeddings-like tensors in a group with low_rank=False."
                     )
+        self._check_sharded_params(group)
         if hasattr(self, "_ordinals"):
             self._index_low_rank_params()
+
+    def _check_sharded_params(self, group: dict[str, Any]) -> None:
+        """Refuse, before the first step, DTensor parameters this optimizer or `group`'s settings cannot step.
+
+        FSDP2 (`fully_shard`) parameters are supported by classes with `supports_row_sharding` (GaLore's AdamW and
+        8-bit AdamW): one `Shard(0)` over a 1-D mesh, projected on the right side (see `row_sharded_side`) with the
+        randomized range finder.
+
+        Raises:
+            [`UnsupportedSetupError`]: naming what is supported.
+        """
+        sharded = [p for p in group["params"] if is_dtensor(p)]
+        if not sharded:
+            return
+        name = type(self).__name__
+        if not self.supports_row_sharding:
+            raise UnsupportedSetupError(
+                f"{name} does not support FSDP2 (DTensor) parameters yet; GaLoreAdamW and GaLoreAdamW8bit "
+                "(optim='galore_adamw' / 'galore_adamw_8bit') step on fully_shard's row shards. Use one of them, or "
+                "DDP."
+            )
+        for p in sharded:
+            row_sharding(p, owner=name)
+            if not group["low_rank"]:
+                continue
+            try:
+                side = row_sharded_side(p.shape, group["proj_type"], group["rank"])
+            except ValueError as err:
+                raise UnsupportedSetupError(f"{name} under FSDP2: {err}") from None
+            if side != Side.NONE and group["svd"] != "randomized":
+                raise UnsupportedSetupError(
+                    f"{name} under FSDP2: svd={group['svd']!r} needs the whole m×n gradient of the weight of shape "
+                    f"{tuple(p.shape)} on one process (an all-gather of m×n at every refresh); use "
+                    "svd='randomized' (the default), whose sketches are all-reduced as n×(rank+oversample) matrices."
+                )
 
     def _index_low_rank_params(self) -> None:
         """Number the projected weights in group order: the number seeds the range finder and the stagger offset."""
@@ -296,8 +344,10 @@ class LowRankOptimizer(Optimizer):
         state = self.state[p]
         state["step"] = 0
         side = Side.NONE
+        # A DTensor (FSDP2) parameter: the side, seed and fallback follow its global shape, its state the local shard.
+        local = local_tensor(p)
         if group["low_rank"]:
-            side = choose_side(p.shape, group["proj_type"], group["rank"])
+            side = (row_sharded_side if is_dtensor(p) else choose_side)(p.shape, group["proj_type"], group["rank"])
         state["side"] = int(side)
         if side != Side.NONE:
             ordinal = self._ordinals[p]
@@ -305,9 +355,9 @@ class LowRankOptimizer(Optimizer):
             state["refresh_count"] = 0
             gap = group["update_proj_gap"]
             state["refresh_offset"] = (ordinal * gap) // max(len(self._ordinals), 1) if group["stagger"] else 0
-            shape = low_rank_shape(p.shape, side, group["rank"])
+            shape = low_rank_shape(local.shape, side, group["rank"])
         else:
-            shape = tuple(p.shape)
+            shape = tuple(local.shape)
         self._init_inner_state(state, shape, p, group, low_rank=side != Side.NONE)
         return state
 
@@ -478,13 +528,24 @@ class LowRankOptimizer(Optimizer):
         """`prepared` without the projected weights whose prepared gradient has a NaN/Inf (counted, see
         `_skip_nonfinite`); one device synchronisation per device and call."""
         checked: dict[torch.device, list[int]] = {}
+        sharded: dict[Any, list[int]] = {}  # row-sharded weights by process group
         for i, (p, _) in enumerate(prepared):
             if self.state[p].get("side", 0) != Side.NONE:
-                checked.setdefault(prepared[i][1].device, []).append(i)
+                if is_dtensor(p):
+                    sharded.setdefault(p.device_mesh.get_group(), []).append(i)
+                else:
+                    checked.setdefault(prepared[i][1].device, []).append(i)
         skipped = set()
         for indices in checked.values():
             flags = torch.stack([torch.isfinite(prepared[i][1]).all() for i in indices]).tolist()
             skipped.update(i for i, finite in zip(indices, flags) if not finite)
+        # A row-sharded weight is skipped on every process when any process' rows are non-finite (one process
+        # stepping and another not would desynchronise their step counters, hence their refresh collectives): one
+        # all-reduce of one number per sharded weight of the chunk, the only collective of an ordinary step.
+        for process_group, indices in sharded.items():
+            flags = torch.stack([(~torch.isfinite(prepared[i][1])).any() for i in indices]).to(torch.float32)
+            all_reduce(flags, process_group, "sum")
+            skipped.update(i for i, bad in zip(indices, flags.tolist()) if bad)
         for i in sorted(skipped):
             self._skip_nonfinite(prepared[i][0])
         return [pair for i, pair in enumerate(prepared) if i not in skipped] if skipped else prepared
@@ -520,11 +581,14 @@ class LowRankOptimizer(Optimizer):
         chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
         elements = 0
         for p, grad in pairs:
-            if chunk and elements + grad.numel() > self.foreach_chunk_elements:
+            # A row shard counts as its global row count, so every process cuts the same chunks (the non-finite
+            # check of a chunk is a collective).
+            numel = global_numel(p, tuple(grad.shape))
+            if chunk and elements + numel > self.foreach_chunk_elements:
                 yield chunk
                 chunk, elements = [], 0
             chunk.append((p, grad))
-            elements += grad.numel()
+            elements += numel
         if chunk:
             yield chunk
 
@@ -588,23 +652,49 @@ class LowRankOptimizer(Optimizer):
             dtype = (p_basis if p_basis is not None else q_basis).dtype
             state["proj_bits"], state["proj_group_size"], state["proj_dtype"] = bits, group_size, _DTYPES.index(dtype)
 
-    def _refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: Side) -> bool:
+    def _refresh(
+        self,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        side: Side,
+        sharding: RowSharding | None = None,
+    ) -> bool:
         """Recompute the basis from `grad` (finite: `_prepare_gradient` skips the whole update of a non-finite one);
-        on a failed decomposition keep the old basis."""
+        on a failed decomposition keep the old basis.
+
+        With `sharding`, `grad` is this process' row block of a row-sharded weight and the right basis comes from the
+        distributed range finder ([`sharded_right_basis`]): the same Ω as one process, sketches all-reduced, the
+        identical basis on every process."""
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(mix_seed(state["seed"], state["refresh_count"]))
         mode = group["refresh_signs"]
         try:
-            p_basis, q_basis = compute_bases(
-                grad,
-                side,
-                group["rank"],
-                group["svd"],
-                group["power_iters"],
-                group["oversample"],
-                generator,
-                canonical=mode != "svd",
-            )
+            if sharding is not None:
+                q_basis = sharded_right_basis(
+                    grad,
+                    sharding.offset,
+                    sharding.rows,
+                    group["rank"],
+                    group["power_iters"],
+                    group["oversample"],
+                    generator,
+                    lambda t: all_reduce(t, sharding.group, "sum"),
+                    lambda t: all_reduce(t, sharding.group, "max"),
+                    canonical=mode != "svd",
+                )
+                p_basis, q_basis = None, q_basis.to(grad.dtype)
+            else:
+                p_basis, q_basis = compute_bases(
+                    grad,
+                    side,
+                    group["rank"],
+                    group["svd"],
+                    group["power_iters"],
+                    group["oversample"],
+                    generator,
+                    canonical=mode != "svd",
+                )
         except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
             self._warn_once(
                 "svd_failed",
@@ -671,15 +761,25 @@ class LowRankOptimizer(Optimizer):
         """
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        sharding = row_sharding(p, type(self).__name__)
+        grad = local_tensor(grad)  # a DTensor's: this process' rows
         state = self._state_for(p, group)
         side = Side(state["side"])
         if side == Side.NONE:
             return grad
         if self._refresh_due(state, group):
-            if not bool(torch.isfinite(grad).all()):  # the basis would come from it: skip the whole update
+            finite = torch.isfinite(grad).all()
+            if sharding is not None:  # every process must skip the refresh (and its collectives) together
+                finite = finite.to(torch.float32).reshape(1)
+                all_reduce(finite, sharding.group, "sum")
+                finite = finite == sharding.group.size()
+            if not bool(finite):  # the basis would come from it: skip the whole update
                 self._skip_nonfinite(p)
                 return None
-            refreshed = self._refresh(grad, state, group, side)
+            if sharding is not None:
+                refreshed = self._refresh(grad, state, group, side, sharding)
+            else:
+                refreshed = self._refresh(grad, state, group, side)
             if not refreshed and not self._has_basis(state):
                 return None  # no basis yet: skip this weight's update rather than crash
         return project(grad, side, *self._bases(state))
@@ -689,6 +789,7 @@ class LowRankOptimizer(Optimizer):
         state = self._state_for(p, group)
         state["step"] += 1
         side = Side(state["side"])
+        p = local_tensor(p)  # state is keyed by the parameter, the arithmetic runs on this process' shard
         if side == Side.NONE:
             self._plain_update(p, grad, state, group)
             return
@@ -859,7 +960,10 @@ class LowRankOptimizer(Optimizer):
     def _init_inner_state(
         self, state: dict[str, Any], shape: tuple[int, ...], p: torch.Tensor, group: dict[str, Any], low_rank: bool
     ) -> None:
-        """Allocate the inner optimizer's state for a (projected) gradient of `shape`."""
+        """Allocate the inner optimizer's state for a (projected) gradient of `shape`.
+
+        For a row-sharded (DTensor) `p`, `shape` is this process' rows of it (allocate like `local_tensor(p)`); a
+        decision that must not depend on the number of processes uses the global size ([`global_numel`])."""
         raise NotImplementedError
 
     def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
@@ -876,6 +980,14 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         """Inner update on the projected gradient `low`; apply it with `apply_back(update, alpha)`."""
         raise NotImplementedError
+
+
+def global_numel(p: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Elements of a state of local `shape` (whose first dimension is the parameter's rows) across all processes: the
+    global row count times the row size for a row-sharded (DTensor) `p`, `prod(shape)` otherwise."""
+    if not is_dtensor(p) or not shape:
+        return math.prod(shape)
+    return int(p.shape[0]) * math.prod(shape[1:])
 
 
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:

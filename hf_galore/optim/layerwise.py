@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,9 @@ class LayerwiseMixin:
 
     #: Whether the hooks apply the updates at the accumulation boundary (layer-wise) or leave them to `step()`.
     updates_in_hooks: bool = True
+
+    #: The hooks' reductions and broadcasts assume replicated parameters: FSDP2's DTensor shards are refused.
+    supports_row_sharding: ClassVar[bool] = False
 
     def __init__(
         self,

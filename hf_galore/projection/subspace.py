@@ -12,6 +12,7 @@ The side is decided once from the *weight* shape and stored; it is never re-deri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
 import torch
@@ -49,6 +50,35 @@ def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str, rank: int) 
     if proj_type == "full":
         return Side.FULL
     raise ValueError(f"Unknown proj_type {proj_type!r}; choose one of std, reverse_std, left, right, full.")
+
+
+def row_sharded_side(shape: tuple[int, ...] | torch.Size, proj_type: str, rank: int) -> Side:
+    """Side to project for a weight of global `shape` (m, n) whose rows are sharded across processes (FSDP2's
+    `Shard(0)`), or `Side.NONE` when rank ≥ min(m, n).
+
+    Only the right side keeps the step free of communication: with Q (n×r) replicated, a rank's row block G_k
+    projects locally (G_k Q, m_k×r), its moments shard by rows like the weight, and the back-projection N_k Qᵀ is
+    local. A left basis P (m×r) would need Pᵀ G = Σ_k P_kᵀ G_k, an all-reduce of r×n every step. So `std` means
+    `right` here, for wide weights too (m < n): their moments are m×r instead of r×n (more state, still sharded,
+    never communicated), the price of a step with no collective. `right` and `reverse_std` on a tall or square
+    weight are the right side anyway.
+
+    Raises:
+        ValueError: for `left`, `full`, and `reverse_std` on a weight it would project on the left (m ≥ n), naming
+            the supported values.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"GaLore projects 2-D weights only, got shape {tuple(shape)}.")
+    m, n = shape
+    if rank >= min(m, n):
+        return Side.NONE
+    if proj_type in ("std", "right") or (proj_type == "reverse_std" and m < n):
+        return Side.RIGHT
+    raise ValueError(
+        f"proj_type={proj_type!r} projects the weight of shape {tuple(shape)} on the left (or both sides), which a "
+        "row-sharded (FSDP2) weight cannot do without an r×n all-reduce every step; use proj_type='std' or 'right' "
+        "(under row sharding both project on the right side: basis Q n×r replicated, moments m×r sharded by rows)."
+    )
 
 
 def canonicalize_signs(basis: torch.Tensor) -> torch.Tensor:
@@ -115,6 +145,59 @@ def randomized_left_basis(
     # underflows in fp32; the eigenvectors do not depend on the scale.
     small = small / small.abs().amax().clamp_min(torch.finfo(small.dtype).tiny)
     _, eigenvectors = torch.linalg.eigh(small @ small.T)  # eigenvalues ascending: the top r are the last columns
+    basis = (q @ eigenvectors[:, -rank:].flip(-1)).contiguous()
+    return canonicalize_signs(basis) if canonical else basis
+
+
+def sharded_right_basis(
+    rows: torch.Tensor,
+    row_offset: int,
+    total_rows: int,
+    rank: int,
+    power_iters: int,
+    oversample: int,
+    generator: torch.Generator,
+    all_reduce_sum: Callable[[torch.Tensor], None],
+    all_reduce_max: Callable[[torch.Tensor], None],
+    canonical: bool = True,
+) -> torch.Tensor:
+    """Top-`rank` right singular vectors (n×r, fp32) of an m×n matrix G whose rows are spread over processes: this
+    process holds `rows` = G[row_offset : row_offset + m_k] (`total_rows` = m). Every process gets the same basis.
+
+    The randomized range finder of [`randomized_left_basis`] applied to Gᵀ (what [`compute_bases`] does for the
+    right side), with each product that needs all of G's rows summed over the processes by `all_reduce_sum` (in
+    place, on a tensor every process holds):
+
+    * sketch Y = Gᵀ Ω = Σ_k G_kᵀ Ω_k (n×w, w = min(r+p, m, n)); Ω (m×w) is drawn whole from `generator` on every
+      process, each taking its own rows, so it is the one-process Ω;
+    * each power iteration: Y ← Gᵀ (G Q) = Σ_k G_kᵀ (G_k Q) (n×w). One process orthonormalises G Q (m×w) first; the
+      Q factor of Gᵀ Z R⁻¹ equals that of Gᵀ Z up to column signs (R is upper triangular), which the final
+      eigendecomposition and sign convention absorb, so the m×w matrix never needs gathering;
+    * the small Gram matrix B Bᵀ = Σ_k (G_k Q)ᵀ (G_k Q) (w×w), after scaling by the global max |G Q| (`all_reduce_max`
+      of one number), as the one-process code scales B.
+
+    Communication per call: (1 + power_iters) all-reduces of n×w, one of w×w and one of a scalar; nothing m×n.
+    """
+    local = rows.detach().to(torch.float32)
+    n = local.shape[1]
+    width = min(rank + oversample, total_rows, n)
+    omega = torch.randn(total_rows, width, generator=generator, device=generator.device, dtype=torch.float32)
+    omega = omega[row_offset : row_offset + local.shape[0]].to(local.device)
+    sketch = local.T @ omega
+    all_reduce_sum(sketch)
+    q, _ = torch.linalg.qr(sketch)
+    for _ in range(power_iters):
+        sketch = local.T @ (local @ q)
+        all_reduce_sum(sketch)
+        q, _ = torch.linalg.qr(sketch)
+    small = local @ q  # this process' rows of (Qᵀ Gᵀ)ᵀ, m_k×w
+    peak = small.abs().amax() if small.numel() else small.new_zeros(())
+    peak = peak.reshape(1).clone()
+    all_reduce_max(peak)
+    small = small / peak.clamp_min(torch.finfo(small.dtype).tiny)
+    gram = small.T @ small
+    all_reduce_sum(gram)
+    _, eigenvectors = torch.linalg.eigh(gram)
     basis = (q @ eigenvectors[:, -rank:].flip(-1)).contiguous()
     return canonicalize_signs(basis) if canonical else basis
 

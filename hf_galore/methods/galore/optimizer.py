@@ -43,6 +43,8 @@ class GaLoreAdamW(LowRankAdamW):
     """
 
     low_rank_config: ClassVar[type] = GaLoreConfig
+    #: Steps on FSDP2 (`fully_shard`) row shards: see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True
 
 
 class GaLoreAdamW8bit(LowRankAdamW8bit):
@@ -58,6 +60,8 @@ class GaLoreAdamW8bit(LowRankAdamW8bit):
     """
 
     low_rank_config: ClassVar[type] = GaLoreConfig
+    #: Each process quantises its own shard of the moments (blocks of the local tensor): see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True
 
 
 class GaLoreAdafactor(LowRankAdafactor):
