@@ -221,6 +221,11 @@ install_module_aliases(
     }
 )
 
+if not _started_by_console_script():
+    # The methods register their optim= names in `hf_galore.registry` (the command line imports them when a command
+    # needs them, so its --help stays free of torch).
+    from . import methods  # noqa: F401
+
 if importlib.util.find_spec("transformers") is not None and not _started_by_console_script():
     from . import loading
     from .integrations.transformers import register

@@ -1,12 +1,16 @@
 """The optimizer registry: one [`OptimizerSpec`] per `optim=` name.
 
 A leaf: it imports no method and no optimizer. Each method registers its names from its own
-`hf_galore/methods/<method>/spec.py` (imported by `hf_galore.methods`); see `docs/contributing.md`.
+`hf_galore/methods/<method>/spec.py` (imported by `hf_galore.methods`), so the registry is empty until that package
+is imported; `import hf_galore` imports it. See `docs/contributing.md`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -71,6 +75,11 @@ def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
     """Add `spec` to the registry; a name can be registered once."""
     if spec.name in REGISTRY:
         raise ValueError(f"An optimizer named {spec.name!r} is already registered.")
+    # Hooks written for the one-argument form `hook(args)` keep working: the Trainer integration passes the parsed
+    # configs as a second argument.
+    spec = dataclasses.replace(
+        spec, check_setup=_accepting_configs(spec.check_setup), hooked_cls=_accepting_configs(spec.hooked_cls)
+    )
     REGISTRY[spec.name] = spec
     if isinstance(getattr(spec.optimizer_cls, "optim_names", None), tuple):  # named in state-signature errors
         spec.optimizer_cls.optim_names = (*spec.optimizer_cls.optim_names, spec.name)
@@ -87,6 +96,25 @@ def optim_name(value: Any) -> str:
         ```
     """
     return str(getattr(value, "value", value))
+
+
+def _accepting_configs(hook: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """`hook` callable as `hook(args, configs)`: a one-argument hook (`hook(args)`) is wrapped to drop `configs`."""
+    if hook is None:
+        return None
+    try:
+        parameters = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume the documented two-argument form
+        return hook
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return hook
+
+    @functools.wraps(hook)
+    def two_argument_hook(args: Any, configs: Any = None) -> Any:
+        return hook(args)
+
+    return two_argument_hook
 
 
 def get_spec(name: str) -> OptimizerSpec:

@@ -174,13 +174,37 @@ def test_the_torch_only_layers_import_without_transformers():
 
     code = (
         "import sys; sys.modules['transformers'] = None; sys.modules['accelerate'] = None\n"
+        "import torch\n"
         "import hf_galore.modules, hf_galore.optim, hf_galore.projection.spectrum\n"
         "from hf_galore.methods.galore.optimizer import GaLoreAdamW\n"
         "from hf_galore.methods.flora.optimizer import FloraAdamW\n"
-        "import torch\n"
+        "from hf_galore.builder import make_optimizer_kwargs\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 4))\n"
+        "cls, kw = make_optimizer_kwargs('galore_adamw', model, lr=1e-3, weight_decay=0.0,\n"
+        "                               target_modules='all-linear', optim_args='rank=2')\n"
+        "assert cls is GaLoreAdamW, cls  # the names are registered without transformers too\n"
         "w = torch.nn.Parameter(torch.randn(8, 6)); w.grad = torch.randn(8, 6)\n"
         "GaLoreAdamW([{'params': [w], 'low_rank': True}], rank=2).step()\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_modules_are_imported_by_name_only_in_the_alias_machinery_and_the_package_init():
+    """`importlib.import_module("hf_galore...")` would be an import the graph above cannot see."""
+    allowed = {"hf_galore.utils.deprecation", "hf_galore"}
+    offenders = []
+    for name, path in all_modules().items():
+        if name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).startswith(("hf_galore", "."))
+            ):
+                offenders.append(f"{name}: import_module({node.args[0].value!r})")
+    assert not offenders, offenders
