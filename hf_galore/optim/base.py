@@ -471,12 +471,12 @@ class LowRankOptimizer(Optimizer):
         """
         signature = state_dict.get(SIGNATURE_KEY)
         self._check_signature(signature)
-        if signature is not None and signature.get("kind") in self.legacy_state_kinds:
-            # Written under this layout's old name (e.g. WeLore's AdamW as GaLoreAdamW): its groups carry that
-            # class' knobs, which mean nothing here.
-            allowed = set(self.defaults) | _FOREIGN_GROUP_KEYS
-            groups = [{k: v for k, v in g.items() if k in allowed} for g in state_dict["param_groups"]]
-            state_dict = {**state_dict, "param_groups": groups}
+        # Group keys this optimizer does not have are dropped: knobs of an older layout (FLoRA's groups carried
+        # GaLore's refresh knobs before FLoRA had a config of its own) or of the class a legacy kind was written
+        # by (WeLore's AdamW as GaLoreAdamW). Keeping them would save them again and make the groups unbuildable.
+        allowed = set(self.defaults) | _FOREIGN_GROUP_KEYS
+        groups = [{k: v for k, v in g.items() if k in allowed} for g in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": groups}
         changes = self._settings_changes(state_dict["param_groups"])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != SIGNATURE_KEY})
         for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
@@ -1000,24 +1000,5 @@ def rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.norm(2) / math.sqrt(tensor.numel())
 
 
-def _low_rank_defaults() -> dict[str, Any]:
-    """What `LOW_RANK_DEFAULTS` held: GaLore's projection knobs with their defaults, plus `low_rank`."""
-    import importlib
-
-    return importlib.import_module("hf_galore.methods.galore.optimizer").GaLoreAdamW.low_rank_defaults()
-
-
-_moved = moved_attributes(__name__, {})
-
-
-def __getattr__(name: str) -> Any:
-    # Deprecated: the defaults now come from each optimizer's `low_rank_config` (GaLore's: `GaLoreConfig`).
-    if name == "LOW_RANK_DEFAULTS":
-        warnings.warn(
-            "hf_galore.optim.base.LOW_RANK_DEFAULTS moved: use GaLoreConfig's fields (or "
-            "GaLoreAdamW.low_rank_defaults()); the old name will be removed in a future release.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return _low_rank_defaults()
-    return _moved(name)
+# Deprecated: GaLore's defaults now come from its optimizers' `low_rank_config` (`GaLoreConfig`).
+__getattr__ = moved_attributes(__name__, {"LOW_RANK_DEFAULTS": "hf_galore.methods.galore.config"})

@@ -165,6 +165,10 @@ def test_old_checkpoints_keep_the_legacy_cpu_generator():
     weights = [torch.nn.Parameter(w.clone()) for w in fixture["weights_after_3"]]
     optimizer = FloraAdamW([{"params": weights, "low_rank": True}], lr=1e-2, rank=3, kappa=100, weight_decay=0.1)
     optimizer.load_state_dict(fixture["state_dict_after_3"])
+    # Its groups carried GaLore's refresh knobs (FLoRA had no config of its own then); they are not carried over,
+    # so the next save holds FLoRA's keys only and an optimizer can be rebuilt from the groups.
+    assert "update_proj_gap" in fixture["state_dict_after_3"]["param_groups"][0]
+    assert set(optimizer.param_groups[0]) - {"params"} <= set(optimizer.defaults)
     state = optimizer.state[weights[0]]
     assert "generator" not in state
     legacy = gaussian_projection(mix_seed(state["seed"], MOMENTUM_STREAM, 0), 6, 3, generator=GENERATOR_TORCH_CPU)
