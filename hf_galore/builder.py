@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .configs import parse_optim_args
+from .configs import find_config, optimizer_kwargs, parse_optim_args
 from .errors import InvalidConfigError
 from .registry import OptimizerSpec, get_spec
 from .targeting import TargetSpec, build_param_groups
@@ -51,7 +51,7 @@ class OptimizerPlan:
 
     def config(self, config_cls: type) -> Any:
         """The parsed instance of `config_cls` (or of a subclass), or None when this optimizer does not take it."""
-        return next((c for c in self.configs if isinstance(c, config_cls)), None)
+        return find_config(self.configs, config_cls)
 
 
 def plan_optimizer(
@@ -78,10 +78,7 @@ def plan_optimizer(
     if spec.needs_bitsandbytes:
         require_bitsandbytes(f"optim={spec.name!r}")
     configs = parse_optim_args(optim_args, spec.config_classes, spec.name)
-    kwargs: dict[str, Any] = {"lr": lr}
-    for config in configs:
-        if getattr(config, "optimizer_kwargs", True):  # False for model-surgery configs (WeLoreConfig)
-            kwargs.update(config.to_dict())
+    kwargs: dict[str, Any] = {"lr": lr, **optimizer_kwargs(configs)}
     if spec.adam_style:
         if betas is not None:
             kwargs["betas"] = tuple(betas)

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -272,6 +273,21 @@ def parse_optim_args(
                 values[key] = _convert(value, hints[key], key) if isinstance(value, str) else value
         configs.append(cls(**values))
     return configs
+
+
+def optimizer_kwargs(configs: Sequence[Any]) -> dict[str, Any]:
+    """The optimizer constructor's keyword arguments from parsed configs: every field of each config, except the
+    configs of a model transform (`optimizer_kwargs = False`, e.g. `WeLoreConfig`)."""
+    kwargs: dict[str, Any] = {}
+    for config in configs:
+        if getattr(config, "optimizer_kwargs", True):
+            kwargs.update(config.to_dict())
+    return kwargs
+
+
+def find_config(configs: Sequence[Any], config_cls: type, default: Any = None) -> Any:
+    """The instance of `config_cls` (or of a subclass) among parsed `configs`, else `default`."""
+    return next((c for c in configs if isinstance(c, config_cls)), default)
 
 
 # Deprecated: the method configs moved to their method's folder (`hf_galore.methods.<method>.config`).

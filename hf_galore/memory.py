@@ -70,9 +70,10 @@ import torch
 from torch import nn
 
 from . import methods  # noqa: F401 - registers every method's optim= names
-from .configs import Blockwise8bitConfig, parse_optim_args, split_optim_args
+from .configs import Blockwise8bitConfig, optimizer_kwargs, parse_optim_args, split_optim_args
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
 from .loading import build_meta_model
+from .optim.adamw import LowRankAdamW8bit
 from .optim.base import LowRankOptimizer
 from .registry import REGISTRY, get_spec
 from .targeting import TargetSpec, resolve_target_modules
@@ -88,14 +89,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
     "float16": torch.float16,
-}
-
-#: Methods whose state depends on more than shapes (WeLore's split needs the weights' spectra) or is still moving.
-_UNSUPPORTED_METHODS = {
-    "WeLore": "its LRC/N-LRC split depends on the weights' singular values, which a meta-device model does not have; "
-    "run `hf-galore welore analyze MODEL_DIR` for WeLore's memory report instead",
-    "FLoRA": "FLoRA's state rules are not modelled yet; compare with galore_adafactor, which has the same factored "
-    "second moment",
 }
 
 _BNB_QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' signed and unsigned dynamic maps, shared by every 8-bit parameter
@@ -260,14 +253,6 @@ def _tied_ids(model: nn.Module) -> set[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------- rules
-def _adamw8bit_state(numel: int, block: int, min_8bit: int) -> int:
-    """bitsandbytes' AdamW8bit (the `adamw_8bit` baseline): two 8-bit moments of `numel` elements (fp32 below
-    `min_8bit`)."""
-    if numel < min_8bit:
-        return 2 * numel * 4
-    return 2 * (numel + 4 * math.ceil(numel / block))
-
-
 def _step_workspace(sizes: list[int], grad_elem: int, per_element: int, chunked: bool, layerwise: bool) -> int:
     """Temporaries of the optimizer update. `step()` prepares (projects) the gradients of up to
     `foreach_chunk_elements` elements (more if one parameter is larger) before applying them, so those prepared
@@ -502,16 +487,13 @@ def estimate_memory(
 
 def _group_settings(optimizer_cls: type[LowRankOptimizer], configs: list[Any]) -> dict[str, Any]:
     """The settings of the optimizer's param groups: its defaults overridden by the parsed `optim_args`, as
-    `hf_galore.builder.optimizer_settings` passes them to the constructor (model-surgery configs excluded)."""
-    settings: dict[str, Any] = {
+    `hf_galore.builder.plan_optimizer` passes them to the constructor (`configs.optimizer_kwargs`)."""
+    return {
         "weight_decay": 0.0,
         **optimizer_cls.low_rank_defaults(),
         **optimizer_cls.inner_defaults,
+        **optimizer_kwargs(configs),
     }
-    for config in configs:
-        if getattr(config, "optimizer_kwargs", True):
-            settings.update(config.to_dict())
-    return settings
 
 
 def _estimate_baseline(
@@ -539,7 +521,10 @@ def _estimate_baseline(
         if name == "adamw_torch":
             states += 2 * p.numel() * elem + 4
         else:
-            states += _adamw8bit_state(p.numel(), 256, configs[0].min_8bit_size)
+            # bitsandbytes' AdamW8bit stores its moments as our 8-bit engine does (block 256, fp32 below min_8bit_size)
+            states += LowRankAdamW8bit.inner_state_bytes(
+                (p.numel(),), {"block_size": 256, "min_8bit_size": configs[0].min_8bit_size}, p.dtype, low_rank=False
+            )
     if name == "adamw_8bit" and any(p.numel() >= configs[0].min_8bit_size for _, p in params):
         states += _BNB_QMAP_BYTES
     gradients = sum(p.numel() for _, p in params) * elem

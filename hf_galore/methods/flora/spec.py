@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...configs import MultiTensorConfig, parse_optim_args
+from ...configs import MultiTensorConfig, find_config, parse_optim_args
 from ...errors import UnsupportedSetupError
 from ...registry import OptimizerSpec, get_spec, register_optimizer
 from .config import FloraAccumulationConfig, FloraAdafactorConfig, FloraConfig
@@ -58,7 +58,7 @@ def _flora_accumulation(name: str, args: Any, configs: Sequence[Any] | None = No
     from `args.optim_args` (validated)."""
     if configs is None:
         configs = parse_optim_args(args.optim_args, get_spec(name).config_classes, name)
-    (accumulation,) = [c for c in configs if isinstance(c, FloraAccumulationConfig)]
+    accumulation = find_config(configs, FloraAccumulationConfig)
     return accumulation.accumulation
 
 

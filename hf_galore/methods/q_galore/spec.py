@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ...configs import Blockwise8bitConfig, MultiTensorConfig
+from ...configs import Blockwise8bitConfig, MultiTensorConfig, find_config
 from ...errors import NoTargetModulesError, UnsupportedSetupError
 from ...registry import OptimizerSpec, optim_name, register_optimizer
 from ...targeting import TargetSpec, group_parameters
@@ -22,13 +22,9 @@ from .transform import int8_targets, quantize_model
 logger = logging.getLogger(__name__)
 
 
-def _q_config(configs: Sequence[Any]) -> QGaLoreConfig:
-    return next((c for c in configs if isinstance(c, QGaLoreConfig)), QGaLoreConfig())
-
-
 def prepare_model(model: nn.Module, target_modules: TargetSpec | None, configs: Sequence[Any]) -> None:
     """Registry hook of the `q_galore_*` optimizers: [`quantize_model`] with the parsed [`QGaLoreConfig`]."""
-    q = _q_config(configs)
+    q = find_config(configs, QGaLoreConfig, QGaLoreConfig())
     quantize_model(model, target_modules, q.weight_bits, q.weight_group_size)
 
 

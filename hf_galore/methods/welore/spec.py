@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ...configs import Blockwise8bitConfig, MultiTensorConfig
+from ...configs import Blockwise8bitConfig, MultiTensorConfig, find_config
 from ...registry import OptimizerSpec, register_optimizer
 from ...targeting import TargetSpec, group_parameters
 from .config import WeLoreConfig
@@ -26,9 +26,7 @@ def prepare_model(model: nn.Module, target_modules: TargetSpec | None, configs: 
     With the stock Trainer it first runs at the end of `Trainer.__init__` (see `integrations/transformers.py`), so a
     resumed run loads its checkpoint into the already factorized model.
     """
-    prepare_for_training(
-        model, next((c for c in configs if isinstance(c, WeLoreConfig)), WeLoreConfig()), target_modules
-    )
+    prepare_for_training(model, find_config(configs, WeLoreConfig, WeLoreConfig()), target_modules)
 
 
 def build_groups(
