@@ -41,6 +41,7 @@ DEPRECATED_ATTRIBUTES = [
     ("hf_galore.welore", "registry_prepare_model", welore.spec.prepare_model),
     ("hf_galore.welore", "registry_build_groups", welore.spec.build_groups),
     ("hf_galore.welore", "FORMAT_VERSION", welore.transform.FORMAT_VERSION),
+    ("hf_galore.optim.q_galore", "Q_GALORE_DEFAULTS", q_galore.config.Q_GALORE_DEFAULTS),
 ]
 
 
@@ -64,6 +65,14 @@ def test_low_rank_defaults_alias_is_galore_config_plus_low_rank():
         from hf_galore.optim.base import LOW_RANK_DEFAULTS
     fields = {f.name: f.default for f in dataclasses.fields(galore.GaLoreConfig)}
     assert {"low_rank": False, **fields} == LOW_RANK_DEFAULTS
+
+
+def test_supported_transformers_alias_reads_the_one_declared_range():
+    from hf_galore.integrations import transformers as integration
+    from hf_galore.utils.versions import supported_transformers
+
+    with pytest.warns(FutureWarning, match="SUPPORTED_TRANSFORMERS moved"):
+        assert supported_transformers() == integration.SUPPORTED_TRANSFORMERS
 
 
 def test_unknown_attributes_still_raise():
@@ -119,3 +128,33 @@ def test_a_welore_state_written_as_galore_adamw_resumes_into_welore_adamw():
 def test_welore_optimizers_refuse_a_projected_group():
     with pytest.raises(hf_galore.InvalidConfigError, match="WeLoreAdamW projects no parameter"):
         welore.WeLoreAdamW([{"params": [nn.Parameter(torch.zeros(4, 4))], "low_rank": True}])
+
+
+def test_a_spec_with_one_argument_hooks_still_registers_and_runs(monkeypatch):
+    """Specs written before the hooks took the plan's configs (`check_setup(args)`, `hooked_cls(args)`) keep working."""
+    from types import SimpleNamespace
+
+    from hf_galore.integrations.transformers import check_supported_setup
+    from hf_galore.registry import REGISTRY, OptimizerSpec, register_optimizer
+
+    seen = []
+    spec = register_optimizer(
+        OptimizerSpec(
+            name="one_argument_hooks_adamw",
+            method="Test",
+            optimizer_cls=galore.GaLoreAdamW,
+            config_classes=(galore.GaLoreConfig,),
+            check_setup=lambda args: seen.append(("check", args.optim)),
+            hooked_cls=lambda args: seen.append(("hooked", args.optim)),
+        )
+    )
+    try:
+        assert spec.check_setup(SimpleNamespace(optim="x"), ()) is None
+        assert spec.hooked_cls(SimpleNamespace(optim="y"), ()) is None
+        assert seen == [("check", "x"), ("hooked", "y")]
+        args = SimpleNamespace(optim="one_argument_hooks_adamw", optim_args=None, gradient_accumulation_steps=1,
+                               world_size=1, deepspeed=None, fsdp=None, fp16=False)  # fmt: skip
+        check_supported_setup(args, "one_argument_hooks_adamw", ())
+        assert ("check", "one_argument_hooks_adamw") in seen
+    finally:
+        REGISTRY.pop("one_argument_hooks_adamw")

@@ -507,3 +507,18 @@ def unregister() -> None:
 def is_registered() -> bool:
     """Whether [`register`] is in effect."""
     return _STATE.active
+
+
+def __getattr__(name: str) -> Any:
+    # Deprecated: the supported range is written once, in setup.cfg's install_requires (`utils.versions`).
+    if name == "SUPPORTED_TRANSFORMERS":
+        import warnings
+
+        warnings.warn(
+            "hf_galore.integrations.transformers.SUPPORTED_TRANSFORMERS moved: call "
+            "hf_galore.utils.versions.supported_transformers(); the old name will be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return supported_transformers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ The only source of their defaults and ranges: [`LowRankOptimizer`] subclasses de
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -104,3 +105,11 @@ class GaLoreConfig(OptionsMixin):
         )
         check_condition(self.power_iters >= 0, f"power_iters must be ≥ 0, got {self.power_iters}.")
         check_condition(self.oversample >= 0, f"oversample must be ≥ 0, got {self.oversample}.")
+
+
+#: Deprecated (what `hf_galore.optim.base.LOW_RANK_DEFAULTS` held): `low_rank` plus GaLoreConfig's defaults.
+#: Use `GaLoreAdamW.low_rank_defaults()` or the dataclass' fields.
+LOW_RANK_DEFAULTS: dict[str, object] = {
+    "low_rank": False,
+    **{f.name: f.default for f in dataclasses.fields(GaLoreConfig)},
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -71,3 +72,7 @@ class QGaLoreConfig(OptionsMixin):
             self.max_proj_gap is None or self.max_proj_gap >= 1,
             f"max_proj_gap must be ≥ 1 or none, got {self.max_proj_gap}.",
         )
+
+
+#: Deprecated (formerly `hf_galore.optim.q_galore.Q_GALORE_DEFAULTS`): QGaLoreConfig's defaults.
+Q_GALORE_DEFAULTS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(QGaLoreConfig)}

@@ -41,6 +41,7 @@ from ...optim.base import SIDES, ApplyBack, ParamBytes, element_size, mix_seed
 from ...optim.layerwise import LayerwiseMixin
 from ...projection.quant import num_groups
 from ...projection.subspace import Side, add_projected_back_
+from ...utils.deprecation import moved_attributes
 from ..galore.config import GaLoreConfig
 from .config import QGaLoreConfig
 
@@ -295,3 +296,7 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
 class QGaLoreAdamW8bitLayerwise(LayerwiseMixin, QGaLoreAdamW8bit):
     """[`QGaLoreAdamW8bit`] stepping each parameter (INT8 weights included, through their carriers) inside its
     post-accumulate-grad hook, so the full gradients of the whole model are never alive at once."""
+
+
+# Deprecated: the defaults dict is derived from `QGaLoreConfig` where it lives now.
+__getattr__ = moved_attributes(__name__, {"Q_GALORE_DEFAULTS": "hf_galore.methods.q_galore.config"})

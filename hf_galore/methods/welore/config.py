@@ -41,7 +41,7 @@ class WeLoreConfig(OptionsMixin):
     """
 
     section: ClassVar[str] = "WeLore split"
-    #: The keys describe model surgery: [`make_optimizer_kwargs`] must not pass them to the optimizer.
+    #: The keys describe model surgery: `configs.optimizer_kwargs` (what `builder.plan_optimizer` passes to the optimizer) leaves them out.
     optimizer_kwargs: ClassVar[bool] = False
 
     target_compression: float = field(
