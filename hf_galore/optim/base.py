@@ -750,6 +750,11 @@ class LowRankOptimizer(Optimizer):
         (right∘right), its expectation when the coordinates are uncorrelated. Subclasses know their moments."""
         raise NotImplementedError(f"{type(self).__name__} does not support refresh_signs='rotate'.")
 
+    def _value_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors that hold `p`'s value (what a data-parallel rank must receive from rank 0): `p.data` itself,
+        or, for a parameter that only carries a gradient (Q-GaLore's INT8 weights), the buffers it stands for."""
+        return (p.data,)
+
     def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return self.state[p] if self.state[p] else self._init_state(p, group)
 

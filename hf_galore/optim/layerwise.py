@@ -116,7 +116,8 @@ class LayerwiseMixin:
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
                 if self._world_size > 1 and id(p) not in self._ddp_params:
-                    dist.broadcast(p.data, src=0)  # DDP does not sync the weights it ignores
+                    for tensor in self._value_tensors(p):  # type: ignore[attr-defined]
+                        dist.broadcast(tensor, src=0)  # DDP does not sync the weights it ignores
         self.install_hooks()
 
     @classmethod

@@ -215,6 +215,20 @@ def test_bases_are_stored_packed_int4():
         assert state["weight_q"].dtype == torch.uint8
 
 
+def test_a_carrier_s_value_is_its_int8_buffers():
+    # What a data-parallel rank receives from rank 0 for a carrier (layer-wise DDP): the codes, scales and zeros,
+    # not the carrier, a one-element view that no broadcast can write into.
+    layer = Int8Linear.from_linear(nn.Linear(64, 32), group_size=64)
+    optimizer = QGaLoreAdamW8bit(
+        [{"params": [layer.grad_carrier], "low_rank": True}, {"params": [layer.bias]}], rank=8
+    )
+    values = optimizer._value_tensors(layer.grad_carrier)
+    assert [v.data_ptr() for v in values] == [
+        t.data_ptr() for t in (layer.qweight, layer.weight_scales, layer.weight_zeros)
+    ]
+    assert optimizer._value_tensors(layer.bias)[0].data_ptr() == layer.bias.data_ptr()
+
+
 def test_config_validation_and_unsupported_setups(tmp_path):
     with pytest.raises(InvalidConfigError, match="proj_bits=3"):
         QGaLoreConfig(proj_bits=3)
@@ -228,8 +242,11 @@ def test_config_validation_and_unsupported_setups(tmp_path):
         optim = "q_galore_adamw_8bit"
         world_size = 2
 
-    with pytest.raises(UnsupportedSetupError, match="2 processes"):
+    # Under DDP the plain name is refused, naming the layer-wise one, which runs (see test_distributed.py).
+    with pytest.raises(UnsupportedSetupError, match=r"2 processes.*q_galore_adamw_8bit_layerwise"):
         check_setup(TwoProcesses())
+    TwoProcesses.optim = "q_galore_adamw_8bit_layerwise"
+    check_setup(TwoProcesses())
     assert {"q_galore_adamw_8bit", "q_galore_adamw_8bit_layerwise"} <= set(REGISTRY)
 
 

@@ -123,6 +123,13 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
             state["cos_count"] = 0
         return state
 
+    def _value_tensors(self, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # A carrier holds no data (a zero-stride view): the weight is the module's codes, scales and zeros.
+        module = self._int8_modules.get(p)
+        if module is None:
+            return super()._value_tensors(p)
+        return tuple(getattr(module, buffer) for buffer in WEIGHT_KEYS.values())
+
     @staticmethod
     def _bind_weight(state: dict[str, Any], module: Int8Linear) -> None:
         for key, buffer in WEIGHT_KEYS.items():

@@ -61,16 +61,21 @@ def _world_size(args: Any) -> int:
 
 def check_setup(args: Any, configs: Sequence[Any] | None = None) -> None:
     """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built); `configs` (the
-    parsed `optim_args`) are not needed."""
+    parsed `optim_args`) are not needed.
+
+    Under DDP only the layer-wise name runs: its carriers leave DDP's reducer (the hooks all-reduce their projected
+    gradients, or the full ones on refresh steps) and every rank requantizes with the same seeded stochastic rounding,
+    so the INT8 replicas stay identical. The plain name would leave the carriers to DDP, whose wrap-time broadcast of
+    the parameters writes into every element of a tensor and fails on a carrier (one element seen as m×n)."""
     name = optim_name(args.optim)
-    problems = []
-    if _world_size(args) > 1:
-        problems.append(f"{_world_size(args)} processes (run on one process)")
-    if problems:
+    world_size = _world_size(args)
+    if world_size > 1 and name == "q_galore_adamw_8bit":
         raise UnsupportedSetupError(
-            f"optim={name!r} does not support yet: {'; '.join(problems)}. Q-GaLore's INT8 gradient carriers are "
-            "not yet tested under DDP; train on one process (gradient accumulation works), or use "
-            "galore_adamw_8bit for multi-GPU runs."
+            f"optim={name!r} does not support yet: {world_size} processes. DDP cannot wrap its INT8 gradient "
+            "carriers (one-element parameters that only receive the weight gradient; DDP's initial broadcast "
+            "writes into every element of each parameter). Use optim='q_galore_adamw_8bit_layerwise' for "
+            "multi-process (DDP) runs: the same optimizer and checkpoint format, with the carriers' gradients "
+            "reduced by the optimizer itself (gradient accumulation and max_grad_norm work); or train on one process."
         )
 
 

@@ -1,7 +1,7 @@
 """Train a tiny RoBERTa classifier with the stock Trainer; launched once per process by tests/integrations/test_distributed.py.
 
 Writes, per rank, `rank{R}.pt` with the final parameters, a per-parameter checksum of every optimizer state tensor
-(bases, moments) and the logged losses, so the test can compare one process against two.
+(bases, moments; Q-GaLore's INT8 codes), the INT8 weights and the logged losses, so the test can compare one process against two.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from trainer_utils import classification_dataset, training_args
 from transformers import RobertaForSequenceClassification, Trainer
 
 import hf_galore  # noqa: F401
+from hf_galore.modules.int8_linear import Int8Linear
 
 
 def main() -> None:
@@ -71,6 +72,9 @@ def main() -> None:
     torch.save(
         {
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            # Q-GaLore's INT8 weights are buffers (codes, scales, zeros): the codes, and each weight dequantized.
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "int8_weights": {n: m.dequantize_weight() for n, m in model.named_modules() if isinstance(m, Int8Linear)},
             "checksums": checksums,
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "grad_norms": [e.get("grad_norm") for e in trainer.state.log_history if "loss" in e],
