@@ -11,7 +11,7 @@ Every other parameter gets the plain inner update. Subclasses implement only the
 (`_init_inner_state`, `_plain_update`, `_low_rank_update`).
 
 FSDP2 (`fully_shard`) parameters, DTensors with one `Shard(0)` placement, are stepped on their local rows by the
-classes that declare `supports_row_sharding` (GaLore's and WeLore's AdamW; others refuse them when built): projected
+classes that declare `supports_row_sharding` (GaLore's and WeLore's AdamW, FloraAdamW; others refuse them): projected
 on the right side, whose basis is replicated, so an ordinary step needs no collective but a one-number non-finite
 check per weight; a refresh all-reduces n×(rank+oversample) sketches (`sharded_right_basis`). Non-projected
 parameters (all of WeLore's) get the elementwise update on their rows, with no collective. See docs/how_to/fsdp2.md.
@@ -281,8 +281,8 @@ class LowRankOptimizer(Optimizer):
         """Refuse, before the first step, DTensor parameters this optimizer or `group`'s settings cannot step.
 
         FSDP2 (`fully_shard`) parameters are supported by classes with `supports_row_sharding` (GaLore's and
-        WeLore's AdamW and 8-bit AdamW): one `Shard(0)` over a 1-D mesh; projected weights on the right side (see
-        `row_sharded_side`) with the randomized range finder, the others stepped elementwise on the local rows.
+        WeLore's AdamW and 8-bit AdamW, FloraAdamW): one `Shard(0)` over a 1-D mesh; projected weights on the right
+        side (see `row_sharded_side`), the others stepped elementwise on the local rows.
 
         Raises:
             [`UnsupportedSetupError`]: naming what is supported.
@@ -295,7 +295,7 @@ class LowRankOptimizer(Optimizer):
             raise UnsupportedSetupError(
                 f"{name} does not support FSDP2 (DTensor) parameters yet; GaLoreAdamW and GaLoreAdamW8bit "
                 "(optim='galore_adamw' / 'galore_adamw_8bit') step on fully_shard's row shards, and so do "
-                "WeLoreAdamW and WeLoreAdamW8bit on a WeLore-split model. Use one of them, or DDP."
+                "WeLoreAdamW and WeLoreAdamW8bit (on a WeLore-split model) and FloraAdamW. Use one of them, or DDP."
             )
         for p in sharded:
             row_sharding(p, owner=name)
@@ -305,7 +305,7 @@ class LowRankOptimizer(Optimizer):
                 side = row_sharded_side(p.shape, group["proj_type"], group["rank"])
             except ValueError as err:
                 raise UnsupportedSetupError(f"{name} under FSDP2: {err}") from None
-            if side != Side.NONE and group["svd"] != "randomized":
+            if side != Side.NONE and group.get("svd", "randomized") != "randomized":  # FLoRA has no svd knob
                 raise UnsupportedSetupError(
                     f"{name} under FSDP2: svd={group['svd']!r} needs the whole m×n gradient of the weight of shape "
                     f"{tuple(p.shape)} on one process (an all-gather of m×n at every refresh); use "
