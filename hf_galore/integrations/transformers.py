@@ -158,9 +158,9 @@ def check_supported_setup(args: Any, name: str, configs: Sequence[Any] | None = 
     if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
         raise UnsupportedSetupError(
             f"optim={name!r} does not support FSDP through the Trainer/accelerate yet: FSDP1 hands the optimizer "
-            "flattened shards, and the Trainer's FSDP2 path is not verified. The optimizer core of galore_adamw and "
-            "galore_adamw_8bit does step on FSDP2 `fully_shard` (DTensor) parameters when you drive it directly, "
-            "from your own training loop (see docs/how_to/fsdp2.md). With the Trainer, use DDP "
+            "flattened shards, and the Trainer's FSDP2 path is not verified. The optimizer cores of galore_adamw(_8bit), "
+            "welore_adamw(_8bit) and flora_adamw do step on FSDP2 `fully_shard` (DTensor) parameters when you drive "
+            "them directly, from your own training loop (see docs/how_to/fsdp2.md). With the Trainer, use DDP "
             "(`accelerate launch --num_processes N`, no FSDP config) or a single GPU."
         )
     # Optimizers driven by backward hooks: the layer-wise names, and a plain name whose `hooked_cls` takes over for

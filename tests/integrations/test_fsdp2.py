@@ -1,4 +1,4 @@
-"""GaLoreAdamW and GaLoreAdamW8bit on FSDP2 row shards (`fully_shard`, gloo, CPU) against one unsharded process.
+"""GaLoreAdamW(8bit) and WeLoreAdamW(8bit) on FSDP2 row shards (`fully_shard`, gloo, CPU) against one unsharded process.
 
 The launched script (distributed/fsdp2_galore.py) trains a tiny MLP for 8 steps with `update_proj_gap=3` (refreshes
 at steps 0, 3 and 6): two processes × batch 4 under `fully_shard` with the default `proj_type="std"` (which means
@@ -47,7 +47,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(out: Path, processes: int, *args: str) -> list[dict]:
+def _run(out: Path, processes: int, *args: str, nan: bool = True) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if processes == 1:
@@ -55,8 +55,8 @@ def _run(out: Path, processes: int, *args: str) -> list[dict]:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(_free_port()), str(SCRIPT)]  # fmt: skip
-    result = subprocess.run([*command, "--out", str(out), "--nan", *args], env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    command += ["--out", str(out), *(["--nan"] if nan else []), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
 
@@ -141,6 +141,95 @@ def test_galore_adamw_8bit_on_fsdp2_equals_one_process(tmp_path):
     ranks = _run(tmp_path / "fsdp2", 2, *common)
     _check_sharded_run(single, ranks, _norm_error, EIGHT_BIT_RTOL)
     assert single["state_bytes"]["moments"] < FP32_MOMENT_BYTES  # 8-bit codes really in use
+
+
+#: WeLore's split of the script's model (`welore.compress(model, target_compression=0.5)`): the trainable LRC factors.
+WELORE_FACTORS = {"0.down.weight": (9, 24), "0.up.weight": (64, 9), "3.down.weight": (10, 64),
+                  "3.up.weight": (32, 10), "5.down.weight": (4, 32), "5.up.weight": (9, 4)}  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("optim", ["welore_adamw", "welore_adamw_8bit"])
+def test_welore_adamw_on_fsdp2_equals_one_process(tmp_path, optim):
+    """WeLore's factors are ordinary parameters split before `fully_shard`: elementwise AdamW on each process' rows.
+
+    Measured: fp32 parameters within 1.4e-7 of a tensor's largest entry, losses 1.9e-7 relative. 8-bit with
+    `min_8bit_size=600`: only the 10×64 factor is 8-bit, and each shard (5×64) holds whole 64-element blocks; a
+    round-off moved a value across a code: 1.7e-4 of a tensor's norm (with `min_8bit_size=0`, blocks straddling the
+    shards: 3.5e-3, another quantisation). One step moves each factor by 13-31 % of its norm, so a missed or wrong
+    update fails by orders of magnitude. WeLore projects nothing, so it has no non-finite skip (plain AdamW), and
+    its step needs no collective at all.
+    """
+    eight_bit = optim.endswith("_8bit")
+    args = ("--optim", optim, *(("--min-8bit-size", "600") if eight_bit else ()))
+    (single,) = _run(tmp_path / "single", 1, *args, nan=False)
+    runs = [_run(tmp_path / "fsdp2", 2, *args, nan=False)]
+    if not eight_bit:  # the per-parameter path, and each process' state saved and loaded after step 4
+        runs.append(_run(tmp_path / "loop", 2, *args, "--no-foreach", "--reload-at", "4", nan=False))
+    error, rtol = (_norm_error, EIGHT_BIT_RTOL) if eight_bit else (_max_error, FP32_RTOL)
+    for rank0, rank1 in runs:
+        assert rank0["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
+        for name, value in single["params"].items():
+            assert error(rank0["params"][name], value) <= rtol, (name, error(rank0["params"][name], value))
+            assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+        # Only the factors train (biases and the norm frozen by the split); each stepped 8 times on both ranks.
+        assert rank0["steps"] == rank1["steps"] == single["steps"] == dict.fromkeys(WELORE_FACTORS, 8)
+        # No collective inside optimizer.step().
+        assert rank0["collectives"] == rank1["collectives"] == [[]] * 8
+        # Moments sharded by rows: about half on each rank, together the one-process bytes.
+        halves = [r["state_bytes"]["moments"] for r in (rank0, rank1)]
+        assert sum(halves) == single["state_bytes"]["moments"]
+        assert all(0.45 <= h / single["state_bytes"]["moments"] <= 0.55 for h in halves), halves
+    fp32_bytes = 2 * 4 * sum(m * n for m, n in WELORE_FACTORS.values())
+    assert (
+        (single["state_bytes"]["moments"] < fp32_bytes)
+        if eight_bit
+        else (single["state_bytes"]["moments"] == fp32_bytes)
+    )
+
+
+@pytest.mark.distributed
+def test_flora_adamw_on_fsdp2_equals_one_process(tmp_path):
+    """FloraAdamW on row shards: compressed on the right (the n×r projection regenerated from the same seed on every
+    process, the m_k×r momentum local), the factored second moment's column statistics and row mean summed over all
+    rows: one all-reduce of n + 1 numbers per weight and step. `kappa=3`: resamplings at steps 3 and 6.
+
+    Measured: parameters within 2.1e-7 of a tensor's largest entry, losses 2.1e-7 relative (NaNs in rank 1's rows
+    at steps 4 and 6 skipped on both ranks as in one process). One process × batch 8 with proj_type="right". Without
+    the n + 1 all-reduce (each process' own rows' statistics) the parameters are off by 0.12, the losses by 2.5e-3.
+    """
+    (single,) = _run(tmp_path / "single", 1, "--optim", "flora_adamw", "--proj-type", "right")
+    runs = [
+        _run(tmp_path / "fsdp2", 2, "--optim", "flora_adamw", "--refusals"),
+        _run(tmp_path / "loop", 2, "--optim", "flora_adamw", "--no-foreach", "--reload-at", "4"),
+    ]
+    for rank0, rank1 in runs:
+        assert rank0["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
+        for name, value in single["params"].items():
+            assert _max_error(rank0["params"][name], value) <= FP32_RTOL, (
+                name,
+                _max_error(rank0["params"][name], value),
+            )
+            assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+        assert {name: rank0["sides"][name] for name in WEIGHTS} == dict.fromkeys(WEIGHTS, int(Side.RIGHT))
+        assert rank0["skips"] == rank1["skips"] == single["skips"]
+        assert single["skips"]["0.weight"] == single["skips"]["3.weight"] == 1
+        assert rank0["steps"] == rank1["steps"] == single["steps"]
+        # Collectives of step(): the non-finite flags (one number per weight) and one n + 1 all-reduce per weight
+        # updated at that step (a skipped weight's is not run).
+        for step, calls in enumerate(rank0["collectives"]):
+            assert {name for name, _ in calls} <= {"all_reduce"}, (step, calls)
+            sizes = sorted(numel for _, numel in calls)
+            assert sizes[0] == len(WEIGHTS) and set(sizes[1:]) <= {n + 1 for _, n in WEIGHTS.values()}, (step, calls)
+        assert rank0["collectives"] == rank1["collectives"]
+        # Momentum and row statistics sharded by rows; the column statistics (n per weight) on every process.
+        columns = 4 * sum(n for _, n in WEIGHTS.values())
+        halves = [r["state_bytes"]["moments"] for r in (rank0, rank1)]
+        assert sum(halves) == single["state_bytes"]["moments"] + columns
+        assert all(0.45 <= (h - columns) / (single["state_bytes"]["moments"] - columns) <= 0.55 for h in halves)
+    refusals = runs[0][0]["refusals"]
+    assert "'std' or 'right'" in refusals["flora_left"]
+    assert "FloraAdafactor does not support FSDP2" in refusals["flora_adafactor"]
 
 
 # ---------------------------------------------------------------------------------------------- single process

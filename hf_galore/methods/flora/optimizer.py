@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import InvalidConfigError
+from ...optim._sharding import all_reduce, is_dtensor, local_tensor
 from ...optim.adafactor import LowRankAdafactor
 from ...optim.adamw import LowRankAdamW
 from ...optim.base import ParamBytes, bias_corrections, element_size, mix_seed, rms
@@ -41,7 +42,7 @@ from ...projection.random import (
     projected_dim,
     transfer,
 )
-from ...projection.subspace import Side, choose_side, low_rank_shape
+from ...projection.subspace import Side, choose_side, low_rank_shape, row_sharded_side
 from .config import FloraAdafactorConfig, FloraConfig
 
 #: Independent seed streams of one weight: the momentum projection (indexed by resampling count) and the
@@ -84,10 +85,14 @@ class _FloraMixin:
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]  # type: ignore[attr-defined]
         state["step"] = 0
-        side = choose_side(p.shape, group["proj_type"], group["rank"]) if group["low_rank"] else Side.NONE
+        # A row-sharded (FSDP2) weight is compressed on the right (its n×r projection is the same on every process);
+        # its states are allocated for this process' rows.
+        choose = row_sharded_side if is_dtensor(p) else choose_side
+        side = choose(p.shape, group["proj_type"], group["rank"]) if group["low_rank"] else Side.NONE
         state["side"] = int(side)
+        local = local_tensor(p)
         if side == Side.NONE:
-            self._init_inner_state(state, tuple(p.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
+            self._init_inner_state(state, tuple(local.shape), p, group, low_rank=False)  # type: ignore[attr-defined]
             return state
         state["seed"] = mix_seed(group["seed"], self._ordinals[p])  # type: ignore[attr-defined]
         state["generator"] = GENERATOR_PHILOX  # states written before this key existed use the legacy CPU generator
@@ -95,9 +100,9 @@ class _FloraMixin:
         state["rows"], state["cols"] = (int(d) for d in p.shape)
         kwargs = {"dtype": torch.float32, "device": p.device}
         if self._uses_momentum(group):
-            state["exp_avg"] = torch.zeros(low_rank_shape(p.shape, side, group["rank"]), **kwargs)
-        state["exp_avg_sq_row"] = torch.zeros(p.shape[0], **kwargs)
-        state["exp_avg_sq_col"] = torch.zeros(p.shape[1], **kwargs)
+            state["exp_avg"] = torch.zeros(low_rank_shape(local.shape, side, group["rank"]), **kwargs)
+        state["exp_avg_sq_row"] = torch.zeros(local.shape[0], **kwargs)
+        state["exp_avg_sq_col"] = torch.zeros(local.shape[1], **kwargs)
         return state
 
     @classmethod
@@ -165,7 +170,7 @@ class _FloraMixin:
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         self._state_for(p, group)  # type: ignore[attr-defined]
-        return grad
+        return local_tensor(grad)  # a DTensor's: this process' rows
 
     def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
         """Compressed weights one by one (FLoRA's update is per weight); the plain parameters as the parent class does
@@ -187,10 +192,10 @@ class _FloraMixin:
         side = Side(state["side"])
         if side == Side.NONE:
             state["step"] += 1
-            self._plain_update(p, grad, state, group)  # type: ignore[attr-defined]
+            self._plain_update(local_tensor(p), local_tensor(grad), state, group)  # type: ignore[attr-defined]
             return
-        grad = grad.float()
-        if grad.shape != p.shape:
+        grad = local_tensor(grad).float()
+        if grad.shape != local_tensor(p).shape:
             grad = decompress(grad, side, self._accumulation_projection(state, group["rank"]))
         state["step"] += 1
         self._flora_update(p, grad, state, group)
@@ -309,6 +314,9 @@ class FloraAdamW(_FloraMixin, LowRankAdamW):
         ```
     """
 
+    #: Steps on FSDP2 (`fully_shard`) row shards, compressed on the right: see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True
+
     @classmethod
     def _uses_momentum(cls, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0
@@ -318,9 +326,20 @@ class FloraAdamW(_FloraMixin, LowRankAdamW):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         square = grad32.square().add_(_EPS_SQUARE)
         row.mul_(beta2).add_(square.mean(dim=-1), alpha=1 - beta2)
-        col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
+        if is_dtensor(p):
+            # Rows sharded (FSDP2): the column statistics and the mean of the row statistics are over all rows, so
+            # one all-reduce of n + 1 fp32 numbers per weight and step (the local sums), then divided by m.
+            sums = torch.cat([square.sum(dim=-2), row.sum().view(1)])
+            all_reduce(sums, p.device_mesh.get_group(), "sum")
+            sums.div_(p.shape[0])
+            col.mul_(beta2).add_(sums[:-1], alpha=1 - beta2)
+            row_mean = sums[-1]
+            p = local_tensor(p)
+        else:
+            col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
+            row_mean = row.mean()
         bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, state["step"])
-        second = torch.outer(row / row.mean(), col)
+        second = torch.outer(row / row_mean, col)
         denom = second.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
         momentum = self._compressed_momentum(state, group, grad32, beta1) if "exp_avg" in state else grad32
         p32 = p if p.dtype == torch.float32 else p.float()

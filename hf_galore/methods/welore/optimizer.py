@@ -41,6 +41,10 @@ class WeLoreAdamW(LowRankAdamW):
     #: Its checkpoints were written as `GaLoreAdamW` before WeLore had optimizer classes of its own (same layout).
     legacy_state_kinds: ClassVar[tuple[str, ...]] = ("GaLoreAdamW",)
 
+    #: Steps on FSDP2 (`fully_shard`) row shards: the factors are ordinary parameters, the update is elementwise on
+    #: each process' rows, with no collective (see docs/how_to/fsdp2.md).
+    supports_row_sharding: ClassVar[bool] = True
+
 
 class WeLoreAdamW8bit(LowRankAdamW8bit):
     """[`WeLoreAdamW`] with both moments stored 8-bit blockwise (see [`Blockwise8bitConfig`])."""
@@ -53,3 +57,6 @@ class WeLoreAdamW8bit(LowRankAdamW8bit):
         return WeLoreAdamW.memory_estimate_refusal(model)
 
     legacy_state_kinds: ClassVar[tuple[str, ...]] = ("GaLoreAdamW8bit",)
+
+    #: Each process quantises its own rows of the moments (blocks of the local tensor): see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True

@@ -1,5 +1,6 @@
-"""Train a tiny MLP with GaLoreAdamW(8bit) under FSDP2 (`fully_shard`, gloo, CPU) or in one process; launched by
-tests/integrations/test_fsdp2.py (one process: the unsharded reference; two: `torch.distributed.run`).
+"""Train a tiny MLP with GaLoreAdamW(8bit), or WeLoreAdamW(8bit) on its WeLore split, under FSDP2 (`fully_shard`,
+gloo, CPU) or in one process; launched by tests/integrations/test_fsdp2.py (one process: the unsharded reference;
+two: `torch.distributed.run`).
 
 A plain loop (the Trainer does not apply FSDP on CPU). Each rank takes its half of the step's batch, so two processes
 see together exactly the one-process batch; FSDP2 averages the gradients over the ranks, as the one-process mean does.
@@ -21,10 +22,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdamWLayerwise
+from hf_galore import (
+    FloraAdafactor,
+    FloraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreAdamWLayerwise,
+    welore,
+)
 from hf_galore.errors import UnsupportedSetupError
+from hf_galore.methods.welore import WeLoreAdamW, WeLoreAdamW8bit
+from hf_galore.modules.low_rank_linear import LowRankLinear
 
-OPTIMIZERS = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit}
+OPTIMIZERS = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit, "welore_adamw": WeLoreAdamW,
+              "welore_adamw_8bit": WeLoreAdamW8bit, "flora_adamw": FloraAdamW}  # fmt: skip
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter")  # fmt: skip
 
@@ -53,6 +65,8 @@ def build_model(dtype: torch.dtype) -> nn.Sequential:
 
 
 def param_groups(model: nn.Module) -> list[dict]:
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):  # WeLore: its trainable set, nothing projected
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     weights = [p for p in model.parameters() if p.dim() == 2]
     others = [p for p in model.parameters() if p.dim() != 2]
     return [{"params": others}, {"params": weights, "low_rank": True}]
@@ -77,21 +91,26 @@ class CollectiveCounter:
             setattr(dist, name, wrapper)
 
 
-def refusals(model: nn.Module, optim_kwargs: dict) -> dict[str, str]:
+def refusals(model: nn.Module, optim_kwargs: dict, flora: bool = False) -> dict[str, str]:
     """Setups refused at construction (before any step), by label: the error message, or "" if not refused."""
-    cases = {
-        "left": (GaLoreAdamW, {"proj_type": "left"}),
-        "full": (GaLoreAdamW, {"proj_type": "full"}),
-        "reverse_std": (GaLoreAdamW, {"proj_type": "reverse_std"}),  # left on the tall 64×24 weight
-        "exact": (GaLoreAdamW, {"svd": "exact"}),
-        "adafactor": (GaLoreAdafactor, {}),
-        "layerwise": (GaLoreAdamWLayerwise, {}),
-    }
+    if flora:
+        cases = {"flora_left": (FloraAdamW, {"proj_type": "left"}), "flora_adafactor": (FloraAdafactor, {})}
+    else:
+        cases = {
+            "left": (GaLoreAdamW, {"proj_type": "left"}),
+            "full": (GaLoreAdamW, {"proj_type": "full"}),
+            "reverse_std": (GaLoreAdamW, {"proj_type": "reverse_std"}),  # left on the tall 64×24 weight
+            "exact": (GaLoreAdamW, {"svd": "exact"}),
+            "adafactor": (GaLoreAdafactor, {}),
+            "layerwise": (GaLoreAdamWLayerwise, {}),
+        }
     messages = {}
     for label, (cls, extra) in cases.items():
         kwargs = {**optim_kwargs, **extra}
         if cls is GaLoreAdafactor:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("weight_decay",)}
+        if cls is FloraAdafactor:
+            kwargs = {k: v for k, v in kwargs.items() if k in ("rank", "kappa", "proj_type")}
         try:
             cls(param_groups(model), **kwargs)
             messages[label] = ""
@@ -137,6 +156,10 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     dtype = torch.float64 if args.float64 else torch.float32
     model = build_model(dtype)
+    if args.optim.startswith("welore"):
+        # The split comes before fully_shard (the same SVDs of the same weights on every process): the LRC factors
+        # 9×24 + 64×9, 10×64 + 32×10, 4×32 + 9×4 (9-row ones split 5 + 4) train; biases and norm frozen.
+        welore.compress(model, target_compression=0.5)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -151,14 +174,18 @@ def main() -> None:
 
     optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
                     "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
+    if args.optim.startswith("welore"):  # projects nothing: no projection knobs
+        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01}
+    if args.optim == "flora_adamw":  # resamples the momentum projection at steps 3 and 6
+        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 3, "proj_type": args.proj_type}
     optim_kwargs.update(json.loads(args.extra))
     if args.no_foreach:
         optim_kwargs["foreach"] = False
     if args.chunk_elements:  # several chunks per step: one non-finite check (a collective) per chunk
         OPTIMIZERS[args.optim].foreach_chunk_elements = args.chunk_elements
-    if args.optim == "galore_adamw_8bit":
+    if args.optim.endswith("_8bit"):
         optim_kwargs.update(min_8bit_size=args.min_8bit_size, block_size=64)
-    refused = refusals(model, optim_kwargs) if args.refusals else {}
+    refused = refusals(model, optim_kwargs, flora=args.optim == "flora_adamw") if args.refusals else {}
     optimizer = OPTIMIZERS[args.optim](param_groups(model), **optim_kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
 
