@@ -59,6 +59,12 @@ def assert_close_on_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)
 
 
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖value − reference‖ / ‖reference‖, in float64 (the scale of each tensor, whatever its dtype)."""
+    reference = reference.double()
+    return float((value.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,11 +1,17 @@
-"""Import the repository's scripts (`recipes/`, `benchmarks/` are folders of scripts, not packages) in tests."""
+"""Run the repository's scripts in tests: import them (`recipes/`, `benchmarks/` are folders of scripts, not
+packages), or launch one on several gloo processes with `torch.distributed.run`."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +35,25 @@ def load_script(path: Path, module_name: str | None = None) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def free_port() -> int:
+    """A port that is free now (each launch gets its own, so back-to-back launches never collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: Path, out: Path, processes: int, *args: str) -> list[dict]:
+    """Run `script --out OUT *args` on `processes` gloo processes (`torch.distributed.run`; one process runs it
+    directly) and load what each rank saved as `OUT/rank{r}.pt`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(free_port()), str(script)]  # fmt: skip
+    result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]

@@ -17,14 +17,12 @@ reference's come from the clipped one. The 8-bit optimizers keep fp32 and their 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import relative_error
+from script_utils import launch
 
 SCRIPT = Path(__file__).parent / "distributed" / "train_tiny.py"
 
@@ -41,30 +39,8 @@ FP32_STAGE_RTOL = 1e-5
 LOSS_RTOL = 1e-5
 
 
-def _free_port() -> int:
-    """A port that is free now (each launch gets its own, so back-to-back launches never collide)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(out: Path, processes: int, *args: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(_free_port()), str(SCRIPT)]  # fmt: skip
-    result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖value − reference‖ / ‖reference‖, in float64 (the scale of each tensor, whatever its dtype)."""
-    reference = reference.double()
-    return float((value.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+    return launch(SCRIPT, out, processes, *args)
 
 
 def assert_same_training(reference: dict, other: dict, rtol: float = FLOAT64_RTOL) -> None:
@@ -187,13 +163,7 @@ def test_welore_two_processes_equal_one_process(tmp_path):
 def test_layerwise_ddp_with_weights_unused_on_some_ranks(tmp_path):
     # Collectives run in step() in a fixed order after a flags all-reduce, so a weight that only rank 0 uses does not
     # pair rank 1's collectives with the wrong tensor (or hang): both ranks equal the one-process mean-loss reference.
-    script = Path(__file__).parent / "distributed" / "unused_weight.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = launch(Path(__file__).parent / "distributed" / "unused_weight.py", tmp_path, 2)
     for out in ranks:  # the script runs in float64 (see the module docstring)
         assert relative_error(out["a"], out["ra"]) <= FLOAT64_RTOL
         assert relative_error(out["b"], out["rb"]) <= FLOAT64_RTOL

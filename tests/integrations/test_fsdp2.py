@@ -16,14 +16,12 @@ already; 8-bit blocks that straddle the shards (min_8bit_size=0 here) differ by 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import relative_error
+from script_utils import launch
 
 from hf_galore.projection.subspace import Side, choose_side, compute_bases, row_sharded_side, sharded_right_basis
 
@@ -41,36 +39,15 @@ WIDTH = 8
 FP32_MOMENT_BYTES = 2 * 4 * (sum(m * 4 for m, _ in WEIGHTS.values()) + 64 * 3 + 32 + 9)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(out: Path, processes: int, *args: str, nan: bool = True) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(_free_port()), str(SCRIPT)]  # fmt: skip
-    command += ["--out", str(out), *(["--nan"] if nan else []), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+    return launch(SCRIPT, out, processes, *(["--nan"] if nan else []), *args)
 
 
 def _max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """max |value − reference| / max |reference|, in float64."""
     reference = reference.double()
     return float((value.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
-
-
-def _norm_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖value − reference‖ / ‖reference‖, in float64."""
-    reference = reference.double()
-    return float((value.double() - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
 def _check_sharded_run(single: dict, ranks: list[dict], error, rtol: float, chunks: int = 1) -> None:
@@ -139,7 +116,7 @@ def test_galore_adamw_8bit_on_fsdp2_equals_one_process(tmp_path):
     common = ("--optim", "galore_adamw_8bit", "--min-8bit-size", "65", "--extra", extra)
     (single,) = _run(tmp_path / "single", 1, *common, "--proj-type", "right")
     ranks = _run(tmp_path / "fsdp2", 2, *common)
-    _check_sharded_run(single, ranks, _norm_error, EIGHT_BIT_RTOL)
+    _check_sharded_run(single, ranks, relative_error, EIGHT_BIT_RTOL)
     assert single["state_bytes"]["moments"] < FP32_MOMENT_BYTES  # 8-bit codes really in use
 
 
@@ -166,7 +143,7 @@ def test_welore_adamw_on_fsdp2_equals_one_process(tmp_path, optim):
     runs = [_run(tmp_path / "fsdp2", 2, *args, nan=False)]
     if not eight_bit:  # the per-parameter path, and each process' state saved and loaded after step 4
         runs.append(_run(tmp_path / "loop", 2, *args, "--no-foreach", "--reload-at", "4", nan=False))
-    error, rtol = (_norm_error, EIGHT_BIT_RTOL) if eight_bit else (_max_error, FP32_RTOL)
+    error, rtol = (relative_error, EIGHT_BIT_RTOL) if eight_bit else (_max_error, FP32_RTOL)
     for rank0, rank1 in runs:
         assert rank0["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
         for name, value in single["params"].items():

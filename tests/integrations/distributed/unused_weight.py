@@ -39,7 +39,7 @@ def main() -> None:
         reference.step()
         reference.zero_grad(set_to_none=True)
     torch.save({"a": a.detach(), "b": b.detach(), "ra": ra.detach(), "rb": rb.detach()},
-               os.path.join(sys.argv[1], f"rank{rank}.pt"))  # fmt: skip
+               os.path.join(sys.argv[sys.argv.index("--out") + 1], f"rank{rank}.pt"))  # fmt: skip
     dist.destroy_process_group()
 
 
