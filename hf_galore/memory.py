@@ -78,7 +78,7 @@ from .loading import build_meta_model
 from .optim.adamw import LowRankAdamW8bit
 from .optim.base import LowRankOptimizer, ParamBytes
 from .projection.subspace import row_sharded_side
-from .registry import REGISTRY, get_spec
+from .registry import REGISTRY, get_spec, row_sharding_names
 from .targeting import TargetSpec, resolve_target_modules
 
 #: Plain optimizers the estimator knows, as transformers names them (for comparison with the GaLore family).
@@ -380,11 +380,10 @@ def _fsdp2_refusal(name: str, spec: Any, configs: list[Any], gradient_accumulati
         built = spec.hooked_cls(args, configs) or built
     if getattr(built, "supports_row_sharding", False):
         return None
-    supported = [n for n, s in REGISTRY.items() if getattr(s.optimizer_cls, "supports_row_sharding", False)]
     with_accumulation = " with gradient_accumulation_steps > 1" if built is not spec.optimizer_cls else ""
     return (
         f"optim={name!r}{with_accumulation} does not step on FSDP2 (fully_shard) row shards ({built.__name__} refuses "
-        f"DTensor parameters). The names that do: {', '.join(supported)}, and the baseline adamw_torch (FLoRA's "
+        f"DTensor parameters). The names that do: {', '.join(row_sharding_names())}, and the baseline adamw_torch (FLoRA's "
         "without gradient accumulation; WeLore's on a WeLore checkpoint). Pick one of them, or estimate without "
         "--fsdp2 (one process, or DDP: every process holds what one process holds)."
     )
