@@ -161,7 +161,8 @@ def _fsdp2_pointer() -> str:
     return (
         "FSDP2 (`fully_shard`) keeps each weight a matrix (row shards): use `fsdp_config={'fsdp_version': 2}` or "
         "`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` with an optim whose optimizer "
-        f"steps on its shards ({', '.join(row_sharding_names())}; see docs/how_to/fsdp2.md), or plain DDP "
+        f"steps on its shards ({', '.join(row_sharding_names())}; docs/how_to/fsdp2.md says which launch paths "
+        "are verified), or plain DDP "
         "(`accelerate launch --num_processes N`, no FSDP/DeepSpeed config)."
     )
 
