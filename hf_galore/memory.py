@@ -44,6 +44,11 @@ What the loop adds up (bytes; `e` is the element size of `dtype`):
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
   is recomputed at a time.
+* **FSDP2** (`fsdp2=True`, `world_size` processes): the bytes of one process. Weights, gradients and every
+  row-wise state cover its rows of each parameter (torch.chunk's split, process 0 the most); replicated state
+  (GaLore's Q, FLoRA's column statistics) is whole on each process; the class's rule is applied to the shard with
+  the decisions the optimizer takes on the global shape (the right side for every projected weight, 8-bit on the
+  global size), see [`row_sharded_param_bytes`]. Names whose class lacks `supports_row_sharding` are refused.
 * **peak**: weights + states + bases + gradients + max(activations, refresh transient, step workspace); for
   layer-wise names the refresh and the update run inside backward while activations are alive, so activations and
   the larger of the two are added. This is an upper-end estimate:
@@ -321,10 +326,10 @@ def row_sharded_param_bytes(
     * `proj_type` becomes `"right"` for a projected weight, and `min_8bit_size` 0 or never-reached after the
       global size;
     * a shard may hold no more rows than the rank, or none, while its weight is projected, and the rule would not
-      project such a shape. It is evaluated on shapes with `extra` = (rank + 1) · `block_size` more rows, and the
-      shard's bytes are rule(rows + extra) + rule(extra) - rule(2 · extra): exact for what row sharding stores, a
-      constant (replicated: Q, FLoRA's column statistics) plus a per-row part counted in blocks (`extra` · rank
-      fills whole blocks, so adding `extra` rows adds the same bytes to any shard).
+      project such a shape. It is evaluated on shapes with `extra` = (max(rank, n) + 1) · `block_size` more rows,
+      and the shard's bytes are rule(rows + extra) + rule(extra) - rule(2 · extra): exact for what row sharding
+      stores, a constant (replicated: Q, FLoRA's column statistics) plus a per-row part counted in blocks
+      (`extra` · rank fills whole blocks, so adding `extra` rows adds the same bytes to any shard).
 
     Non-projected parameters (and every parameter of a class that projects nothing) take the rule of the plain
     update on the local shape; the global rule is evaluated first, so a shape the class refuses (e.g. FLoRA's rank
@@ -361,7 +366,10 @@ def row_sharded_param_bytes(
     def rule(num_rows: int) -> ParamBytes:
         return optimizer_cls.param_bytes((num_rows, *shape[1:]), local, dtype, True)
 
-    extra = (settings["rank"] + 1) * settings.get("block_size", 1)
+    # More rows than the rank and than n (so a refresh's sketch width min(rank + oversample, m, n) is the same in the
+    # three evaluations: min(rank + oversample, n); the refresh workspace is an estimate anyway), in whole blocks of
+    # `block_size` per row of the state.
+    extra = (max(settings["rank"], *shape[1:]) + 1) * settings.get("block_size", 1)
     above, base, twice = rule(rows + extra), rule(extra), rule(2 * extra)
     counts = {
         f.name: getattr(above, f.name) + getattr(base, f.name) - getattr(twice, f.name)
@@ -381,11 +389,12 @@ def _fsdp2_refusal(name: str, spec: Any, configs: list[Any], gradient_accumulati
     if getattr(built, "supports_row_sharding", False):
         return None
     with_accumulation = " with gradient_accumulation_steps > 1" if built is not spec.optimizer_cls else ""
+    supported = ", ".join(row_sharding_names())
     return (
         f"optim={name!r}{with_accumulation} does not step on FSDP2 (fully_shard) row shards ({built.__name__} refuses "
-        f"DTensor parameters). The names that do: {', '.join(row_sharding_names())}, and the baseline adamw_torch (FLoRA's "
-        "without gradient accumulation; WeLore's on a WeLore checkpoint). Pick one of them, or estimate without "
-        "--fsdp2 (one process, or DDP: every process holds what one process holds)."
+        f"DTensor parameters). The names that do: {supported}, and the baseline adamw_torch (FLoRA's without "
+        "gradient accumulation; WeLore's on a WeLore checkpoint). Pick one of them, or estimate without --fsdp2 (one "
+        "process, or DDP: every process holds what one process holds)."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -275,6 +276,12 @@ def test_row_sharded_param_bytes_arithmetic():
     # fp32 moments, Q (64×4) whole on each process.
     cost = row_sharded_param_bytes(GaLoreAdamW, (32, 64), settings, torch.float32, True, 16)
     assert (cost.states, cost.bases, cost.weights, cost.projected) == (2 * 16 * 4 * 4, 64 * 4 * 4, 16 * 64 * 4, True)
+    # With more rows than the rank, the class's rule on the shard's shape, right side (the refresh workspace, an
+    # estimate, takes the sketch width min(rank + oversample, n) of a tall shard).
+    on_shard = GaLoreAdamW.param_bytes((16, 64), {**settings, "proj_type": "right"}, torch.bfloat16, True)
+    sharded = row_sharded_param_bytes(GaLoreAdamW, (32, 64), settings, torch.bfloat16, True, 16)
+    assert dataclasses.replace(sharded, refresh=0) == dataclasses.replace(on_shard, refresh=0)
+    assert sharded.refresh == 4 * 2 * (16 + 64) * (4 + 32) + 4 * 16 * 64  # fp32 sketches + fp32 copy of the rows
     # A shard with no more rows than the rank, or none, of a projected weight: still projected (global shape).
     for rows in (4, 3, 0):
         cost = row_sharded_param_bytes(GaLoreAdamW, (9, 32), settings, torch.float32, True, rows)
