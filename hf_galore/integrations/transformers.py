@@ -142,9 +142,9 @@ def _env_flag(name: str) -> bool:
 
 
 def _fsdp_version(args: Any) -> int:
-    """The FSDP version a run asks for: accelerate's launch config passes `FSDP_VERSION` (its default 1), the
-    Trainer `fsdp_config`'s `version` (transformers strips the `fsdp_` prefix; unset it means 2 from transformers 5
-    on and 1 before)."""
+    """The FSDP version a run asks for: accelerate's launch config passes `FSDP_VERSION` (its default: 1), the
+    Trainer its `fsdp_config`'s `version` (transformers strips the `fsdp_` prefix; unset: 2 from transformers 5 on,
+    1 before)."""
     if _env_flag("ACCELERATE_USE_FSDP") and not getattr(args, "fsdp", None):
         return int(os.environ.get("FSDP_VERSION", "1"))
     config = getattr(args, "fsdp_config", None) or {}
@@ -162,8 +162,7 @@ def _fsdp2_pointer() -> str:
         "FSDP2 (`fully_shard`) keeps each weight a matrix (row shards): use `fsdp_config={'fsdp_version': 2}` or "
         "`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` with an optim whose optimizer "
         f"steps on its shards ({', '.join(row_sharding_names())}; docs/how_to/fsdp2.md says which launch paths "
-        "are verified), or plain DDP "
-        "(`accelerate launch --num_processes N`, no FSDP/DeepSpeed config)."
+        "are verified), or plain DDP (`accelerate launch --num_processes N`, no FSDP/DeepSpeed config)."
     )
 
 
