@@ -9,9 +9,9 @@ Commands:
   `optim_target_modules` resolution on a model built from its `config.json` on the meta device (no weights are
   loaded and no memory is allocated), printing the projected modules with their weight shapes and a summary of the
   matched modules that are not projected.
-* `hf-galore estimate-memory MODEL_DIR_OR_CONFIG --optim NAME [--rank R --batch B --seq S ...] [--json]`:
-  predicted bytes of weights, gradients, optimizer states, bases, refresh workspace and (roughly) activations, see
-  `hf_galore.memory`.
+* `hf-galore estimate-memory MODEL_DIR_OR_CONFIG --optim NAME [--rank R --batch B --seq S ...] [--fsdp2
+  --world-size N] [--json]`: predicted bytes of weights, gradients, optimizer states, bases, refresh workspace and
+  (roughly) activations, per process under FSDP2 with `--fsdp2`, see `hf_galore.memory`.
 * `hf-galore welore analyze|compress|merge`: WeLore's spectrum report and LRC/N-LRC split, factorized compression
   of a local model directory, and merging a factorized checkpoint back to dense.
 
@@ -32,6 +32,7 @@ Example:
     hf-galore check-targets ./all-MiniLM-L6-v2 --task sequence-classification --targets ".*attention.*"
     hf-galore check-targets ./my-roberta/config.json --targets query value
     hf-galore estimate-memory ./my-llama --optim galore_adamw_8bit --rank 128 --batch 8 --seq 512 --dtype bf16
+    hf-galore estimate-memory ./my-llama --optim galore_adamw --rank 128 --dtype bf16 --fsdp2 --world-size 8
     ```
 
 Both model commands take the model positionally; `--model MODEL_DIR_OR_CONFIG` is accepted as well.
@@ -546,6 +547,8 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
         target_modules=_targets_value(args.targets),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
+        world_size=args.world_size,
+        fsdp2=args.fsdp2,
     )
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
     return 0
@@ -590,6 +593,19 @@ def _add_estimate_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--targets", nargs="+", default=["all-linear"], metavar="T", help="optim_target_modules (default: all-linear)."
+    )
+    parser.add_argument(
+        "--fsdp2",
+        action="store_true",
+        help="Bytes of one process under FSDP2 (fully_shard): rows of every weight, gradient and row-wise state, "
+        "replicated bases whole; process 0's (the largest) plus every process' state bytes (default: off).",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="Processes sharding the model, with --fsdp2 (default: 1). Without --fsdp2 every process holds the "
+        "one-process bytes (DDP), so a larger value is refused.",
     )
     parser.add_argument("--json", action="store_true", help="Print the estimate as JSON instead of a table.")
     parser.set_defaults(func=_run_estimate_memory)

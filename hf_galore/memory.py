@@ -44,6 +44,11 @@ What the loop adds up (bytes; `e` is the element size of `dtype`):
   al., 2022, with the a·s² attention-score term kept; fused SDPA kernels store less), plus the logits (b·s·V in `e`
   and the fp32 copy the loss makes). With gradient checkpointing, each layer keeps its input (b·s·h·e) and one layer
   is recomputed at a time.
+* **FSDP2** (`fsdp2=True`, `world_size` processes): the bytes of one process. Weights, gradients and every
+  row-wise state cover its rows of each parameter (torch.chunk's split, process 0 the most); replicated state
+  (GaLore's Q, FLoRA's column statistics) is whole on each process; the class's rule is applied to the shard with
+  the decisions the optimizer takes on the global shape (the right side for every projected weight, 8-bit on the
+  global size), see [`row_sharded_param_bytes`]. Names whose class lacks `supports_row_sharding` are refused.
 * **peak**: weights + states + bases + gradients + max(activations, refresh transient, step workspace); for
   layer-wise names the refresh and the update run inside backward while activations are alive, so activations and
   the larger of the two are added. This is an upper-end estimate:
@@ -63,7 +68,9 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -74,8 +81,9 @@ from .configs import Blockwise8bitConfig, optimizer_kwargs, parse_optim_args, sp
 from .errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
 from .loading import build_meta_model
 from .optim.adamw import LowRankAdamW8bit
-from .optim.base import LowRankOptimizer
-from .registry import REGISTRY, get_spec
+from .optim.base import LowRankOptimizer, ParamBytes
+from .projection.subspace import row_sharded_side
+from .registry import REGISTRY, get_spec, row_sharding_names
 from .targeting import TargetSpec, resolve_target_modules
 
 #: Plain optimizers the estimator knows, as transformers names them (for comparison with the GaLore family).
@@ -114,6 +122,10 @@ class MemoryEstimate:
         weights, gradients, optimizer_states, projection_bases, refresh_transient, activations, step_workspace:
             Bytes.
         notes: Caveats of this estimate.
+        world_size: Processes of the setup (1 unless `fsdp2`).
+        fsdp2: Whether the bytes are one process' under FSDP2 (`fully_shard`): those of process 0, which holds
+            the most rows of every parameter (torch.chunk's split), hence the largest of all processes.
+        per_process_state_bytes: `state_bytes` of each process in rank order (one entry without FSDP2).
     """
 
     optim: str
@@ -134,6 +146,9 @@ class MemoryEstimate:
     activations: int
     step_workspace: int = 0
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1
+    fsdp2: bool = False
+    per_process_state_bytes: list[int] = field(default_factory=list)
 
     @property
     def state_bytes(self) -> int:
@@ -161,6 +176,8 @@ class MemoryEstimate:
             f"{self.model} optim={self.optim}{rank} dtype={self.dtype} batch={self.batch}x{self.seq}"
             f"{' layer-wise' if self.layerwise else ''}{' grad-checkpointing' if self.grad_checkpointing else ''}"
         )
+        if self.fsdp2:
+            header += f"\nFSDP2 on {self.world_size} processes: bytes of process 0 (the most rows of every parameter)"
         rows = [
             ("weights", self.weights),
             ("gradients", self.gradients),
@@ -179,6 +196,10 @@ class MemoryEstimate:
             f"{'category'.ljust(width)}  {'MiB':>12}  {'bytes':>16}",
         ]
         lines += [f"{name.ljust(width)}  {value / 2**20:>12.2f}  {value:>16,}" for name, value in rows]
+        if self.fsdp2 and self.world_size > 1:
+            shown = self.per_process_state_bytes
+            listed = ", ".join(f"{b:,}" for b in shown[:8]) + (", ..." if len(shown) > 8 else "")
+            lines.append(f"states + bases per process (rank order): {listed}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -268,6 +289,115 @@ def _step_workspace(sizes: list[int], grad_elem: int, per_element: int, chunked:
     return prepared * grad_elem + together * per_element
 
 
+#: A `min_8bit_size` no state reaches: makes an 8-bit rule keep a state fp32 whatever the shape it is evaluated on.
+_NEVER_8BIT = sys.maxsize
+
+
+def shard_rows(rows: int, world_size: int) -> list[int]:
+    """Rows each process holds of a parameter with `rows` rows under FSDP2 (`fully_shard`'s `Shard(0)`), in rank
+    order: torch.chunk's split, ceil(rows / world_size) per process, the last ones fewer or none.
+
+    Example:
+        ```python
+        >>> shard_rows(9, 2), shard_rows(3, 4)
+        ([5, 4], [1, 1, 1, 0])
+        ```
+    """
+    chunk = -(-rows // world_size)
+    return [max(0, min(chunk, rows - k * chunk)) for k in range(world_size)]
+
+
+def row_sharded_param_bytes(
+    optimizer_cls: type[LowRankOptimizer],
+    shape: tuple[int, ...],
+    settings: dict[str, Any],
+    dtype: torch.dtype,
+    target: bool,
+    rows: int,
+) -> ParamBytes:
+    """What one process allocates for a parameter of global `shape` of which it holds `rows` rows under FSDP2.
+
+    The optimizer steps on the local rows, with the decisions that depend on the shape taken on the global one
+    (`_init_state` on a DTensor): a projected weight (rank < min(m, n)) is projected on the right side whatever
+    `proj_type="std"` picks for one process (`row_sharded_side`), with Q (n×r) replicated and the m_k×r moments
+    local; a state is 8-bit when its global size reaches `min_8bit_size`, in blocks of the local rows. This applies
+    the class's own byte rule ([`LowRankOptimizer.param_bytes`]) to the shard with those decisions fixed:
+
+    * `proj_type` becomes `"right"` for a projected weight, and `min_8bit_size` 0 or never-reached after the
+      global size;
+    * a shard may hold no more rows than the rank, or none, while its weight is projected, and the rule would not
+      project such a shape. It is evaluated on shapes with `extra` = (max(rank, n) + 1) · `block_size` more rows,
+      and the shard's bytes are rule(rows + extra) + rule(extra) - rule(2 · extra): exact for what row sharding
+      stores, a constant (replicated: Q, FLoRA's column statistics) plus a per-row part counted in blocks
+      (`extra` · rank fills whole blocks, so adding `extra` rows adds the same bytes to any shard).
+
+    Non-projected parameters (and every parameter of a class that projects nothing) take the rule of the plain
+    update on the local shape; the global rule is evaluated first, so a shape the class refuses (e.g. FLoRA's rank
+    above min(m, n)) is refused here too.
+
+    Raises:
+        [`UnsupportedSetupError`]: `proj_type` left/full (or `reverse_std` on a tall weight), or `svd="exact"`,
+            for a projected weight: refused by the optimizer under FSDP2 as well.
+    """
+    whole = optimizer_cls.param_bytes(shape, settings, dtype, target)
+    if not shape:  # a 0-d parameter has no rows to split: every process holds it whole
+        return whole
+    local = dict(settings)
+    projected = whole.projected
+    if projected:
+        try:
+            row_sharded_side(shape, settings["proj_type"], settings["rank"])
+        except ValueError as err:
+            raise UnsupportedSetupError(f"{optimizer_cls.__name__} under FSDP2: {err}") from None
+        if settings.get("svd", "randomized") != "randomized":  # FLoRA has no svd knob
+            raise UnsupportedSetupError(
+                f"{optimizer_cls.__name__} under FSDP2: svd={settings['svd']!r} needs the whole gradient of a weight "
+                "on one process; use svd='randomized' (the default), whose sketches are all-reduced."
+            )
+        local["proj_type"] = "right"
+    if "min_8bit_size" in settings:
+        row_size = settings["rank"] if projected else math.prod(shape[1:])
+        local["min_8bit_size"] = 0 if shape[0] * row_size >= settings["min_8bit_size"] else _NEVER_8BIT
+    if not projected:
+        # target=False: the plain update's rule, which a non-projected target shares (and which checks nothing a
+        # shard's shape could fail).
+        return optimizer_cls.param_bytes((rows, *shape[1:]), local, dtype, False)
+
+    def rule(num_rows: int) -> ParamBytes:
+        return optimizer_cls.param_bytes((num_rows, *shape[1:]), local, dtype, True)
+
+    # More rows than the rank and than n (so a refresh's sketch width min(rank + oversample, m, n) is the same in the
+    # three evaluations: min(rank + oversample, n); the refresh workspace is an estimate anyway), in whole blocks of
+    # `block_size` per row of the state.
+    extra = (max(settings["rank"], *shape[1:]) + 1) * settings.get("block_size", 1)
+    above, base, twice = rule(rows + extra), rule(extra), rule(2 * extra)
+    counts = {
+        f.name: getattr(above, f.name) + getattr(base, f.name) - getattr(twice, f.name)
+        for f in dataclasses.fields(ParamBytes)
+        if f.name != "projected"
+    }
+    return ParamBytes(projected=True, **counts)
+
+
+def _fsdp2_refusal(name: str, spec: Any, configs: list[Any], gradient_accumulation_steps: int) -> str | None:
+    """Why `optim=name` cannot step on FSDP2's row shards (the class it builds lacks `supports_row_sharding`), or
+    None. With gradient accumulation a name may build another class (`hooked_cls`, e.g. FLoRA's accumulating one)."""
+    built = spec.optimizer_cls
+    if spec.hooked_cls is not None:
+        args = SimpleNamespace(gradient_accumulation_steps=gradient_accumulation_steps, optim_args=None)
+        built = spec.hooked_cls(args, configs) or built
+    if getattr(built, "supports_row_sharding", False):
+        return None
+    with_accumulation = " with gradient_accumulation_steps > 1" if built is not spec.optimizer_cls else ""
+    supported = ", ".join(row_sharding_names())
+    return (
+        f"optim={name!r}{with_accumulation} does not step on FSDP2 (fully_shard) row shards ({built.__name__} refuses "
+        f"DTensor parameters). The names that do: {supported}, and the baseline adamw_torch (FLoRA's without "
+        "gradient accumulation; WeLore's on a WeLore checkpoint). Pick one of them, or estimate without --fsdp2 (one "
+        "process, or DDP: every process holds what one process holds)."
+    )
+
+
 def _resolve_name(optim: str, layerwise: bool | None) -> str:
     name = str(getattr(optim, "value", optim))
     if name not in REGISTRY and name not in BASELINES:
@@ -345,6 +475,8 @@ def estimate_memory(
     target_modules: TargetSpec = "all-linear",
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
+    world_size: int = 1,
+    fsdp2: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step with `optim`, without allocating the model.
 
@@ -366,6 +498,13 @@ def estimate_memory(
         max_grad_norm (`float`, defaults to 1.0, `TrainingArguments`' default): With a layer-wise name and clipping
             on (> 0), every prepared gradient (projected for targets, full for the others) is held until `step()`
             knows the global norm; 0 disables clipping.
+        world_size (`int`, defaults to 1): Processes; more than one only with `fsdp2=True` (under DDP every
+            process holds what one process holds, so there is nothing else to estimate).
+        fsdp2 (`bool`, defaults to `False`): Bytes of one process under FSDP2 (`fully_shard`, one `Shard(0)` over
+            `world_size` processes): weights, gradients and row-wise optimizer state of its rows (torch.chunk's
+            split), replicated state (GaLore's Q, FLoRA's column statistics) whole, each projected weight on the
+            right side (see [`row_sharded_param_bytes`]). The categories are process 0's (the largest);
+            `per_process_state_bytes` lists every process'. `batch` stays the per-process batch.
 
     Returns:
         [`MemoryEstimate`]
@@ -373,12 +512,21 @@ def estimate_memory(
     Raises:
         [`UnknownOptimizerError`]: `optim` is neither registered nor a baseline (the message lists the choices).
         [`UnsupportedSetupError`]: a WeLore name on a model that is not split yet (the split needs the weights'
-            spectra; a WeLore checkpoint's config, or a split model, is estimated).
+            spectra; a WeLore checkpoint's config, or a split model, is estimated); with `fsdp2`, a name whose
+            optimizer does not step on row shards (the message names those that do) or settings it refuses there.
         [`InvalidConfigError`], [`NoTargetModulesError`]: bad `optim_args`, `dtype` or targets.
     """
     for label, value in (("batch", batch), ("seq", seq), ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if not isinstance(value, int) or value < 1:
             raise InvalidConfigError(f"{label} must be a positive integer, got {value!r}.")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise InvalidConfigError(f"world_size must be a positive integer, got {world_size!r}.")
+    if world_size > 1 and not fsdp2:
+        raise InvalidConfigError(
+            f"world_size={world_size} without fsdp2: under DDP (or one process) every process holds the whole "
+            "model, its gradients and the optimizer state, i.e. the one-process estimate. Drop --world-size, or add "
+            "--fsdp2 for the per-process bytes of a fully_shard run."
+        )
     name = _resolve_name(optim, layerwise)
     weight_dtype = _dtype(dtype)
     elem = _nbytes(1, weight_dtype)
@@ -396,12 +544,18 @@ def estimate_memory(
         args["rank"] = rank
 
     if spec is None or optimizer_cls is None:
-        return _estimate_baseline(model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing)
+        return _estimate_baseline(
+            model, name, params, weight_dtype, elem, args, batch, seq, grad_checkpointing, world_size if fsdp2 else 0
+        )
 
     refusal = optimizer_cls.memory_estimate_refusal(model)
     if refusal:
         raise UnsupportedSetupError(f"estimate_memory cannot model optim={name!r} for this model: {refusal}.")
-    settings = _group_settings(optimizer_cls, parse_optim_args(args, spec.config_classes, name))
+    configs = parse_optim_args(args, spec.config_classes, name)
+    refusal = _fsdp2_refusal(name, spec, configs, gradient_accumulation_steps) if fsdp2 else None
+    if refusal:
+        raise UnsupportedSetupError(refusal)
+    settings = _group_settings(optimizer_cls, configs)
     rank = settings.get("rank")
 
     resolution = resolve_target_modules(model, target_modules, include_heads=spec.transformers_name)
@@ -414,34 +568,26 @@ def estimate_memory(
                 'out of target_modules ("all-linear" already excludes output heads).'
             )
 
-    # One generic loop: the optimizer class states the bytes of each parameter (its own storage rules).
-    weights = gradients = states = bases = refresh = accumulators = 0
-    update_sizes: list[int] = []  # elements of each parameter's (projected) update, for the step workspace
-    held_for_clipping = 0  # layer-wise with clipping: every prepared gradient waits for step()
-    largest_grad = tied_grads = 0
-    num_params = num_projected = 0
-    for _, p in model.named_parameters():
-        shape = tuple(p.shape)
-        num_params += math.prod(shape)
-        target = id(p) in target_ids and p.requires_grad
-        if not p.requires_grad:
-            weights += optimizer_cls.weight_bytes(shape, settings, weight_dtype, False)
-            continue
-        cost = optimizer_cls.param_bytes(shape, settings, weight_dtype, target)
-        weights += cost.weights
-        states += cost.states
-        bases += cost.bases
-        grad = math.prod(shape) * elem
-        gradients += grad
-        if id(p) in tied:
-            tied_grads += grad
-        else:
-            largest_grad = max(largest_grad, grad)
-        update_sizes.append(cost.update_elements)
-        held_for_clipping += cost.prepared
-        accumulators += cost.accumulator
-        refresh = max(refresh, cost.refresh)
-        num_projected += cost.projected
+    # One generic loop: the optimizer class states the bytes of each parameter (its own storage rules). Under FSDP2
+    # the loop runs once per process over its rows; process 0 holds the most rows of every parameter.
+    if fsdp2:
+        # Processes holding the same rows of every parameter (most of them, with torch.chunk's split) share a tally.
+        table = [
+            shard_rows(p.shape[0], world_size) if p.dim() else [0] * world_size for _, p in model.named_parameters()
+        ]
+        shards = [tuple(rows[k] for rows in table) for k in range(world_size)]
+    else:
+        shards = [None]
+    by_shard = {
+        shard: _tally(model, optimizer_cls, settings, weight_dtype, target_ids, tied, shard) for shard in set(shards)
+    }
+    tallies = [by_shard[shard] for shard in shards]
+    tally = tallies[0]
+    weights, gradients, states, bases = tally.weights, tally.gradients, tally.states, tally.bases
+    refresh, update_sizes = tally.refresh, tally.update_sizes
+    largest_grad, tied_grads = tally.largest_grad, tally.tied_grads
+    held_for_clipping, accumulators = tally.held_for_clipping, tally.accumulators
+    num_params, num_projected = tally.num_params, tally.num_projected
 
     if spec.layerwise:
         gradients = largest_grad + tied_grads
@@ -460,6 +606,11 @@ def estimate_memory(
     activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
     notes += [note] if note else []
     notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
+    if fsdp2:
+        notes.append(
+            "FSDP2: not counted are the parameters it all-gathers and the gradients it reduce-scatters for the "
+            "module being computed (a transformer layer, two with prefetching), nor a MixedPrecisionPolicy's copies"
+        )
     chunked = bool(settings.get("foreach", False)) and not spec.layerwise
     return MemoryEstimate(
         optim=name,
@@ -482,7 +633,72 @@ def estimate_memory(
             update_sizes, elem, optimizer_cls.update_workspace_bytes, chunked, spec.layerwise
         ),
         notes=notes,
+        world_size=world_size,
+        fsdp2=fsdp2,
+        per_process_state_bytes=[t.states + t.bases for t in tallies],
     )
+
+
+@dataclass
+class _Tally:
+    """Sums of one process' [`ParamBytes`] over the model (see `_tally`)."""
+
+    weights: int = 0
+    gradients: int = 0
+    states: int = 0
+    bases: int = 0
+    refresh: int = 0
+    accumulators: int = 0
+    held_for_clipping: int = 0  # layer-wise with clipping: every prepared gradient waits for step()
+    largest_grad: int = 0
+    tied_grads: int = 0
+    num_params: int = 0
+    num_projected: int = 0
+    update_sizes: list[int] = field(default_factory=list)  # elements of each (projected) update: step workspace
+
+
+def _tally(
+    model: nn.Module,
+    optimizer_cls: type[LowRankOptimizer],
+    settings: dict[str, Any],
+    dtype: torch.dtype,
+    target_ids: set[int],
+    tied: set[int],
+    shard: tuple[int, ...] | None,
+) -> _Tally:
+    """Add up the optimizer class' bytes of every parameter: whole parameters (`shard=None`), or under FSDP2 the
+    rows one process holds, `shard[i]` of the i-th parameter of `model.named_parameters()`
+    ([`row_sharded_param_bytes`]). Counts (parameters, projected weights) are global either way."""
+    tally = _Tally()
+    elem = _nbytes(1, dtype)
+    for i, (_, p) in enumerate(model.named_parameters()):
+        shape = tuple(p.shape)
+        tally.num_params += math.prod(shape)
+        rows = shape[0] if shard is None or not shape else shard[i]
+        local = (rows, *shape[1:]) if shape else shape
+        if not p.requires_grad:
+            tally.weights += optimizer_cls.weight_bytes(local, settings, dtype, False)
+            continue
+        target = id(p) in target_ids
+        if shard is None:
+            cost = optimizer_cls.param_bytes(shape, settings, dtype, target)
+        else:
+            cost = row_sharded_param_bytes(optimizer_cls, shape, settings, dtype, target, rows)
+        tally.weights += cost.weights
+        tally.states += cost.states
+        tally.bases += cost.bases
+        grad = math.prod(local) * elem  # FSDP2 reduce-scatters each gradient to the rows of its shard
+        tally.gradients += grad
+        if id(p) in tied:
+            tally.tied_grads += grad
+        else:
+            tally.largest_grad = max(tally.largest_grad, grad)
+        tally.update_sizes.append(cost.update_elements)
+        tally.held_for_clipping += cost.prepared
+        tally.accumulators += cost.accumulator
+        tally.refresh = max(tally.refresh, cost.refresh)
+        tally.num_projected += cost.projected
+    return tally
 
 
 def _group_settings(optimizer_cls: type[LowRankOptimizer], configs: list[Any]) -> dict[str, Any]:
@@ -506,8 +722,17 @@ def _estimate_baseline(
     batch: int,
     seq: int,
     grad_checkpointing: bool,
+    fsdp2_world_size: int = 0,
 ) -> MemoryEstimate:
-    """`adamw_torch` (two moments in param dtype + a 4-byte `step` tensor) or bitsandbytes' `adamw_8bit`."""
+    """`adamw_torch` (two moments in param dtype + a 4-byte `step` tensor) or bitsandbytes' `adamw_8bit`. With
+    `fsdp2_world_size` > 0, `adamw_torch`'s bytes per process under FSDP2 (its moments follow the rows of the
+    DTensor parameters; the `step` tensor is whole on each process)."""
+    if fsdp2_world_size and name != "adamw_torch":
+        raise UnsupportedSetupError(
+            f"optim={name!r} under FSDP2 is not modelled (bitsandbytes' optimizers are not checked on DTensor "
+            "parameters); estimate adamw_torch, or a GaLore-family name that steps on row shards, e.g. "
+            "galore_adamw_8bit."
+        )
     args = {k: v for k, v in args.items() if k != "rank"}  # a rank means nothing to a full-rank optimizer
     allowed = {"adamw_torch": (), "adamw_8bit": (Blockwise8bitConfig,)}[name]
     if name == "adamw_8bit" and "block_size" in args:
@@ -515,11 +740,16 @@ def _estimate_baseline(
             "optim_args key 'block_size' is fixed at 256 by bitsandbytes' AdamW8bit; remove it (min_8bit_size is valid)."
         )
     configs = parse_optim_args(args, allowed, name)
-    weights = sum(p.numel() for p in model.parameters()) * elem
+    world = max(fsdp2_world_size, 1)
+
+    def numel(p: nn.Parameter, process: int = 0) -> int:  # elements of `process`' rows (the whole when unsharded)
+        return p.numel() if p.dim() == 0 else shard_rows(p.shape[0], world)[process] * math.prod(p.shape[1:])
+
+    weights = sum(numel(p) for p in model.parameters()) * elem
     states = 0
     for _, p in params:
         if name == "adamw_torch":
-            states += 2 * p.numel() * elem + 4
+            states += 2 * numel(p) * elem + 4
         else:
             # bitsandbytes' AdamW8bit stores its moments as our 8-bit engine does (block 256, fp32 below min_8bit_size)
             states += LowRankAdamW8bit.inner_state_bytes(
@@ -527,7 +757,10 @@ def _estimate_baseline(
             )
     if name == "adamw_8bit" and any(p.numel() >= configs[0].min_8bit_size for _, p in params):
         states += _BNB_QMAP_BYTES
-    gradients = sum(p.numel() for _, p in params) * elem
+    gradients = sum(numel(p) for _, p in params) * elem
+    per_process = [states]
+    if fsdp2_world_size:
+        per_process = [sum(2 * numel(p, k) * elem + 4 for _, p in params) for k in range(world)]
     activations, note = _activations(model, batch, seq, elem, grad_checkpointing)
     notes = [note] if note else []
     notes.append("activations are a rough transformer formula (±50%); everything else is counted from shapes")
@@ -549,4 +782,7 @@ def _estimate_baseline(
         refresh_transient=0,
         activations=activations,
         notes=notes,
+        world_size=world,
+        fsdp2=bool(fsdp2_world_size),
+        per_process_state_bytes=per_process,
     )

@@ -117,6 +117,14 @@ def _accepting_configs(hook: Callable[..., Any] | None) -> Callable[..., Any] | 
     return two_argument_hook
 
 
+def row_sharding_names() -> list[str]:
+    """The registered names whose optimizer steps on FSDP2's row-sharded (DTensor) parameters: those whose class
+    declares `supports_row_sharding` (read from the class, so a method that gains the support is listed without an
+    edit here). A name can still build another class for some settings (`hooked_cls`, e.g. FLoRA's accumulating
+    one), which may refuse them."""
+    return [name for name, spec in REGISTRY.items() if getattr(spec.optimizer_cls, "supports_row_sharding", False)]
+
+
 def get_spec(name: str) -> OptimizerSpec:
     """The spec registered as `name`.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -14,7 +15,7 @@ from transformers import LlamaForCausalLM, RobertaForSequenceClassification, Tra
 import hf_galore
 from hf_galore.cli import main
 from hf_galore.errors import InvalidConfigError, UnknownOptimizerError, UnsupportedSetupError
-from hf_galore.memory import MemoryEstimate, estimate_memory
+from hf_galore.memory import MemoryEstimate, estimate_memory, row_sharded_param_bytes, shard_rows
 from hf_galore.memory import optimizer_state_bytes as measured_state_bytes
 from hf_galore.modules.int8_linear import Int8Linear
 from hf_galore.optim.base import LowRankOptimizer
@@ -257,3 +258,112 @@ def test_welore_checkpoint_is_estimated_as_adamw_over_its_trainable_factors(tmp_
     # A dense model cannot be split without its weights: refused, naming what works instead.
     with pytest.raises(UnsupportedSetupError, match="WeLore checkpoint"):
         estimate_memory(tiny_roberta_config(), optim)
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP2
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_shard_rows_is_torch_chunks_split(world_size):
+    for rows in range(20):
+        chunks = [c.shape[0] for c in torch.arange(rows).chunk(world_size)] if rows else []
+        assert shard_rows(rows, world_size) == chunks + [0] * (world_size - len(chunks))
+
+
+def test_row_sharded_param_bytes_arithmetic():
+    from hf_galore import FloraAdamW, GaLoreAdamW, GaLoreAdamW8bit
+
+    settings = {**GaLoreAdamW.low_rank_defaults(), **GaLoreAdamW.inner_defaults, "rank": 4}
+    # 32×64 (wide: one process' std projects it on the left, with r×n moments) sharded 16 + 16: right side, m_k×r
+    # fp32 moments, Q (64×4) whole on each process.
+    cost = row_sharded_param_bytes(GaLoreAdamW, (32, 64), settings, torch.float32, True, 16)
+    assert (cost.states, cost.bases, cost.weights, cost.projected) == (2 * 16 * 4 * 4, 64 * 4 * 4, 16 * 64 * 4, True)
+    # With more rows than the rank, the class's rule on the shard's shape, right side (the refresh workspace, an
+    # estimate, takes the sketch width min(rank + oversample, n) of a tall shard).
+    on_shard = GaLoreAdamW.param_bytes((16, 64), {**settings, "proj_type": "right"}, torch.bfloat16, True)
+    sharded = row_sharded_param_bytes(GaLoreAdamW, (32, 64), settings, torch.bfloat16, True, 16)
+    assert dataclasses.replace(sharded, refresh=0) == dataclasses.replace(on_shard, refresh=0)
+    assert sharded.refresh == 4 * 2 * (16 + 64) * (4 + 32) + 4 * 16 * 64  # fp32 sketches + fp32 copy of the rows
+    # A shard with no more rows than the rank, or none, of a projected weight: still projected (global shape).
+    for rows in (4, 3, 0):
+        cost = row_sharded_param_bytes(GaLoreAdamW, (9, 32), settings, torch.float32, True, rows)
+        assert (cost.states, cost.bases, cost.projected) == (2 * rows * 4 * 4, 32 * 4 * 4, True)
+    # Non-projected parameters: the plain rule on the local rows (param dtype), a 0-d one whole.
+    assert row_sharded_param_bytes(GaLoreAdamW, (9,), settings, torch.bfloat16, False, 5).states == 2 * 5 * 2
+    assert row_sharded_param_bytes(GaLoreAdamW, (), settings, torch.float32, False, 0).states == 2 * 4
+
+    eight = {**GaLoreAdamW8bit.low_rank_defaults(), **GaLoreAdamW8bit.inner_defaults, "rank": 4, "block_size": 64}
+    # Blocks of the local shard: 5×4 = 20 codes in one block of 64 per moment.
+    cost = row_sharded_param_bytes(GaLoreAdamW8bit, (9, 32), {**eight, "min_8bit_size": 0}, torch.float32, True, 5)
+    assert cost.states == 2 * (20 + 4 * 1)
+    cost = row_sharded_param_bytes(GaLoreAdamW8bit, (64, 24), {**eight, "min_8bit_size": 0}, torch.float32, True, 32)
+    assert cost.states == 2 * (128 + 4 * 2)
+    # 8-bit or fp32 is decided on the global size (9×4 = 36), whatever the shard's.
+    for threshold, expected in ((36, 2 * (16 + 4)), (37, 2 * 16 * 4)):
+        at = {**eight, "min_8bit_size": threshold}
+        assert row_sharded_param_bytes(GaLoreAdamW8bit, (9, 32), at, torch.float32, True, 4).states == expected
+
+    flora = {**FloraAdamW.low_rank_defaults(), **FloraAdamW.inner_defaults, "rank": 4}
+    # Compressed momentum m_k×r and row statistics m_k local, column statistics n replicated; nothing stored as a basis.
+    for rows in (5, 4, 0):
+        cost = row_sharded_param_bytes(FloraAdamW, (9, 32), flora, torch.float32, True, rows)
+        assert (cost.states, cost.bases) == (4 * (rows * 4 + rows + 32), 0)
+
+
+def test_fsdp2_estimate_is_per_process_and_adds_up():
+    config = tiny_llama_config(hidden_size=64, intermediate_size=96, vocab_size=101)
+    one = estimate_memory(config, "galore_adamw", rank=8, optim_args="proj_type=right")
+    sharded = estimate_memory(config, "galore_adamw", rank=8, fsdp2=True, world_size=3)
+    assert sharded.fsdp2 and sharded.world_size == 3 and len(sharded.per_process_state_bytes) == 3
+    # Process 0 holds ceil(m / 3) rows of everything: the largest. The moments add up to one process' (right side);
+    # the bases are on every process.
+    assert sharded.state_bytes == sharded.per_process_state_bytes[0] == max(sharded.per_process_state_bytes)
+    bases = sharded.projection_bases
+    assert bases == one.projection_bases
+    assert sum(b - bases for b in sharded.per_process_state_bytes) == one.optimizer_states
+    assert sharded.num_parameters == one.num_parameters and sharded.num_projected == one.num_projected
+    assert sharded.weights == sharded.gradients < one.weights  # process 0: ceil(m / 3) rows of every parameter
+    # One process under FSDP2 is the one-process estimate on the right side.
+    alone = estimate_memory(config, "galore_adamw", rank=8, fsdp2=True)
+    assert alone.state_bytes == one.state_bytes and alone.per_process_state_bytes == [one.state_bytes]
+    assert "FSDP2 on 3 processes" in sharded.table() and "per process" in sharded.table()
+    torch_adamw = estimate_memory(config, "adamw_torch", fsdp2=True, world_size=3)
+    assert torch_adamw.state_bytes == 2 * torch_adamw.weights + 4 * len(list(LlamaForCausalLM(config).parameters()))
+
+
+def test_fsdp2_refusals_name_what_works():
+    config = tiny_llama_config()
+    for optim in ("galore_adafactor", "galore_adamw_layerwise", "flora_adafactor"):
+        with pytest.raises(UnsupportedSetupError, match=r"does not step on FSDP2.*galore_adamw, galore_adamw_8bit"):
+            estimate_memory(config, optim, rank=4, fsdp2=True, world_size=2)
+    with pytest.raises(UnsupportedSetupError, match="gradient_accumulation_steps > 1"):
+        estimate_memory(config, "flora_adamw", rank=4, fsdp2=True, world_size=2, gradient_accumulation_steps=2)
+    with pytest.raises(UnsupportedSetupError, match="proj_type='left'"):
+        estimate_memory(config, "galore_adamw", rank=4, optim_args="proj_type=left", fsdp2=True, world_size=2)
+    with pytest.raises(UnsupportedSetupError, match="svd='exact'"):
+        estimate_memory(config, "galore_adamw", rank=4, optim_args="svd=exact", fsdp2=True, world_size=2)
+    with pytest.raises(UnsupportedSetupError, match="adamw_8bit"):
+        estimate_memory(config, "adamw_8bit", fsdp2=True, world_size=2)
+    with pytest.raises(InvalidConfigError, match=r"world_size=2 without fsdp2.*--fsdp2"):
+        estimate_memory(config, "galore_adamw", rank=4, world_size=2)
+    with pytest.raises(InvalidConfigError, match="world_size must be a positive integer"):
+        estimate_memory(config, "galore_adamw", rank=4, world_size=0, fsdp2=True)
+
+
+def test_fsdp2_support_follows_the_class_flag(monkeypatch):
+    from hf_galore import GaLoreAdafactor
+
+    monkeypatch.setattr(GaLoreAdafactor, "supports_row_sharding", True)
+    estimate = estimate_memory(tiny_llama_config(), "galore_adafactor", rank=4, fsdp2=True, world_size=2)
+    assert len(estimate.per_process_state_bytes) == 2
+    with pytest.raises(UnsupportedSetupError, match=r"names that do: .*galore_adafactor"):
+        estimate_memory(tiny_llama_config(), "q_galore_adamw_8bit", rank=4, fsdp2=True, world_size=2)
+
+
+def test_cli_estimate_memory_fsdp2(tmp_path, capsys):
+    tiny_llama_config().save_pretrained(tmp_path)
+    argv = ["estimate-memory", str(tmp_path), "--optim", "galore_adamw", "--rank", "4", "--fsdp2", "--world-size"]
+    assert main([*argv, "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = estimate_memory(tiny_llama_config(), "galore_adamw", rank=4, fsdp2=True, world_size=2)
+    assert data["per_process_state_bytes"] == expected.per_process_state_bytes and data["fsdp2"] is True
+    assert main([*argv[:-2], "--world-size", "2"]) == 2  # without --fsdp2
+    assert "without fsdp2" in capsys.readouterr().err

@@ -42,7 +42,7 @@ from ..errors import (
     UnsupportedTransformersVersionError,
 )
 from ..optim.layerwise import is_layerwise
-from ..registry import REGISTRY, get_spec, optim_name, unknown_name_message
+from ..registry import REGISTRY, get_spec, optim_name, row_sharding_names, unknown_name_message
 from ..utils.versions import supported_transformers, transformers_install_hint
 from .callbacks import attach_layerwise_callbacks
 from .learning_rates import transformers_learning_rates
@@ -141,6 +141,31 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def _fsdp_version(args: Any) -> int:
+    """The FSDP version a run asks for: accelerate's launch config passes `FSDP_VERSION` (its default: 1), the
+    Trainer its `fsdp_config`'s `version` (transformers strips the `fsdp_` prefix; unset: 2 from transformers 5 on,
+    1 before)."""
+    if _env_flag("ACCELERATE_USE_FSDP") and not getattr(args, "fsdp", None):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("version", config.get("fsdp_version"))
+    if version is None:
+        import transformers
+
+        version = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
+    return int(version)
+
+
+def _fsdp2_pointer() -> str:
+    """Where a DeepSpeed or FSDP1 refusal sends the user: FSDP2 and the names whose optimizer steps on its shards."""
+    return (
+        "FSDP2 (`fully_shard`) keeps each weight a matrix (row shards): use `fsdp_config={'fsdp_version': 2}` or "
+        "`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` with an optim whose optimizer "
+        f"steps on its shards ({', '.join(row_sharding_names())}; docs/how_to/fsdp2.md says which launch paths "
+        "are verified), or plain DDP (`accelerate launch --num_processes N`, no FSDP/DeepSpeed config)."
+    )
+
+
 def check_supported_setup(args: Any, name: str, configs: Sequence[Any] | None = None) -> None:
     """Raise [`UnsupportedSetupError`] before training for combinations hf_galore does not support yet.
 
@@ -153,9 +178,15 @@ def check_supported_setup(args: Any, name: str, configs: Sequence[Any] | None = 
     if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise UnsupportedSetupError(
             f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
-            "no weight matrices to project. Use plain DDP (`accelerate launch --num_processes N`) instead."
+            f"no weight matrices to project. {_fsdp2_pointer()}"
         )
-    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+    fsdp = getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP")
+    if fsdp and _fsdp_version(args) == 1:
+        raise UnsupportedSetupError(
+            f"optim={name!r} cannot run under FSDP1: it hands the optimizer flattened 1-D shards, so there are no "
+            f"weight matrices to project. {_fsdp2_pointer()}"
+        )
+    if fsdp:
         raise UnsupportedSetupError(
             f"optim={name!r} does not support FSDP through the Trainer/accelerate yet: FSDP1 hands the optimizer "
             "flattened shards, and the Trainer's FSDP2 path is not verified. The optimizer cores of galore_adamw(_8bit), "

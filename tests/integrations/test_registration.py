@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 import torch
 from conftest import tiny_roberta_config
@@ -224,6 +226,30 @@ def test_accelerate_launch_configs_for_fsdp_or_deepspeed_fail_before_training(tm
 
     with pytest.raises(UnsupportedSetupError, match="accelerate launch --num_processes N"):
         integration.check_supported_setup(Args(), "galore_adamw_8bit_layerwise")
+
+
+def test_deepspeed_and_fsdp1_refusals_point_to_fsdp2_and_its_optim_names(monkeypatch):
+    class Args:
+        deepspeed = None
+        fsdp = "full_shard"
+        fsdp_config = MappingProxyType({"version": 1})  # TrainingArguments strips the fsdp_ prefix
+
+    fsdp2 = r"fsdp_version': 2.*recipes/accelerate_configs/fsdp2\.yaml.*galore_adamw, galore_adamw_8bit.*flora_adamw"
+    with pytest.raises(UnsupportedSetupError, match=rf"cannot run under FSDP1.*{fsdp2}"):
+        integration.check_supported_setup(Args(), "galore_adamw")
+    Args.deepspeed, Args.fsdp = "ds_config.json", None
+    with pytest.raises(UnsupportedSetupError, match=rf"DeepSpeed.*{fsdp2}"):
+        integration.check_supported_setup(Args(), "galore_adamw_layerwise")
+    # An accelerate launch config: FSDP_VERSION says which (accelerate's default is 1).
+    Args.deepspeed, Args.fsdp_config = None, None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UnsupportedSetupError, match="FSDP1"):
+        integration.check_supported_setup(Args(), "galore_adamw")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UnsupportedSetupError, match="FSDP1"):
+        integration.check_supported_setup(Args(), "flora_adamw")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert integration._fsdp_version(Args()) == 2
 
 
 def test_weight_decay_split_and_adam_hyperparameters_reach_the_optimizer(tmp_path):
