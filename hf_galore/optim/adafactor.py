@@ -101,6 +101,9 @@ class LowRankAdafactor(LowRankOptimizer):
     The second moment of each 2-D (projected) gradient is factored into row and column statistics, so its state is
     r + max(m, n) numbers instead of m·n.
 
+    Subclasses that declare `supports_row_sharding` step on FSDP2 row shards: each update runs on the local rows
+    and gets its global means and RMS from [`run_over_rows`] (two small all-reduces per chunk of parameters).
+
     Args:
         params (`Iterable`): Parameters or param groups (see [`LowRankOptimizer`]).
         lr (`float`, defaults to 1e-3): Learning rate (ignored when `relative_step=True`).

@@ -311,6 +311,8 @@ class FloraAdafactor(_FloraMixin, LowRankAdafactor):
             super()._apply_update(p, grad, group)
 
     def _sharded_steps(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> Steps:
+        """A compressed weight's FLoRA update from its local full gradient (accumulating variants, whose gradient
+        arrives compressed, refuse row shards); other parameters the engine's."""
         state = self._state_for(p, group)
         if Side(state["side"]) == Side.NONE:
             return super()._sharded_steps(p, grad, group)
