@@ -11,10 +11,12 @@ Every other parameter gets the plain inner update. Subclasses implement only the
 (`_init_inner_state`, `_plain_update`, `_low_rank_update`).
 
 FSDP2 (`fully_shard`) parameters, DTensors with one `Shard(0)` placement, are stepped on their local rows by the
-classes that declare `supports_row_sharding` (GaLore's and WeLore's AdamW, FloraAdamW; others refuse them): projected
-on the right side, whose basis is replicated, so an ordinary step needs no collective but a one-number non-finite
-check per weight; a refresh all-reduces n×(rank+oversample) sketches (`sharded_right_basis`). Non-projected
-parameters (all of WeLore's) get the elementwise update on their rows, with no collective. See docs/how_to/fsdp2.md.
+classes that declare `supports_row_sharding` (GaLore's and WeLore's AdamW, GaLoreAdafactor, FloraAdamW,
+FloraAdafactor; others refuse them): projected on the right side, whose basis is replicated, so an ordinary step
+needs no collective but a one-number non-finite check per weight; a refresh all-reduces n×(rank+oversample)
+sketches (`sharded_right_basis`). Non-projected parameters (all of WeLore's) get the elementwise update on their
+rows, with no collective. The Adafactor engine also all-reduces its few global means and RMS per step (see
+`optim/adafactor.py`). See docs/how_to/fsdp2.md.
 
 Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
 tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
@@ -281,8 +283,9 @@ class LowRankOptimizer(Optimizer):
         """Refuse, before the first step, DTensor parameters this optimizer or `group`'s settings cannot step.
 
         FSDP2 (`fully_shard`) parameters are supported by classes with `supports_row_sharding` (GaLore's and
-        WeLore's AdamW and 8-bit AdamW, FloraAdamW): one `Shard(0)` over a 1-D mesh; projected weights on the right
-        side (see `row_sharded_side`), the others stepped elementwise on the local rows.
+        WeLore's AdamW and 8-bit AdamW, GaLoreAdafactor, FloraAdamW, FloraAdafactor): one `Shard(0)` over a 1-D
+        mesh; projected weights on the right side (see `row_sharded_side`), the others stepped elementwise on the
+        local rows.
 
         Raises:
             [`UnsupportedSetupError`]: naming what is supported.
@@ -295,7 +298,8 @@ class LowRankOptimizer(Optimizer):
             raise UnsupportedSetupError(
                 f"{name} does not support FSDP2 (DTensor) parameters yet; GaLoreAdamW and GaLoreAdamW8bit "
                 "(optim='galore_adamw' / 'galore_adamw_8bit') step on fully_shard's row shards, and so do "
-                "WeLoreAdamW and WeLoreAdamW8bit (on a WeLore-split model) and FloraAdamW. Use one of them, or DDP."
+                "GaLoreAdafactor, WeLoreAdamW and WeLoreAdamW8bit (on a WeLore-split model), FloraAdamW and "
+                "FloraAdafactor (not their layer-wise or accumulating variants). Use one of them, or DDP."
             )
         for p in sharded:
             row_sharding(p, owner=name)

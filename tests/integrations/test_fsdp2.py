@@ -97,8 +97,8 @@ def test_galore_adamw_on_fsdp2_equals_one_process(tmp_path):
     for label in ("left", "full", "reverse_std"):
         assert "proj_type='std' or 'right'" in refusals[label], (label, refusals[label])
     assert "svd='randomized'" in refusals["exact"]
-    for label in ("adafactor", "layerwise"):
-        assert "GaLoreAdamW and GaLoreAdamW8bit" in refusals[label], (label, refusals[label])
+    assert "GaLoreAdamW and GaLoreAdamW8bit" in refusals["layerwise"], refusals["layerwise"]
+    assert refusals["adafactor"] == ""  # GaLoreAdafactor steps on row shards: see test_fsdp2_adafactor.py
     # The per-parameter path, with the projected gradients cut into several chunks (each a non-finite check), and
     # each process' optimizer state saved and loaded (weights_only) into a new optimizer after step 4: the same
     # training. Chunks are cut on global sizes, so both ranks run the same collectives.
@@ -206,7 +206,7 @@ def test_flora_adamw_on_fsdp2_equals_one_process(tmp_path):
         assert all(0.45 <= (h - columns) / (single["state_bytes"]["moments"] - columns) <= 0.55 for h in halves)
     refusals = runs[0][0]["refusals"]
     assert "'std' or 'right'" in refusals["flora_left"]
-    assert "FloraAdafactor does not support FSDP2" in refusals["flora_adafactor"]
+    assert refusals["flora_adafactor"] == ""  # steps on row shards too: see test_fsdp2_adafactor.py
 
 
 # ---------------------------------------------------------------------------------------------- single process

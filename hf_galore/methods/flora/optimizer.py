@@ -28,9 +28,9 @@ import torch
 
 from ...errors import InvalidConfigError
 from ...optim._sharding import all_reduce, is_dtensor, local_tensor
-from ...optim.adafactor import LowRankAdafactor
+from ...optim.adafactor import LowRankAdafactor, Steps, run_locally
 from ...optim.adamw import LowRankAdamW
-from ...optim.base import ParamBytes, bias_corrections, element_size, mix_seed, rms
+from ...optim.base import ParamBytes, bias_corrections, element_size, mix_seed
 from ...optim.layerwise import LayerwiseMixin
 from ...projection.random import (
     GENERATOR_PHILOX,
@@ -270,24 +270,54 @@ class FloraAdafactor(_FloraMixin, LowRankAdafactor):
     """
 
     inner_configs: ClassVar[tuple[type, ...]] = (FloraAdafactorConfig,)  # momentum on by default (beta1=0.9)
+    #: Steps on FSDP2 (`fully_shard`) row shards, compressed on the right: see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True
 
     @classmethod
     def _uses_momentum(cls, group: dict[str, Any]) -> bool:
         return bool(group["beta1"])
 
     def _flora_update(self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]):
+        run_locally(self._flora_steps(p, grad32, state, group))
+
+    def _flora_steps(
+        self, p: torch.Tensor, grad32: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> Steps:
+        """FLoRA's update of compressed weight `p` (this process' rows of a sharded one) from its full gradient."""
         p32 = p if p.dtype == torch.float32 else p.float()
-        step_size = self._step_size(group, state["step"], p32)
         # Adafactor's factored normalisation without its clipping: FLoRA clips the applied (momentum) update.
-        update = self._normalized_update(grad32, state, {**group, "clip_threshold": math.inf})
+        update, step_size = yield from self._normalized_steps(grad32, state, group, p32, clip=False)
         if "exp_avg" in state:
             update = self._compressed_momentum(state, group, update, group["beta1"])
-        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update = yield from self._clipped_steps(update, group)
         if group["weight_decay"] != 0:
             p32.add_(p32, alpha=-group["weight_decay"] * step_size)
         p32.add_(update, alpha=-step_size)
         if p32 is not p:
             p.copy_(p32)
+
+    # FSDP2 row shards: the compressed weights join the engine's batched rounds (column statistics, row mean and RMS
+    # of all the chunk's parameters summed over the processes together) instead of being updated one by one.
+    def _apply_updates(self, prepared: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        local = [pair for pair in prepared if not is_dtensor(pair[0])]
+        if local:
+            super()._apply_updates(local, group)
+        self._apply_sharded_updates([pair for pair in prepared if is_dtensor(pair[0])], group)
+
+    def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        if is_dtensor(p):  # its column statistics, row mean and RMS are over all processes' rows
+            self._apply_sharded_updates([(p, grad)], group)
+        else:
+            super()._apply_update(p, grad, group)
+
+    def _sharded_steps(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> Steps:
+        """A compressed weight's FLoRA update from its local full gradient (accumulating variants, whose gradient
+        arrives compressed, refuse row shards); other parameters the engine's."""
+        state = self._state_for(p, group)
+        if Side(state["side"]) == Side.NONE:
+            return super()._sharded_steps(p, grad, group)
+        state["step"] += 1
+        return self._flora_steps(local_tensor(p), grad.float(), state, group)
 
 
 class FloraAdamW(_FloraMixin, LowRankAdamW):

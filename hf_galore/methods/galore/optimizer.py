@@ -73,6 +73,8 @@ class GaLoreAdafactor(LowRankAdafactor):
     """
 
     low_rank_config: ClassVar[type] = GaLoreConfig
+    #: Steps on FSDP2 (`fully_shard`) row shards, its global means and RMS all-reduced: see docs/how_to/fsdp2.md.
+    supports_row_sharding: ClassVar[bool] = True
 
 
 class GaLoreAdamWLayerwise(LayerwiseMixin, GaLoreAdamW):

@@ -37,6 +37,7 @@ from hf_galore.modules.low_rank_linear import LowRankLinear
 
 OPTIMIZERS = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit, "welore_adamw": WeLoreAdamW,
               "welore_adamw_8bit": WeLoreAdamW8bit, "flora_adamw": FloraAdamW}  # fmt: skip
+OPTIMIZERS.update(galore_adafactor=GaLoreAdafactor, flora_adafactor=FloraAdafactor)
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter")  # fmt: skip
 
@@ -176,7 +177,7 @@ def main() -> None:
                     "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
     if args.optim.startswith("welore"):  # projects nothing: no projection knobs
         optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01}
-    if args.optim == "flora_adamw":  # resamples the momentum projection at steps 3 and 6
+    if args.optim in ("flora_adamw", "flora_adafactor"):  # resamples the momentum projection at steps 3 and 6
         optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 3, "proj_type": args.proj_type}
     optim_kwargs.update(json.loads(args.extra))
     if args.no_foreach:
