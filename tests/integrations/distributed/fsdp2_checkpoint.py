@@ -1,0 +1,153 @@
+"""Save an optimizer through torch.distributed.checkpoint (DCP) on N processes and resume it on M; launched by
+tests/integrations/test_fsdp2_checkpoint.py.
+
+The model, data and optimizer settings are those of fsdp2_galore.py (a tiny MLP whose 9-row weight splits 5 + 4 over
+two processes; each process takes its half of the global batch). One process trains the plain model, two train it
+under `fully_shard` (gloo, CPU). Checkpoints go through the calls accelerate's `save_fsdp_optimizer` /
+`load_fsdp_optimizer` make for FSDP2: `get_optimizer_state_dict` (and `get_model_state_dict`) → `dcp.save`; on
+resume, the new optimizer's `get_optimizer_state_dict` as the template → `dcp.load` into it →
+`set_optimizer_state_dict`.
+
+* `--save-at K --save-dir D`: after step K, save the model and the optimizer to D, then go on to the last step (so
+  the same run is the uninterrupted reference).
+* `--resume-from D --resume-at K`: build the model and optimizer, load D, and run steps K+1 to the last.
+
+Writes, per rank, `rank{R}.pt`: the losses of the steps it ran, the final parameters (`full_tensor()`), the per-weight
+step counters and sides, and what the resumed optimizer holds right after loading (`loaded`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp2_galore import NANS, OPTIMIZERS, build_model, param_groups, put_nan
+
+from hf_galore import welore
+
+
+def break_resharding() -> None:
+    """Make every process load the first process' rows of each row-following state (what a loader that ignores
+    the sharding would do): the test's proof that a broken reshard fails its comparison."""
+    from hf_galore.optim import adamw, base
+
+    def first_rows(value, sharding, key):
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return full[: sharding.local_rows] if int(full.shape[0]) == sharding.rows else full
+
+    base.rows_of = adamw.rows_of = first_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--optim", required=True, choices=sorted(OPTIMIZERS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--proj-type", default="std")
+    parser.add_argument("--min-8bit-size", type=int, default=0)
+    parser.add_argument("--nan", action="store_true", help="NaNs in gradient rows rank 1 holds (fsdp2_galore.NANS).")
+    parser.add_argument("--save-at", type=int, default=-1)
+    parser.add_argument("--save-dir", default="")
+    parser.add_argument("--resume-from", default="")
+    parser.add_argument("--resume-at", type=int, default=-1)
+    parser.add_argument("--break-resharding", action="store_true")
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model = build_model(torch.float32)
+    if args.optim.startswith("welore"):
+        welore.compress(model, target_compression=0.5)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if args.break_resharding:
+        break_resharding()
+
+    optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
+                    "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
+    if args.optim.startswith("welore"):
+        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01}
+    if args.optim == "flora_adamw":  # resamples the momentum projection at steps 3 and 6
+        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 3, "proj_type": args.proj_type}
+    if args.optim.endswith("_8bit"):
+        optim_kwargs.update(min_8bit_size=args.min_8bit_size, block_size=64)
+    optimizer = OPTIMIZERS[args.optim](param_groups(model), **optim_kwargs)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    first, loaded = 0, {}
+    if args.resume_from:
+        # accelerate's load_fsdp_optimizer: this optimizer's own state dict is the template DCP loads into.
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=args.resume_from)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        first = args.resume_at + 1
+        for p, s in optimizer.state.items():
+            loaded[names[id(p)]] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+
+    data = torch.Generator().manual_seed(1)
+    inputs = torch.randn(args.steps, args.global_batch, 6, 24, generator=data)
+    targets = torch.randn(args.steps, args.global_batch, 6, 9, generator=data)
+    per_rank = args.global_batch // world
+    losses = {}
+    for step in range(first, args.steps):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
+        loss.backward()
+        for nan_step, name, row in NANS if args.nan else ():
+            if nan_step == step:
+                put_nan(dict(model.named_parameters())[name], row, rank, world)
+        optimizer.step()
+        optimizer.zero_grad()
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+        losses[step] = float(logged)
+        if step == args.save_at:  # accelerate's save_fsdp_optimizer (with the model's state next to it)
+            state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+            dcp.save(state, checkpoint_id=args.save_dir)
+
+    params = {}
+    for name, p in model.named_parameters():
+        params[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    torch.save(
+        {
+            "losses": losses,
+            "params": params,
+            "loaded": loaded,
+            "sides": {names[id(p)]: s["side"] for p, s in optimizer.state.items() if "side" in s},
+            "steps": {names[id(p)]: s["step"] for p, s in optimizer.state.items()},
+            "skips": {names[id(p)]: s.get("nonfinite_skips", 0) for p, s in optimizer.state.items()},
+        },
+        os.path.join(args.out, f"rank{rank}.pt"),
+    )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
