@@ -52,61 +52,60 @@ def break_resharding() -> None:
     base.rows_of = adamw.rows_of = first_rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--optim", required=True, choices=sorted(OPTIMIZERS))
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--proj-type", default="std")
-    parser.add_argument("--min-8bit-size", type=int, default=0)
-    parser.add_argument("--nan", action="store_true", help="NaNs in gradient rows rank 1 holds (fsdp2_galore.NANS).")
-    parser.add_argument("--save-at", type=int, default=-1)
-    parser.add_argument("--save-dir", default="")
-    parser.add_argument("--resume-from", default="")
-    parser.add_argument("--resume-at", type=int, default=-1)
-    parser.add_argument("--break-resharding", action="store_true")
-    args = parser.parse_args()
+#: The cases one launch runs, each with its own model, optimizer and checkpoint folder: `(optimizer name, extra kwargs)`.
+#: 8-bit with `min_8bit_size=65` (block 64): the 64×4 and 32×4 moments are 8-bit and each shard holds whole blocks
+#: ("aligned"); the 1-D states and the 9×4 moments stay fp32. With 0, every state is 8-bit and the 64-element 1-D
+#: states (32 + 32 rows) and the 9-row ones (5 + 4) have blocks that straddle the two shards.
+CASES = {
+    "galore_adamw": ("galore_adamw", {}),
+    "galore_adamw_8bit": ("galore_adamw_8bit", {"min_8bit_size": 65, "block_size": 64}),
+    "galore_adamw_8bit_straddling": ("galore_adamw_8bit", {"min_8bit_size": 0, "block_size": 64}),
+    "flora_adamw": ("flora_adamw", {}),
+    "welore_adamw": ("welore_adamw", {}),
+}
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+
+def build(case: str, proj_type: str, mesh) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The case's model (sharded with `fully_shard` on `mesh` unless None) and its optimizer."""
+    name, extra = CASES[case]
     model = build_model(torch.float32)
-    if args.optim.startswith("welore"):
+    if name.startswith("welore"):
         welore.compress(model, target_compression=0.5)
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
+    if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
-        mesh = init_device_mesh("cpu", (world,))
         for layer in model:
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    if args.break_resharding:
-        break_resharding()
+    kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0, "oversample": 4,
+              "proj_type": proj_type}  # fmt: skip
+    if name.startswith("welore"):
+        kwargs = {"lr": 1e-2, "weight_decay": 0.01}
+    if name == "flora_adamw":  # resamples the momentum projection at steps 3 and 6
+        kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 3, "proj_type": proj_type}
+    return model, OPTIMIZERS[name](param_groups(model), **kwargs, **extra)
 
-    optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
-                    "oversample": 4, "proj_type": args.proj_type}  # fmt: skip
-    if args.optim.startswith("welore"):
-        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01}
-    if args.optim == "flora_adamw":  # resamples the momentum projection at steps 3 and 6
-        optim_kwargs = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 3, "proj_type": args.proj_type}
-    if args.optim.endswith("_8bit"):
-        optim_kwargs.update(min_8bit_size=args.min_8bit_size, block_size=64)
-    optimizer = OPTIMIZERS[args.optim](param_groups(model), **optim_kwargs)
+
+def plain_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, dict]:
+    """The optimizer's state by parameter name, tensors copied (this process' rows of sharded ones)."""
+    return {
+        names[id(p)]: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        for p, state in optimizer.state.items()
+    }
+
+
+def run_case(case: str, args: argparse.Namespace, mesh, world: int, rank: int) -> dict:
+    model, optimizer = build(case, args.proj_type, mesh)
     names = {id(p): n for n, p in model.named_parameters()}
-
-    first, loaded = 0, {}
+    first, loaded, saved = 0, {}, {}
     if args.resume_from:
         # accelerate's load_fsdp_optimizer: this optimizer's own state dict is the template DCP loads into.
         state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=args.resume_from)
+        dcp.load(state, checkpoint_id=os.path.join(args.resume_from, case))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        first = args.resume_at + 1
-        for p, s in optimizer.state.items():
-            loaded[names[id(p)]] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        first, loaded = args.resume_at + 1, plain_state(optimizer, names)
 
     data = torch.Generator().manual_seed(1)
     inputs = torch.randn(args.steps, args.global_batch, 6, 24, generator=data)
@@ -118,7 +117,7 @@ def main() -> None:
         loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
         loss.backward()
         for nan_step, name, row in NANS if args.nan else ():
-            if nan_step == step:
+            if nan_step == step and name in dict(model.named_parameters()):  # WeLore's model has other names
                 put_nan(dict(model.named_parameters())[name], row, rank, world)
         optimizer.step()
         optimizer.zero_grad()
@@ -129,22 +128,50 @@ def main() -> None:
         losses[step] = float(logged)
         if step == args.save_at:  # accelerate's save_fsdp_optimizer (with the model's state next to it)
             state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-            dcp.save(state, checkpoint_id=args.save_dir)
+            dcp.save(state, checkpoint_id=os.path.join(args.save_dir, case))
+            saved = plain_state(optimizer, names)
 
     params = {}
     for name, p in model.named_parameters():
         params[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-    torch.save(
-        {
-            "losses": losses,
-            "params": params,
-            "loaded": loaded,
-            "sides": {names[id(p)]: s["side"] for p, s in optimizer.state.items() if "side" in s},
-            "steps": {names[id(p)]: s["step"] for p, s in optimizer.state.items()},
-            "skips": {names[id(p)]: s.get("nonfinite_skips", 0) for p, s in optimizer.state.items()},
-        },
-        os.path.join(args.out, f"rank{rank}.pt"),
-    )
+    return {
+        "losses": losses,
+        "params": params,
+        "saved": saved,
+        "loaded": loaded,
+        "sides": {names[id(p)]: s["side"] for p, s in optimizer.state.items() if "side" in s},
+        "steps": {names[id(p)]: s["step"] for p, s in optimizer.state.items()},
+        "skips": {names[id(p)]: s.get("nonfinite_skips", 0) for p, s in optimizer.state.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", required=True, help=f"Comma-separated, from {sorted(CASES)}.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--proj-type", default="std")
+    parser.add_argument("--nan", action="store_true", help="NaNs in gradient rows rank 1 holds (fsdp2_galore.NANS).")
+    parser.add_argument("--save-at", type=int, default=-1)
+    parser.add_argument("--save-dir", default="")
+    parser.add_argument("--resume-from", default="")
+    parser.add_argument("--resume-at", type=int, default=-1)
+    parser.add_argument("--break-resharding", action="store_true")
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    mesh = None
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (world,))
+    if args.break_resharding:
+        break_resharding()
+    results = {case: run_case(case, args, mesh, world, rank) for case in args.cases.split(",")}
+    torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
     if world > 1:
         dist.destroy_process_group()
 
