@@ -457,42 +457,25 @@ class LowRankOptimizer(Optimizer):
             imported[key] = value
         return imported
 
+    def _projected_side(self, p: torch.Tensor, group: dict[str, Any]) -> Side | None:
+        """The side this optimizer projects `p` on (None when its settings are refused anyway)."""
+        if not group.get("low_rank"):
+            return Side.NONE
+        try:
+            return (row_sharded_side if is_dtensor(p) else choose_side)(p.shape, group["proj_type"], group["rank"])
+        except ValueError:  # refused by the constructor already
+            return None
+
     def _check_saved_side(self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
         """Refuse a saved state projected on another side than this optimizer projects `p`: its moments and bases
-        have other shapes, so it could only be loaded wrongly.
-
-        The side depends on the setup as well as on `proj_type`: under FSDP2 `std` means the right side, while one
-        process' `std` projects a wide weight (m < n) on the left.
-        """
-        if "side" not in saved or not group.get("low_rank"):
-            return
-        try:
-            side = (row_sharded_side if is_dtensor(p) else choose_side)(p.shape, group["proj_type"], group["rank"])
-        except ValueError:  # refused by the constructor already
-            return
-        saved_side = Side(int(saved["side"]))
-        if saved_side == side:
-            return
-        shape = tuple(p.shape)
-        if is_dtensor(p):
-            fix = (
-                "Under FSDP2 a weight is projected on the right side only, so this state cannot continue there: "
-                "resume it on one process (without fully_shard) with the checkpoint's proj_type, or start the "
-                "sharded run from the checkpoint's weights without its optimizer state."
+        have other shapes, so it could only be loaded wrongly (see [`side_mismatch_message`])."""
+        side = self._projected_side(p, group)
+        if "side" in saved and side is not None and Side(int(saved["side"])) != side:
+            raise InvalidConfigError(
+                side_mismatch_message(
+                    tuple(p.shape), Side(int(saved["side"])), side, group["proj_type"], is_dtensor(p)
+                )
             )
-        elif saved_side == Side.RIGHT:
-            fix = (
-                "A state saved under FSDP2 (where proj_type='std' means the right side) continues on one process "
-                "with proj_type='right': build the optimizer with proj_type='right' (optim_args 'proj_type=right')."
-            )
-        else:
-            fix = f"Build the optimizer with the proj_type that projects this weight on the {saved_side.name.lower()} side."
-        raise InvalidConfigError(
-            f"The optimizer state of a weight of shape {shape} was saved projected on the {saved_side.name.lower()} "
-            f"side, but this optimizer (proj_type={group['proj_type']!r}"
-            f"{', row-sharded' if is_dtensor(p) else ', one process'}) projects it on the {side.name.lower()} side. "
-            + fix
-        )
 
     def _check_signature(self, signature: dict[str, Any] | None) -> None:
         """Refuse a state written by another optimizer (its keys and formats differ) or by a newer version."""
@@ -1103,6 +1086,33 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         """Inner update on the projected gradient `low`; apply it with `apply_back(update, alpha)`."""
         raise NotImplementedError
+
+
+def side_mismatch_message(shape: tuple[int, ...], saved: Side, side: Side, proj_type: str, sharded: bool) -> str:
+    """Why a saved state of a weight of `shape` projected on side `saved` cannot load into an optimizer that projects
+    it on `side`, and what to do.
+
+    The side depends on the setup as well as on `proj_type`: under FSDP2 `std` means the right side, while one
+    process' `std` projects a wide weight (m < n) on the left.
+    """
+    if sharded:
+        fix = (
+            "Under FSDP2 a weight is projected on the right side only, so this state cannot continue there: resume it "
+            "on one process (without fully_shard) with the checkpoint's proj_type, or start the sharded run from the "
+            "checkpoint's weights without its optimizer state."
+        )
+    elif saved == Side.RIGHT:
+        fix = (
+            "A state saved under FSDP2 (where proj_type='std' means the right side) continues on one process with "
+            "proj_type='right': build the optimizer with proj_type='right' (optim_args 'proj_type=right')."
+        )
+    else:
+        fix = f"Build the optimizer with a proj_type that projects this weight on the {saved.name.lower()} side."
+    setup = "row-sharded (FSDP2)" if sharded else "one process"
+    return (
+        f"The optimizer state of a weight of shape {shape} was saved projected on the {saved.name.lower()} side, but "
+        f"this optimizer (proj_type={proj_type!r}, {setup}) projects it on the {side.name.lower()} side. {fix}"
+    )
 
 
 def global_numel(p: torch.Tensor, shape: tuple[int, ...]) -> int:

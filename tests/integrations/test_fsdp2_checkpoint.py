@@ -174,3 +174,57 @@ def test_a_broken_reshard_fails_the_comparison(runs):
         single, rank0 = runs["single"][case], broken[0][case]
         worst = max(_max_error(rank0["params"][n], v) for n, v in single["params"].items())
         assert worst > 100 * FP32_RTOL, (case, worst)
+
+
+# ---------------------------------------------------------------------------------------------- single process
+def _wide_model_and_optimizer(proj_type: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A wide 32×64 weight: one process' `std` projects it on the left, FSDP2's (and `right`) on the right."""
+    from hf_galore import GaLoreAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    groups = [{"params": [model[0].bias]}, {"params": [model[0].weight], "low_rank": True}]
+    return model, GaLoreAdamW(groups, lr=1e-2, rank=4, update_proj_gap=3, proj_type=proj_type)
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(8, 64, generator=torch.Generator().manual_seed(2))).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # DCP on one process
+def test_a_right_side_state_refuses_to_load_where_std_means_left_naming_the_fix(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from hf_galore.errors import InvalidConfigError
+    from hf_galore.optim import check_dcp_checkpoint
+
+    # A right-side state, as FSDP2 writes it (here one process with proj_type="right").
+    saver_model, saver = _wide_model_and_optimizer("right")
+    _step(saver_model, saver)
+    state = saver.state_dict()
+    dcp.save({"optimizer": get_optimizer_state_dict(saver_model, saver)}, checkpoint_id=tmp_path)
+
+    # torch.save / load_state_dict: refused by the per-weight side check, naming the fix.
+    model, optimizer = _wide_model_and_optimizer("std")
+    with pytest.raises(InvalidConfigError, match=r"saved projected on the right side.*proj_type='right'"):
+        optimizer.load_state_dict(state)
+    # DCP: dcp.load itself refuses the other shapes with a bare size mismatch; the check names the fix first.
+    model, optimizer = _wide_model_and_optimizer("std")
+    with pytest.raises(InvalidConfigError, match=r"'0.weight'.*proj_type='right'"):
+        check_dcp_checkpoint(model, optimizer, tmp_path)
+    with pytest.raises(CheckpointException, match=r"Size mismatch .* for optimizer\.state\.0\.weight"):
+        template = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(template, checkpoint_id=tmp_path)
+    # With proj_type="right" both load, and the loaded state is the saved one.
+    model, optimizer = _wide_model_and_optimizer("right")
+    check_dcp_checkpoint(model, optimizer, tmp_path)
+    template = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(model, optimizer, template["optimizer"])
+    for key, value in saver.state[saver_model[0].weight].items():
+        loaded = optimizer.state[model[0].weight][key]
+        assert torch.equal(loaded, value) if torch.is_tensor(value) else loaded == value, key
