@@ -18,7 +18,9 @@ parameters (all of WeLore's) get the elementwise update on their rows, with no c
 
 Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
 tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
-`torch.load(weights_only=True)` and a resumed run continues bit for bit.
+`torch.load(weights_only=True)` and a resumed run continues bit for bit. For a row-sharded parameter `state_dict()`
+gives the row-following states as `Shard(0)` DTensors of the global shape and `load_state_dict` takes this process'
+rows of whatever arrives, so `torch.distributed.checkpoint` reshards the state to any number of processes.
 """
 
 from __future__ import annotations
@@ -551,8 +553,9 @@ class LowRankOptimizer(Optimizer):
         Projection bases, fp32 moments of bf16 weights and uint8 8-bit states must keep their dtype; only their
         device follows the parameter.
 
-        A state written by another optimizer, or with other settings that shape the saved state (`rank`,
-        `proj_type`, `seed`, `stagger`, momentum on/off, ...), is refused with [`InvalidConfigError`]. Other settings
+        A state written by another optimizer, with other settings that shape the saved state (`rank`, `seed`,
+        `stagger`, momentum on/off, ...), or with a weight projected on another side than this optimizer projects
+        it, is refused with [`InvalidConfigError`]. Other settings
         changed since the save (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, ...) take this run's
         values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does (the LR
         scheduler drives it).

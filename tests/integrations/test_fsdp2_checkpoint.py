@@ -139,28 +139,33 @@ def test_8bit_checkpoint_with_blocks_across_shards_requantises_within_a_code(run
     """min_8bit_size=0: the 1-D states (64 = 32 + 32 elements, one 64-element block in one process) and the 9-row
     states (5 + 4 rows) have blocks that straddle the shards. The save requantises each process' values on the
     one-process blocks (block maxima all-reduced); a loader with straddling blocks dequantises its rows and
-    requantises them into its own blocks. Each is one rounding to the dynamic 8-bit map.
+    requantises them into its own blocks. Each is one more rounding to the dynamic 8-bit map.
 
-    Measured: the 1 → 2 loaded moments (dequantised) within 1.6e-2 of their norm of the one-process saved ones...
+    Measured: loaded moments (dequantised) within 7.4e-3 (1 → 2) and 8.3e-3 (2 → 1) of the norm of the saved ones;
+    the continued runs within 3.8e-3 (1 → 2, of one process' parameters) and 7.4e-3 (2 → 1, of the two-process
+    run's, itself another quantisation than one process': 1.2e-2) of a tensor's largest entry.
     """
     from hf_galore.optim._quant8 import Blockwise8bitStore
 
     store = Blockwise8bitStore()
     case = "galore_adamw_8bit_straddling"
     single, two_to_one = runs["single"][case], runs["two_to_one"][case]
-    one_to_two = [r[case] for r in runs["one_to_two"]]
-    worst = 0.0
+    sharded, one_to_two = [r[case] for r in runs["sharded"]], [r[case] for r in runs["one_to_two"]]
     for name, saved in single["saved"].items():
         for moment, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             whole = store.load(saved, moment, signed)
-            parts = [store.load(r["loaded"][name], moment, signed) for r in one_to_two]
-            worst = max(worst, relative_error(torch.cat(parts), whole))
-    print(f"1 -> 2 requantisation: {worst:.2e}")
-    assert worst <= 2e-2
-    # The continued runs: another quantisation than one process' (as the sharded run itself, see test_fsdp2.py).
-    for resumed in (two_to_one, one_to_two[0]):
-        for name, value in single["params"].items():
-            assert relative_error(resumed["params"][name], value) <= 5e-2, name
+            parts = torch.cat([store.load(r["loaded"][name], moment, signed) for r in one_to_two])
+            assert relative_error(parts, whole) <= 2e-2, (name, moment, relative_error(parts, whole))
+            parts = torch.cat([store.load(r["saved"][name], moment, signed) for r in sharded])
+            loaded = store.load(two_to_one["loaded"][name], moment, signed)
+            assert relative_error(loaded, parts) <= 2e-2, (name, moment, relative_error(loaded, parts))
+    for resumed, reference in ((one_to_two[0], single), (two_to_one, sharded[0])):
+        assert sorted(resumed["losses"]) == [5, 6, 7]
+        for name, value in reference["params"].items():
+            assert _max_error(resumed["params"][name], value) <= 2e-2, (
+                name,
+                _max_error(resumed["params"][name], value),
+            )
 
 
 @pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""Save an optimizer through torch.distributed.checkpoint (DCP) on N processes and resume it on M; launched by
+"""Save optimizers through torch.distributed.checkpoint (DCP) on N processes and resume them on M; launched by
 tests/integrations/test_fsdp2_checkpoint.py.
 
 The model, data and optimizer settings are those of fsdp2_galore.py (a tiny MLP whose 9-row weight splits 5 + 4 over
@@ -6,14 +6,16 @@ two processes; each process takes its half of the global batch). One process tra
 under `fully_shard` (gloo, CPU). Checkpoints go through the calls accelerate's `save_fsdp_optimizer` /
 `load_fsdp_optimizer` make for FSDP2: `get_optimizer_state_dict` (and `get_model_state_dict`) → `dcp.save`; on
 resume, the new optimizer's `get_optimizer_state_dict` as the template → `dcp.load` into it →
-`set_optimizer_state_dict`.
+`set_optimizer_state_dict`. One launch runs several cases (`--cases`, see `CASES`), each with its own model,
+optimizer and checkpoint folder, so the tests pay the start-up of a launch once.
 
-* `--save-at K --save-dir D`: after step K, save the model and the optimizer to D, then go on to the last step (so
-  the same run is the uninterrupted reference).
-* `--resume-from D --resume-at K`: build the model and optimizer, load D, and run steps K+1 to the last.
+* `--save-at K --save-dir D`: after step K, save each case to D/<case>, then go on to the last step (so the same run
+  is the uninterrupted reference).
+* `--resume-from D --resume-at K`: build the model and optimizer, load D/<case>, and run steps K+1 to the last.
 
-Writes, per rank, `rank{R}.pt`: the losses of the steps it ran, the final parameters (`full_tensor()`), the per-weight
-step counters and sides, and what the resumed optimizer holds right after loading (`loaded`).
+Writes, per rank, `rank{R}.pt`: per case, the losses of the steps it ran, the final parameters (`full_tensor()`), the
+per-weight step counters, sides and non-finite skips, and this process' optimizer state right after the save
+(`saved`) and right after loading (`loaded`).
 """
 
 from __future__ import annotations
