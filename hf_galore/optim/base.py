@@ -571,6 +571,11 @@ class LowRankOptimizer(Optimizer):
         groups = [{k: v for k, v in g.items() if k in allowed} for g in state_dict["param_groups"]]
         state_dict = {**state_dict, "param_groups": groups}
         changes = self._settings_changes(state_dict["param_groups"])
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = ((p, g) for g in self.param_groups for p in g["params"])
+        for saved_id, (p, group) in zip(saved_ids, params):  # before anything is loaded
+            if (saved := state_dict["state"].get(saved_id)) is not None:
+                self._check_saved_side(p, group, saved)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != SIGNATURE_KEY})
         for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
             for key, value in self.defaults.items():
@@ -590,12 +595,11 @@ class LowRankOptimizer(Optimizer):
                 stacklevel=2,
             )
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = ((p, g) for g in self.param_groups for p in g["params"])
-        for saved_id, (p, group) in zip(saved_ids, params):
+        params = (p for g in self.param_groups for p in g["params"])
+        for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
-            self._check_saved_side(p, group, saved)
             # Row-sharded states may come as DTensors, whole tensors or this process' rows, whatever number of
             # processes saved them (torch.distributed.checkpoint reshards): keep this process' part.
             sharding = row_sharding(p, type(self).__name__)
@@ -1114,7 +1118,8 @@ def side_mismatch_message(shape: tuple[int, ...], saved: Side, side: Side, proj_
     setup = "row-sharded (FSDP2)" if sharded else "one process"
     return (
         f"The optimizer state of a weight of shape {shape} was saved projected on the {saved.name.lower()} side, but "
-        f"this optimizer (proj_type={proj_type!r}, {setup}) projects it on the {side.name.lower()} side. {fix}"
+        f"this optimizer (proj_type={proj_type!r}, {setup}) projects it on the {side.name.lower()} side: its moments "
+        f"and bases have other shapes and cannot be converted. {fix}"
     )
 
 
