@@ -4,7 +4,9 @@ processes.
 The launched script (distributed/fsdp2_checkpoint.py) trains fsdp2_galore.py's MLP for 8 steps (refreshes at steps 0,
 3 and 6; FLoRA resamples at steps 3 and 6; NaNs in rank 1's rows at steps 4 and 6) and saves the model and the
 optimizer after step 4 with the calls accelerate makes for FSDP2 (`get_optimizer_state_dict` → `dcp.save`;
-`get_optimizer_state_dict` as the template → `dcp.load` → `set_optimizer_state_dict`). Four launches cover every case:
+`get_optimizer_state_dict` as the template → `dcp.load` → `set_optimizer_state_dict`); the `*_full_state_dict` cases
+use `StateDictOptions(full_state_dict=True)` instead (a gathered state dict, `torch.save`d, loaded whole on every
+process: accelerate's FULL_STATE_DICT). Four launches cover every case:
 
 * one process (`proj_type="right"`), saving after step 4 and going on: the uninterrupted reference;
 * two processes under `fully_shard` (`proj_type="std"`, which means right there), saving after step 4;
@@ -32,7 +34,8 @@ FP32_RTOL = 1e-5
 LOSS_RTOL = 1e-5
 EIGHT_BIT_RTOL = 1e-3
 #: Every case of the script's launches; "galore_adamw_8bit" has aligned blocks, "..._straddling" blocks across shards.
-CASES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_8bit_straddling", "flora_adamw", "welore_adamw")
+CASES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_8bit_straddling", "flora_adamw", "welore_adamw",
+         "galore_adamw_full_state_dict", "galore_adamw_8bit_straddling_full_state_dict")  # fmt: skip
 #: The GaLore/FLoRA weights of the model (WeLore's factors have other names) and their rows.
 WEIGHTS = {"0.weight": 64, "3.weight": 32, "5.weight": 9}
 
@@ -79,7 +82,7 @@ def _check_continues(single: dict, resumed: dict, error=_max_error, rtol: float 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["galore_adamw", "flora_adamw", "welore_adamw"])
+@pytest.mark.parametrize("case", ["galore_adamw", "flora_adamw", "welore_adamw", "galore_adamw_full_state_dict"])
 def test_fp32_checkpoint_saved_on_two_processes_resumes_on_one_and_back(runs, case):
     single = runs["single"][case]
     _check_continues(single, runs["two_to_one"][case])
@@ -135,7 +138,8 @@ def test_8bit_checkpoint_with_aligned_blocks_reshards_exactly(runs):
 
 
 @pytest.mark.distributed
-def test_8bit_checkpoint_with_blocks_across_shards_requantises_within_a_code(runs):
+@pytest.mark.parametrize("case", ["galore_adamw_8bit_straddling", "galore_adamw_8bit_straddling_full_state_dict"])
+def test_8bit_checkpoint_with_blocks_across_shards_requantises_within_a_code(runs, case):
     """min_8bit_size=0: the 1-D states (64 = 32 + 32 elements, one 64-element block in one process) and the 9-row
     states (5 + 4 rows) have blocks that straddle the shards. The save requantises each process' values on the
     one-process blocks (block maxima all-reduced); a loader with straddling blocks dequantises its rows and
@@ -148,7 +152,6 @@ def test_8bit_checkpoint_with_blocks_across_shards_requantises_within_a_code(run
     from hf_galore.optim._quant8 import Blockwise8bitStore
 
     store = Blockwise8bitStore()
-    case = "galore_adamw_8bit_straddling"
     single, two_to_one = runs["single"][case], runs["two_to_one"][case]
     sharded, one_to_two = [r[case] for r in runs["sharded"]], [r[case] for r in runs["one_to_two"]]
     for name, saved in single["saved"].items():

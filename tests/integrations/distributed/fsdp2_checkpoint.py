@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_galore import NANS, OPTIMIZERS, build_model, param_groups, put_nan
 
 from hf_galore import welore
+from hf_galore.optim import check_dcp_checkpoint
 
 
 def break_resharding() -> None:
@@ -64,6 +66,9 @@ CASES = {
     "galore_adamw_8bit_straddling": ("galore_adamw_8bit", {"min_8bit_size": 0, "block_size": 64}),
     "flora_adamw": ("flora_adamw", {}),
     "welore_adamw": ("welore_adamw", {}),
+    # The full-state-dict API instead of DCP (accelerate's FULL_STATE_DICT): gathered, torch.save'd, loaded whole.
+    "galore_adamw_full_state_dict": ("galore_adamw", {}),
+    "galore_adamw_8bit_straddling_full_state_dict": ("galore_adamw_8bit", {"min_8bit_size": 0, "block_size": 64}),
 }
 
 
@@ -101,8 +106,16 @@ def run_case(case: str, args: argparse.Namespace, mesh, world: int, rank: int) -
     model, optimizer = build(case, args.proj_type, mesh)
     names = {id(p): n for n, p in model.named_parameters()}
     first, loaded, saved = 0, {}, {}
-    if args.resume_from:
-        # accelerate's load_fsdp_optimizer: this optimizer's own state dict is the template DCP loads into.
+    full = StateDictOptions(full_state_dict=True) if case.endswith("_full_state_dict") else None
+    if args.resume_from and full is not None:  # every process reads the whole state, each keeps its part
+        state = torch.load(os.path.join(args.resume_from, f"{case}.pt"), weights_only=True)
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+        first, loaded = args.resume_at + 1, plain_state(optimizer, names)
+    elif args.resume_from:
+        # accelerate's load_fsdp_optimizer: this optimizer's own state dict is the template DCP loads into (after
+        # hf_galore's check of the saved sides and shapes, which passes here).
+        check_dcp_checkpoint(model, optimizer, os.path.join(args.resume_from, case))
         state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.load(state, checkpoint_id=os.path.join(args.resume_from, case))
         set_model_state_dict(model, state["model"])
@@ -128,7 +141,18 @@ def run_case(case: str, args: argparse.Namespace, mesh, world: int, rank: int) -
             dist.all_reduce(logged)
             logged /= world
         losses[step] = float(logged)
-        if step == args.save_at:  # accelerate's save_fsdp_optimizer (with the model's state next to it)
+        if step == args.save_at and full is not None:  # gathered on every process, written by the first
+            state = {
+                "model": get_model_state_dict(model, options=full),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=full),
+            }
+            if rank == 0:
+                os.makedirs(args.save_dir, exist_ok=True)
+                torch.save(state, os.path.join(args.save_dir, f"{case}.pt"))
+            if world > 1:
+                dist.barrier()
+            saved = plain_state(optimizer, names)
+        elif step == args.save_at:  # accelerate's save_fsdp_optimizer (with the model's state next to it)
             state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
             dcp.save(state, checkpoint_id=os.path.join(args.save_dir, case))
             saved = plain_state(optimizer, names)
