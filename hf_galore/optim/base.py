@@ -555,10 +555,14 @@ class LowRankOptimizer(Optimizer):
 
         A state written by another optimizer, with other settings that shape the saved state (`rank`, `seed`,
         `stagger`, momentum on/off, ...), or with a weight projected on another side than this optimizer projects
-        it, is refused with [`InvalidConfigError`]. Other settings
-        changed since the save (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, ...) take this run's
-        values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does (the LR
-        scheduler drives it).
+        it, is refused with [`InvalidConfigError`] before anything is loaded. Other settings changed since the save
+        (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, `proj_type` where every side stays, ...) take
+        this run's values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does
+        (the LR scheduler drives it).
+
+        For a row-sharded (FSDP2) parameter each process keeps its rows of the row-following states, which may
+        arrive as DTensors (a `torch.distributed.checkpoint` load), whole tensors (a one-process or gathered state
+        dict) or this process' rows (its own per-process state dict); see `_import_sharded_state`.
         """
         signature = state_dict.get(SIGNATURE_KEY)
         if signature is None:  # through torch.distributed.checkpoint's state_dict API: the copy in the groups
