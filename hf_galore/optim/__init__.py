@@ -9,6 +9,7 @@ from ..utils.deprecation import moved_attributes
 from .adafactor import LowRankAdafactor
 from .adamw import LowRankAdamW, LowRankAdamW8bit
 from .base import LowRankOptimizer, ParamBytes
+from .checkpoint import check_dcp_checkpoint
 from .layerwise import LayerwiseMixin, is_layerwise
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LowRankAdamW8bit",
     "LowRankOptimizer",
     "ParamBytes",
+    "check_dcp_checkpoint",
     "is_layerwise",
 ]
 

@@ -79,6 +79,52 @@ class Blockwise8bitStore:
             value.contiguous(), code=self._map(value.device, signed), absmax=absmax, out=codes, blocksize=block
         )
 
+    def quantize(self, values: torch.Tensor, block: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(codes, absmax)` of the fp32 `values` in blocks of `block` elements (codes shaped like `values`)."""
+        codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
+        absmax = torch.empty(math.ceil(values.numel() / block), dtype=torch.float32, device=values.device)
+        self._functional.quantize_blockwise(
+            values.contiguous(), code=self._map(values.device, signed), absmax=absmax, out=codes, blocksize=block
+        )
+        return codes, absmax
+
+    # A row-sharded state holds elements start .. start + L of the whole flattened state. "The global grid" is the
+    # blocks one process holding the whole state uses (element i in block i // block); a shard that does not start
+    # on a block boundary shares its first and last block with its neighbours.
+    def quantize_on_grid(
+        self, values: torch.Tensor, start: int, absmax: torch.Tensor, block: int, signed: bool
+    ) -> torch.Tensor:
+        """The uint8 codes of the flat fp32 `values` (elements `start:` of a state) on the global grid, given the
+        global grid's `absmax` (each block's max |value| over every process' elements): the codes of these elements
+        that one process holding the whole state would store."""
+        if not values.numel():
+            return torch.empty(0, dtype=torch.uint8, device=values.device)
+        front, first = start % block, start // block
+        padded = values.new_zeros(math.ceil((front + values.numel()) / block) * block)
+        padded[front : front + values.numel()] = values
+        # The slots of the first and last block that other processes hold get the block's global maximum, so
+        # bitsandbytes quantises each block with its global absmax and rounds these elements as one process would.
+        padded[:front] = absmax[first]
+        padded[front + values.numel() :] = absmax[first + padded.numel() // block - 1]
+        codes, _ = self.quantize(padded, block, signed)
+        return codes[front : front + values.numel()]
+
+    def dequantize_on_grid(
+        self, codes: torch.Tensor, start: int, absmax: torch.Tensor, block: int, signed: bool
+    ) -> torch.Tensor:
+        """The fp32 values of flat `codes` (elements `start:` of a state) quantised on the global grid with its
+        `absmax` (one per global block)."""
+        if not codes.numel():
+            return torch.empty(0, dtype=torch.float32, device=codes.device)
+        front, first = start % block, start // block
+        padded = codes.new_zeros(math.ceil((front + codes.numel()) / block) * block)
+        padded[front : front + codes.numel()] = codes
+        scales = absmax[first : first + padded.numel() // block].to(torch.float32).contiguous()
+        values = self._functional.dequantize_blockwise(
+            padded, absmax=scales, code=self._map(codes.device, signed), blocksize=block
+        )
+        return values[front : front + codes.numel()]
+
     def load_many(
         self, states: list[dict[str, Any]], name: str, signed: bool
     ) -> tuple[list[torch.Tensor], PackedStates]:

@@ -87,3 +87,51 @@ def all_reduce(tensor: torch.Tensor, group: Any, op: str = "sum") -> None:
     import torch.distributed as dist
 
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+
+
+def chunk_split(total: int, world: int) -> list[tuple[int, int]]:
+    """`(offset, size)` of each process' part when `total` items are split over `world` processes as `torch.chunk`
+    (and so FSDP2 and DTensor's `Shard(0)`) splits them: ceil(total / world) each, the last ones shorter or empty."""
+    chunk = math.ceil(total / world) if total else 0
+    return [(min(k * chunk, total), max(0, min(chunk, total - k * chunk))) for k in range(world)]
+
+
+def row_dtensor(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """`local` (this process' rows of a tensor whose first dimension has `rows` rows globally) as a DTensor sharded
+    like the parameter `like` (`Shard(0)` on its mesh), with the global shape; shares `local`'s storage.
+
+    The global shape and stride are given, not inferred by communication, so `state_dict()` stays collective-free;
+    `torch.distributed.checkpoint` then writes each process' rows at their global offset and reads any other split.
+    """
+    shape = (rows, *local.shape[1:])
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    return DTensor.from_local(local, like.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def rows_of(value: torch.Tensor, sharding: RowSharding, key: str) -> torch.Tensor:
+    """This process' rows of a saved state tensor that follows the parameter's rows: the local part of a DTensor,
+    a slice of a full (global-shape) tensor, or the tensor itself when it already holds just these rows (what
+    `state_dict()` wrote per process before states were DTensors).
+
+    Raises:
+        ValueError: when the tensor has neither the global nor this process' row count.
+    """
+    if is_dtensor(value):
+        if int(value.shape[0]) != sharding.rows:
+            raise ValueError(
+                f"optimizer state {key!r} of a row-sharded parameter with {sharding.rows} rows was saved with "
+                f"{int(value.shape[0])} rows."
+            )
+        local = value.to_local()
+        if int(local.shape[0]) == sharding.local_rows:
+            return local
+        value = value.full_tensor()  # another split of the same rows: gather, then take this process' rows
+    rows = int(value.shape[0]) if value.dim() else -1
+    if rows == sharding.rows:
+        return value[sharding.offset : sharding.offset + sharding.local_rows]
+    if rows == sharding.local_rows:
+        return value
+    raise ValueError(
+        f"optimizer state {key!r} of a row-sharded parameter ({sharding.rows} rows, {sharding.local_rows} on this "
+        f"process) has shape {tuple(value.shape)}: neither the whole tensor nor this process' rows."
+    )

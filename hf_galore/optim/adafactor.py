@@ -122,6 +122,9 @@ class LowRankAdafactor(LowRankOptimizer):
     #: Adafactor's regularisers are not `optim_args` keys (transformers' `galore_adafactor` does not take them either).
     engine_defaults: ClassVar[dict[str, Any]] = {"eps": (1e-30, 1e-3)}
     inner_configs: ClassVar[tuple[type, ...]] = (AdafactorConfig,)
+    #: A 2-D tensor's column statistics are means over all its rows (all-reduced on row shards): the same on every
+    #: process, saved whole (see `LowRankOptimizer.replicated_state_keys`).
+    replicated_state_keys: ClassVar[frozenset[str]] = frozenset({"exp_avg_sq_col"})
 
     @classmethod
     def inner_state_bytes(

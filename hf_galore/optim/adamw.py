@@ -16,7 +16,7 @@ import torch
 from ..configs import Blockwise8bitConfig, MultiTensorConfig
 from ..projection.subspace import Side, change_basis
 from ._quant8 import Blockwise8bitStore
-from ._sharding import local_tensor
+from ._sharding import RowSharding, all_reduce, chunk_split, is_dtensor, local_tensor, row_dtensor, rows_of
 from .base import ApplyBack, LowRankOptimizer, bias_corrections, element_size, global_numel
 
 
@@ -301,6 +301,84 @@ class LowRankAdamW8bit(LowRankAdamW):
             part[f"{name}_absmax"] = state[f"{name}_absmax"][start // block : -(-end // block)]
             part[f"{name}_block"] = block
         return part
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    # A row-sharded (FSDP2) 8-bit state is saved on the *global grid*: the codes as a Shard(0) DTensor of the global
+    # shape (one per element, so they reshard by rows) and one absmax per block of the whole flattened state, the
+    # blocks one process uses. When every shard starts on a block boundary ("aligned": m_k·row a multiple of
+    # block_size, which FSDP2's even split gives for the usual power-of-two shapes) that is exactly what each process
+    # holds: the absmax becomes a Shard(0) DTensor too, nothing is communicated or requantised, and any number of
+    # processes loads it exactly. Otherwise the blocks at the shard boundaries straddle two processes: the save
+    # requantises each process' values on the global grid (block maxima all-reduced, one number per block), so the
+    # checkpoint is the one-process layout up to one requantisation, and a loader whose shards are not aligned
+    # dequantises and requantises its rows into its own blocks. The checkpoint's keys and global shapes are the same
+    # for any number of processes, which torch.distributed.checkpoint needs to reshard.
+
+    #: The 8-bit states of this engine, with their quantisation map (signed for the first moment).
+    quantized_states: ClassVar[dict[str, bool]] = {"exp_avg": True, "exp_avg_sq": False}
+
+    @staticmethod
+    def _grid_is_aligned(rows: int, row: int, block: int, world: int) -> bool:
+        """Whether every process' rows of a state (`rows` rows of `row` elements, split as torch.chunk splits them)
+        start on a block boundary and hold exactly torch.chunk's split of the global blocks (so the absmax shards
+        like a DTensor)."""
+        blocks = math.ceil(rows * row / block)
+        for (offset, size), (block_offset, block_count) in zip(chunk_split(rows, world), chunk_split(blocks, world)):
+            expected = (offset * row // block, math.ceil(size * row / block)) if size else (block_offset, 0)
+            if (size and (offset * row) % block) or (block_offset, block_count) != expected:
+                return False
+        return True
+
+    def _export_sharded_state(self, p: torch.Tensor, sharding: RowSharding, state: dict[str, Any]) -> dict[str, Any]:
+        rest, grid = dict(state), {}
+        for name, signed in self.quantized_states.items():
+            if f"{name}_q" not in state:
+                continue
+            codes, absmax, block = state[f"{name}_q"], state[f"{name}_absmax"], state[f"{name}_block"]
+            row = math.prod(codes.shape[1:])
+            if self._grid_is_aligned(sharding.rows, row, block, p.device_mesh.size()):
+                grid[f"{name}_absmax"] = row_dtensor(absmax, p, math.ceil(sharding.rows * row / block))
+                continue
+            # Blocks straddle the shards: requantise this process' values on the global grid (a collective, only
+            # for such states).
+            values = self._store.load(state, name, signed).reshape(-1)
+            start, blocks = sharding.offset * row, math.ceil(sharding.rows * row / block)
+            peaks = torch.zeros(blocks, dtype=torch.float32, device=values.device)
+            index = torch.arange(start, start + values.numel(), device=values.device) // block
+            peaks.scatter_reduce_(0, index, values.abs(), "amax")
+            all_reduce(peaks, sharding.group, "max")
+            rest[f"{name}_q"] = self._store.quantize_on_grid(values, start, peaks, block, signed).view(codes.shape)
+            grid[f"{name}_absmax"] = peaks  # the same on every process after the all-reduce
+        exported = super()._export_sharded_state(p, sharding, {k: v for k, v in rest.items() if k not in grid})
+        return {key: grid[key] if key in grid else exported[key] for key in state}
+
+    def _import_sharded_state(self, p: torch.Tensor, sharding: RowSharding, saved: dict[str, Any]) -> dict[str, Any]:
+        imported = {}
+        for name, signed in self.quantized_states.items():
+            if f"{name}_q" not in saved:
+                continue
+            codes, absmax, block = saved[f"{name}_q"], saved[f"{name}_absmax"], int(saved[f"{name}_block"])
+            local = rows_of(codes, sharding, f"{name}_q")
+            if not is_dtensor(codes) and codes.shape[0] != sharding.rows:
+                # This process' own state dict as written before states were DTensors: its own blocks.
+                imported[f"{name}_q"], imported[f"{name}_absmax"] = local, absmax
+                continue
+            row = math.prod(local.shape[1:])
+            start, blocks = sharding.offset * row, math.ceil(local.numel() / block)
+            aligned = self._grid_is_aligned(sharding.rows, row, block, p.device_mesh.size())
+            if is_dtensor(absmax):
+                absmax = absmax.to_local() if aligned else absmax.full_tensor()
+            elif aligned:  # the whole absmax: this process' blocks
+                absmax = absmax[start // block : start // block + blocks]
+            if aligned:
+                imported[f"{name}_q"], imported[f"{name}_absmax"] = local, absmax
+                continue
+            values = self._store.dequantize_on_grid(local.reshape(-1), start, absmax, block, signed)
+            codes, absmax = self._store.quantize(values.view(local.shape), block, signed)
+            imported[f"{name}_q"], imported[f"{name}_absmax"] = codes, absmax
+        rest = {k: v for k, v in saved.items() if k not in imported}
+        rest = super()._import_sharded_state(p, sharding, rest)
+        return {key: imported[key] if key in imported else rest[key] for key in saved}
 
     def _load_moments_many(self, states: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
         """fp32 states as they are; 8-bit ones dequantised with one call per moment and device (see `load_many`)."""

@@ -20,7 +20,9 @@ rows, with no collective. The Adafactor engine also all-reduces its few global m
 
 Optimizer state is data: per parameter `step`, `side`, `seed`, `refresh_count`, `refresh_offset` (Python ints) and
 tensors (`proj_left` m×r, `proj_right` n×r, the inner moments), all in `self.state`, so `state_dict()` loads with
-`torch.load(weights_only=True)` and a resumed run continues bit for bit.
+`torch.load(weights_only=True)` and a resumed run continues bit for bit. For a row-sharded parameter `state_dict()`
+gives the row-following states as `Shard(0)` DTensors of the global shape and `load_state_dict` takes this process'
+rows of whatever arrives, so `torch.distributed.checkpoint` reshards the state to any number of processes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ..projection.subspace import (
 )
 from ..utils.deprecation import moved_attributes
 from ._hooks import check_unhooked
-from ._sharding import RowSharding, all_reduce, is_dtensor, local_tensor, row_sharding
+from ._sharding import RowSharding, all_reduce, is_dtensor, local_tensor, row_dtensor, row_sharding, rows_of
 
 #: Basis dtypes as plain ints (state holds tensors and numbers only), and the two basis sides.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -72,8 +74,10 @@ SIGNATURE_KEY = "hf_galore"
 #: Group keys restored from the checkpoint as `torch.optim` does: the LR scheduler drives `lr` and `initial_lr`.
 _RESTORED_GROUP_KEYS = {"lr"} | _FOREIGN_GROUP_KEYS
 #: Group keys of projected groups that the saved per-weight state depends on (shapes, stored seeds, stagger
-#: offsets, Q-GaLore's similarity queue): a checkpoint saved with other values cannot be converted.
-_LAYOUT_KEYS = ("rank", "proj_type", "seed", "stagger", "queue_size")
+#: offsets, Q-GaLore's similarity queue): a checkpoint saved with other values cannot be converted. `proj_type` is
+#: not one: what the state depends on is each weight's side, which `proj_type` decides together with the setup (under
+#: FSDP2 `std` means right), so `load_state_dict` compares the saved side of each weight instead.
+_LAYOUT_KEYS = ("rank", "seed", "stagger", "queue_size")
 
 #: Valid ranges of the float hyperparameters that no config dataclass holds, checked wherever a key is present:
 #: `(low, high, low_open, high_open, allow_none)`. A NaN or an infinity is never valid. `lr` and `weight_decay` come
@@ -387,12 +391,100 @@ class LowRankOptimizer(Optimizer):
         """The optimizer whose state layout this class writes (layer-wise variants write their base's)."""
         return cls.__name__
 
+    #: State keys whose 1-D tensors hold the same values on every process of a row-sharded (FSDP2) parameter
+    #: (besides the bases, `proj_*`): the column statistics of Adafactor and FLoRA, means over all rows of a 2-D
+    #: tensor, all-reduced at every step. A ≥2-D tensor under such a key (the statistics of a ≥3-D parameter, which
+    #: average over unsharded dimensions) follows the rows, as every other tensor state does.
+    replicated_state_keys: ClassVar[frozenset[str]] = frozenset()
+
     def state_dict(self) -> dict[str, Any]:
         """`torch.optim.Optimizer.state_dict()` plus a plain-data signature (optimizer kind, state format) that
-        `load_state_dict` checks."""
+        `load_state_dict` checks.
+
+        For a row-sharded (FSDP2) parameter, the states that follow its rows (moments, FLoRA's row statistics) are
+        DTensors with `Shard(0)` on the parameter's mesh and the global shape, and the replicated ones (bases,
+        counters, seeds) are plain tensors and numbers equal on every process: what
+        `torch.distributed.checkpoint` (and `get_optimizer_state_dict`) needs to save a state that any number of
+        processes can load. No collective, except for 8-bit states whose blocks straddle the shards (see
+        `LowRankAdamW8bit`).
+        """
         state_dict = super().state_dict()
-        state_dict[SIGNATURE_KEY] = {"kind": self._state_kind(), "format": STATE_FORMAT}
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for index, p in enumerate(params):  # torch numbers the states by the parameters' order in the groups
+            state = state_dict["state"].get(index)
+            if state is None:
+                continue
+            exported = dict(state)  # never modify the live state dict torch handed back
+            if "side" in exported and Side(exported["side"]) != Side.NONE:
+                # Always present, so every process' and every run's state has the same keys (a DCP load fills the
+                # keys of the loading optimizer's own state dict only).
+                exported.setdefault("nonfinite_skips", 0)
+            sharding = row_sharding(p, type(self).__name__)
+            if sharding is not None:
+                exported = self._export_sharded_state(p, sharding, exported)
+            state_dict["state"][index] = exported
+        # The signature also rides in the param groups: `get_optimizer_state_dict` keeps only "state" and
+        # "param_groups" of an optimizer's state dict.
+        signature = {"kind": self._state_kind(), "format": STATE_FORMAT}
+        for group in state_dict["param_groups"]:
+            group[SIGNATURE_KEY] = dict(signature)
+        state_dict[SIGNATURE_KEY] = signature
         return state_dict
+
+    def _is_replicated_state(self, key: str, value: torch.Tensor) -> bool:
+        """Whether state `key` (tensor `value`) of a row-sharded parameter is the same on every process (not split
+        by rows)."""
+        return key.startswith("proj_") or (key in self.replicated_state_keys and value.dim() <= 1)
+
+    def _export_sharded_state(self, p: torch.Tensor, sharding: RowSharding, state: dict[str, Any]) -> dict[str, Any]:
+        """The saved form of a row-sharded parameter's `state`: row-following tensors as `Shard(0)` DTensors of the
+        global shape, everything else as it is (subclasses with other layouts, the 8-bit blocks, extend this)."""
+        exported = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and not self._is_replicated_state(key, value):
+                if int(value.shape[0]) != sharding.local_rows:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: state {key!r} of a row-sharded parameter has shape "
+                        f"{tuple(value.shape)}, but this process holds {sharding.local_rows} of its rows; a state "
+                        "that is not split by rows must be listed in `replicated_state_keys`."
+                    )
+                value = row_dtensor(value, p, sharding.rows)
+            exported[key] = value
+        return exported
+
+    def _import_sharded_state(self, p: torch.Tensor, sharding: RowSharding, saved: dict[str, Any]) -> dict[str, Any]:
+        """This process' part of a saved state of a row-sharded parameter (the inverse of `_export_sharded_state`):
+        its rows of the row-following tensors, whether saved as DTensors, whole tensors (one process, or a gathered
+        state) or this process' rows (a per-process state dict); replicated tensors as they are."""
+        imported = {}
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and not self._is_replicated_state(key, value):
+                if value.dim() or is_dtensor(value):
+                    value = rows_of(value, sharding, key)
+            elif is_dtensor(value):
+                value = value.full_tensor()
+            imported[key] = value
+        return imported
+
+    def _projected_side(self, p: torch.Tensor, group: dict[str, Any]) -> Side | None:
+        """The side this optimizer projects `p` on (None when its settings are refused anyway)."""
+        if not group.get("low_rank"):
+            return Side.NONE
+        try:
+            return (row_sharded_side if is_dtensor(p) else choose_side)(p.shape, group["proj_type"], group["rank"])
+        except ValueError:  # refused by the constructor already
+            return None
+
+    def _check_saved_side(self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Refuse a saved state projected on another side than this optimizer projects `p`: its moments and bases
+        have other shapes, so it could only be loaded wrongly (see [`side_mismatch_message`])."""
+        side = self._projected_side(p, group)
+        if "side" in saved and side is not None and Side(int(saved["side"])) != side:
+            raise InvalidConfigError(
+                side_mismatch_message(
+                    tuple(p.shape), Side(int(saved["side"])), side, group["proj_type"], is_dtensor(p)
+                )
+            )
 
     def _check_signature(self, signature: dict[str, Any] | None) -> None:
         """Refuse a state written by another optimizer (its keys and formats differ) or by a newer version."""
@@ -468,13 +560,20 @@ class LowRankOptimizer(Optimizer):
         Projection bases, fp32 moments of bf16 weights and uint8 8-bit states must keep their dtype; only their
         device follows the parameter.
 
-        A state written by another optimizer, or with other settings that shape the saved state (`rank`,
-        `proj_type`, `seed`, `stagger`, momentum on/off, ...), is refused with [`InvalidConfigError`]. Other settings
-        changed since the save (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, ...) take this run's
-        values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does (the LR
-        scheduler drives it).
+        A state written by another optimizer, with other settings that shape the saved state (`rank`, `seed`,
+        `stagger`, momentum on/off, ...), or with a weight projected on another side than this optimizer projects
+        it, is refused with [`InvalidConfigError`] before anything is loaded. Other settings changed since the save
+        (`update_proj_gap`, `scale`, `basis_bits`, `weight_decay`, `proj_type` where every side stays, ...) take
+        this run's values, with a warning listing them; `lr` is restored from the checkpoint, as `torch.optim` does
+        (the LR scheduler drives it).
+
+        For a row-sharded (FSDP2) parameter each process keeps its rows of the row-following states, which may
+        arrive as DTensors (a `torch.distributed.checkpoint` load), whole tensors (a one-process or gathered state
+        dict) or this process' rows (its own per-process state dict); see `_import_sharded_state`.
         """
         signature = state_dict.get(SIGNATURE_KEY)
+        if signature is None:  # through torch.distributed.checkpoint's state_dict API: the copy in the groups
+            signature = next((g[SIGNATURE_KEY] for g in state_dict["param_groups"] if SIGNATURE_KEY in g), None)
         self._check_signature(signature)
         # Group keys this optimizer does not have are dropped: knobs of an older layout (FLoRA's groups carried
         # GaLore's refresh knobs before FLoRA had a config of its own) or of the class a legacy kind was written
@@ -483,6 +582,11 @@ class LowRankOptimizer(Optimizer):
         groups = [{k: v for k, v in g.items() if k in allowed} for g in state_dict["param_groups"]]
         state_dict = {**state_dict, "param_groups": groups}
         changes = self._settings_changes(state_dict["param_groups"])
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = ((p, g) for g in self.param_groups for p in g["params"])
+        for saved_id, (p, group) in zip(saved_ids, params):  # before anything is loaded
+            if (saved := state_dict["state"].get(saved_id)) is not None:
+                self._check_saved_side(p, group, saved)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != SIGNATURE_KEY})
         for group in self.param_groups:  # a checkpoint from an older version may lack newer keys: use the defaults
             for key, value in self.defaults.items():
@@ -502,14 +606,24 @@ class LowRankOptimizer(Optimizer):
                 stacklevel=2,
             )
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        params = (p for g in self.param_groups for p in g["params"])
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
+            # Row-sharded states may come as DTensors, whole tensors or this process' rows, whatever number of
+            # processes saved them (torch.distributed.checkpoint reshards): keep this process' part.
+            sharding = row_sharding(p, type(self).__name__)
+            if sharding is not None:
+                saved = self._import_sharded_state(p, sharding, saved)
+            state = self.state[p]
+            state.clear()
             for key, value in saved.items():
+                if is_dtensor(value):  # a sharded state loaded into one process
+                    value = value.full_tensor()
                 if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    value = value.to(device=local_tensor(p).device, copy=True)
+                state[key] = value
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -990,6 +1104,34 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         """Inner update on the projected gradient `low`; apply it with `apply_back(update, alpha)`."""
         raise NotImplementedError
+
+
+def side_mismatch_message(shape: tuple[int, ...], saved: Side, side: Side, proj_type: str, sharded: bool) -> str:
+    """Why a saved state of a weight of `shape` projected on side `saved` cannot load into an optimizer that projects
+    it on `side`, and what to do.
+
+    The side depends on the setup as well as on `proj_type`: under FSDP2 `std` means the right side, while one
+    process' `std` projects a wide weight (m < n) on the left.
+    """
+    if sharded:
+        fix = (
+            "Under FSDP2 a weight is projected on the right side only, so this state cannot continue there: resume it "
+            "on one process (without fully_shard) with the checkpoint's proj_type, or start the sharded run from the "
+            "checkpoint's weights without its optimizer state."
+        )
+    elif saved == Side.RIGHT:
+        fix = (
+            "A state saved under FSDP2 (where proj_type='std' means the right side) continues on one process with "
+            "proj_type='right': build the optimizer with proj_type='right' (optim_args 'proj_type=right')."
+        )
+    else:
+        fix = f"Build the optimizer with a proj_type that projects this weight on the {saved.name.lower()} side."
+    setup = "row-sharded (FSDP2)" if sharded else "one process"
+    return (
+        f"The optimizer state of a weight of shape {shape} was saved projected on the {saved.name.lower()} side, but "
+        f"this optimizer (proj_type={proj_type!r}, {setup}) projects it on the {side.name.lower()} side: its moments "
+        f"and bases have other shapes and cannot be converted. {fix}"
+    )
 
 
 def global_numel(p: torch.Tensor, shape: tuple[int, ...]) -> int:

@@ -64,6 +64,10 @@ class _FloraMixin:
 
     low_rank_config: ClassVar[type] = FloraConfig
 
+    #: Under FSDP2 the column statistics of the factored second moment are means over all rows, the same on every
+    #: process; the momentum and the row statistics follow the weight's rows.
+    replicated_state_keys: ClassVar[frozenset[str]] = frozenset({"exp_avg_sq_col"})
+
     # ------------------------------------------------------------------------------------------------ setup
     # kappa, proj_type (one-sided only), rank and seed are checked by `FloraConfig` (the base class runs it on the
     # defaults and on every low-rank group); what only the optimizer can check is the rank against each weight.
