@@ -160,10 +160,13 @@ def test_welore_two_processes_equal_one_process(tmp_path):
     assert any(name.endswith(".down.weight") for name in rank0["params"])  # the split really happened
 
 
-def test_layerwise_ddp_with_weights_unused_on_some_ranks(tmp_path):
-    # Collectives run in step() in a fixed order after a flags all-reduce, so a weight that only rank 0 uses does not
+@pytest.mark.parametrize("reduction", ["layerwise", "backward_all_reduce"])
+def test_ddp_without_the_reducer_with_weights_unused_on_some_ranks(tmp_path, reduction):
+    # Collectives run in a fixed order after a flags all-reduce (layer-wise: in step(); BackwardAllReduce, which
+    # q_galore_adamw_8bit uses for its carriers: at the end of backward), so a weight that only rank 0 uses does not
     # pair rank 1's collectives with the wrong tensor (or hang): both ranks equal the one-process mean-loss reference.
-    ranks = launch(Path(__file__).parent / "distributed" / "unused_weight.py", tmp_path, 2)
+    args = ("--backward-all-reduce",) if reduction == "backward_all_reduce" else ()
+    ranks = launch(Path(__file__).parent / "distributed" / "unused_weight.py", tmp_path, 2, *args)
     for out in ranks:  # the script runs in float64 (see the module docstring)
         assert relative_error(out["a"], out["ra"]) <= FLOAT64_RTOL
         assert relative_error(out["b"], out["rb"]) <= FLOAT64_RTOL
