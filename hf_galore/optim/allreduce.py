@@ -38,8 +38,8 @@ class BackwardAllReduce:
     """Average the gradients of `params` over the processes of the default group at the end of each synchronising
     backward pass, as DDP does for the parameters it wraps.
 
-    A post-accumulate-grad hook on each parameter queues one autograd-engine callback per backward pass, on the
-    micro-steps where `sync_gradients()` is True. The callback runs when the backward pass has finished, so with
+    A post-accumulate-grad hook on each parameter queues an autograd-engine callback, on the micro-steps where
+    `sync_gradients()` is True; the first of them to run reduces. It runs when the backward pass has finished, so with
     gradient accumulation it reduces the locally accumulated sum of the micro-steps, exactly like DDP after
     `no_sync()`. It first all-reduces one "has a gradient" flag per parameter, then averages, in the order of
     `params` (the same on every process), every gradient that some process has; a process without one contributes
@@ -60,7 +60,7 @@ class BackwardAllReduce:
         self.params = list(params)
         self._sync_gradients = sync_gradients or _always_sync
         self._world_size = dist.get_world_size()
-        self._queued = False
+        self._pending = False
         self._handles: list[Any] = []
         self._finalizer: weakref.finalize | None = None
         self.install_hooks()
@@ -96,18 +96,24 @@ class BackwardAllReduce:
         _remove_handles(self._handles)
 
     def _on_gradient(self) -> None:
-        if self._queued or not self._sync_gradients():
+        if not self._sync_gradients():
             return
-        self._queued = True
+        self._pending = True
         # The engine runs queued callbacks once the current backward pass has finished (DDP's reducer and FSDP finish
-        # their reductions the same way); there is no public API for it.
-        torch.autograd.Variable._execution_engine.queue_callback(self.reduce)
+        # their reductions the same way); there is no public API for it. One callback per hook call, the first doing
+        # the work: an "already queued" flag would stay set after a backward pass that failed before its callbacks
+        # ran (e.g. an out-of-memory error that the caller catches), and silently stop every later reduction.
+        torch.autograd.Variable._execution_engine.queue_callback(self._reduce_pending)
+
+    def _reduce_pending(self) -> None:
+        if self._pending:
+            self.reduce()
 
     @torch.no_grad()
     def reduce(self) -> None:
         """Replace every gradient of `params` that some process has by its mean over the processes (a collective:
         every process calls it at the same point; the hooks do that at the end of backward)."""
-        self._queued = False
+        self._pending = False
         device = self.params[0].device
         flags = torch.tensor([float(p.grad is not None) for p in self.params], device=device)
         dist.all_reduce(flags)

@@ -68,3 +68,21 @@ def test_hooks_come_off_and_go_with_the_object(one_process_group):
     del reduction
     gc.collect()
     assert not a._post_accumulate_grad_hooks  # the finalizer took the hook off
+
+
+def test_a_failed_backward_does_not_stop_later_reductions(one_process_group):
+    a = torch.nn.Parameter(torch.ones(2))
+    reduction = RecordingReduction([a])
+    failing = {"value": True}
+
+    def fail_once(p: torch.Tensor) -> None:  # runs after the reduction's hook: its callback is queued, then dropped
+        if failing.pop("value", False):
+            raise RuntimeError("simulated out-of-memory")
+
+    a.register_post_accumulate_grad_hook(fail_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        a.sum().backward()
+    assert reduction.seen == []
+    a.grad = None
+    a.sum().backward()
+    assert len(reduction.seen) == 1
