@@ -48,6 +48,12 @@ class OptimizerSpec:
             for these TrainingArguments, driven by the layer-wise hooks (a `LayerwiseMixin` subclass, connected to the
             Trainer like the layer-wise names), or None (FLoRA's compressed gradient accumulation for the plain
             names). `configs` as for `check_setup`.
+        ddp_ignored: Optional `ddp_ignored(model, groups)` returning the names (as `named_parameters()` and
+            `named_buffers()` give them) of parameters and buffers DDP must not wrap or broadcast, because the
+            optimizer keeps them in sync across processes itself. With several processes the Trainer integration adds
+            them to the model's `_ddp_params_and_buffers_to_ignore` before the wrap, and passes a name that is not
+            layer-wise accelerate's `sync_gradients` flag as the `sync_gradients` argument (so its optimizer class
+            must take one). Q-GaLore: the INT8 weights' gradient carriers and codes, scales and zeros.
         transformers_name: Whether transformers defines this name itself (its built-in `galore_*` names). Where
             transformers' behaviour is observable it is followed: `"all-linear"` includes the output head, and
             `Trainer.get_learning_rates()` shows transformers' grouping (see `integrations/transformers.py`).
@@ -65,6 +71,7 @@ class OptimizerSpec:
     build_groups: Callable[..., list[dict[str, Any]]] | None = None
     check_setup: Callable[..., None] | None = None
     hooked_cls: Callable[..., type | None] | None = None
+    ddp_ignored: Callable[..., list[str]] | None = None
     transformers_name: bool = False
 
 

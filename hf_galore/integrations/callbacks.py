@@ -33,16 +33,22 @@ class LayerwiseGradNormCallback(TrainerCallback):
             state.log_history[-1]["grad_norm"] = value
 
 
-class LayerwiseHooksCallback(TrainerCallback):
-    """Keep a layer-wise optimizer's backward hooks on the model only while its Trainer trains.
+class BackwardHooksCallback(TrainerCallback):
+    """Keep an optimizer's backward hooks on the model only while its Trainer trains.
 
-    Left on after `train()`, the hooks would consume the gradients of whatever uses the model next (a second
-    Trainer, a plain `loss.backward()`). They are removed at `on_train_end` and installed again at `on_train_begin`
-    (a second `train()` or a resume on the same Trainer). The Trainer integration adds it automatically.
+    Left on after `train()`, the hooks would act on the gradients of whatever uses the model next (a second
+    Trainer, a plain `loss.backward()`): a layer-wise optimizer's consume them, Q-GaLore's multi-process gradient
+    averaging ([`BackwardAllReduce`]) would start collectives. They are removed at `on_train_end` and installed again
+    at `on_train_begin` (a second `train()` or a resume on the same Trainer). The Trainer integration adds it
+    automatically.
+
+    Args:
+        owner: The object holding the hooks, with `install_hooks()` and `remove_hooks()` (a layer-wise optimizer,
+            or an optimizer's `gradient_reduction`).
     """
 
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
+    def __init__(self, owner: Any) -> None:
+        self.optimizer = owner
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.optimizer.install_hooks()
@@ -51,16 +57,25 @@ class LayerwiseHooksCallback(TrainerCallback):
         self.optimizer.remove_hooks()
 
 
+class LayerwiseHooksCallback(BackwardHooksCallback):
+    """[`BackwardHooksCallback`] for a layer-wise optimizer (its hooks consume each gradient in backward)."""
+
+
 def attach_layerwise_callbacks(trainer: Any) -> None:
     """Add [`LayerwiseGradNormCallback`] and [`LayerwiseHooksCallback`] in front of the Trainer's callbacks when its
-    optimizer is layer-wise."""
+    optimizer is layer-wise, or a [`BackwardHooksCallback`] when it averages gradients in backward hooks itself
+    (`q_galore_adamw_8bit` on several processes)."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    if not is_layerwise(optimizer):
+    reduction = getattr(optimizer, "gradient_reduction", None)
+    if is_layerwise(optimizer):
+        ours = [LayerwiseGradNormCallback(optimizer), LayerwiseHooksCallback(optimizer)]
+    elif reduction is not None:
+        ours = [BackwardHooksCallback(reduction)]
+    else:
         return
     callbacks = trainer.callback_handler.callbacks
-    ours = (LayerwiseGradNormCallback, LayerwiseHooksCallback)
-    callbacks[:] = [c for c in callbacks if not isinstance(c, ours)]
-    callbacks[:0] = [LayerwiseGradNormCallback(optimizer), LayerwiseHooksCallback(optimizer)]
+    callbacks[:] = [c for c in callbacks if not isinstance(c, (LayerwiseGradNormCallback, BackwardHooksCallback))]
+    callbacks[:0] = ours
 
 
 class WeLoreCallback(TrainerCallback):

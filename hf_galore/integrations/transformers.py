@@ -261,11 +261,16 @@ def _layerwise_kwargs(args: Any, model: nn.Module, groups: list[dict[str, Any]])
     if _training_args_world_size(args) > 1:
         own = [p for g in groups if g.get("low_rank") for p in g["params"]]
         own_ids = {id(p) for p in own}
-        ignored = {n for p in own for n in names_by_id[id(p)]}
-        already = set(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-        model._ddp_params_and_buffers_to_ignore = sorted(already | ignored)
+        _keep_out_of_ddp(model, {n for p in own for n in names_by_id[id(p)]})
         kwargs["ddp_params"] = [p for g in groups for p in g["params"] if id(p) not in own_ids]
     return kwargs
+
+
+def _keep_out_of_ddp(model: nn.Module, names: set[str]) -> None:
+    """Add `names` (parameters and buffers) to the list DDP reads when it wraps `model`: it neither broadcasts nor
+    reduces them. Set before the Trainer's wrap, which happens after the optimizer is built."""
+    already = set(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = sorted(already | names)
 
 
 def _connect_hand_built_layerwise(optimizer: Any, args: Any) -> None:
@@ -325,6 +330,14 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module, optim: str | None = No
     hooked_cls = spec.hooked_cls(args, plan.configs) if spec.hooked_cls is not None else None  # FLoRA's accumulation
     if spec.layerwise or hooked_cls is not None:
         kwargs.update(_layerwise_kwargs(args, model, kwargs["params"]))
+    if spec.ddp_ignored is not None and _training_args_world_size(args) > 1:
+        # What the optimizer keeps in sync itself (Q-GaLore's carriers and INT8 buffers); see OptimizerSpec.
+        _keep_out_of_ddp(model, set(spec.ddp_ignored(model, kwargs["params"])))
+        if not (spec.layerwise or hooked_cls is not None):
+            from accelerate.state import GradientState
+
+            gradient_state = GradientState()
+            kwargs["sync_gradients"] = lambda: gradient_state.sync_gradients
     return hooked_cls or optimizer_cls, kwargs
 
 

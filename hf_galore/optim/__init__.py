@@ -1,5 +1,6 @@
 """The optimizer engines of hf_galore: the low-rank step skeleton, its inner engines (AdamW 32/8-bit, Adafactor)
-and the layer-wise (optimizer-in-backward) mixin. Each engine also states the bytes of the storage it allocates
+the layer-wise (optimizer-in-backward) mixin, and [`BackwardAllReduce`] (the data-parallel averaging of gradients that
+DDP cannot own). Each engine also states the bytes of the storage it allocates
 ([`ParamBytes`], from `param_bytes`), which `hf_galore.memory` sums. Never imports transformers or a method; the optimizers users
 pick (`GaLoreAdamW`, `FloraAdamW`, ...) are declared in `hf_galore.methods.<method>.optimizer` and exported from
 `hf_galore`.
@@ -8,11 +9,13 @@ pick (`GaLoreAdamW`, `FloraAdamW`, ...) are declared in `hf_galore.methods.<meth
 from ..utils.deprecation import moved_attributes
 from .adafactor import LowRankAdafactor
 from .adamw import LowRankAdamW, LowRankAdamW8bit
+from .allreduce import BackwardAllReduce
 from .base import LowRankOptimizer, ParamBytes
 from .checkpoint import check_dcp_checkpoint
 from .layerwise import LayerwiseMixin, is_layerwise
 
 __all__ = [
+    "BackwardAllReduce",
     "LayerwiseMixin",
     "LowRankAdafactor",
     "LowRankAdamW",

@@ -160,10 +160,13 @@ def test_welore_two_processes_equal_one_process(tmp_path):
     assert any(name.endswith(".down.weight") for name in rank0["params"])  # the split really happened
 
 
-def test_layerwise_ddp_with_weights_unused_on_some_ranks(tmp_path):
-    # Collectives run in step() in a fixed order after a flags all-reduce, so a weight that only rank 0 uses does not
+@pytest.mark.parametrize("reduction", ["layerwise", "backward_all_reduce"])
+def test_ddp_without_the_reducer_with_weights_unused_on_some_ranks(tmp_path, reduction):
+    # Collectives run in a fixed order after a flags all-reduce (layer-wise: in step(); BackwardAllReduce, which
+    # q_galore_adamw_8bit uses for its carriers: at the end of backward), so a weight that only rank 0 uses does not
     # pair rank 1's collectives with the wrong tensor (or hang): both ranks equal the one-process mean-loss reference.
-    ranks = launch(Path(__file__).parent / "distributed" / "unused_weight.py", tmp_path, 2)
+    args = ("--backward-all-reduce",) if reduction == "backward_all_reduce" else ()
+    ranks = launch(Path(__file__).parent / "distributed" / "unused_weight.py", tmp_path, 2, *args)
     for out in ranks:  # the script runs in float64 (see the module docstring)
         assert relative_error(out["a"], out["ra"]) <= FLOAT64_RTOL
         assert relative_error(out["b"], out["rb"]) <= FLOAT64_RTOL
@@ -205,3 +208,60 @@ def test_q_galore_layerwise_two_processes_equal_one_process(tmp_path, batch, ga)
     assert all(torch.equal(rank0["buffers"][n], rank1["buffers"][n]) for n in rank0["buffers"])
     assert rank0["checksums"] == rank1["checksums"]
     assert any(key.endswith("/weight_q") for key in rank0["checksums"])
+
+
+#: Plain `q_galore_adamw_8bit` under DDP, clipping active (`max_grad_norm=0.3` clips 9 of the 10 steps), measured on
+#: 10 steps with 3 refreshes against 1 process × batch 8: the dequantized INT8 weights differ by at most 4.9e-7 of
+#: each weight's norm (7.7e-7 with 2 accumulation steps), the float parameters by 2.8e-7 (7.3e-7), the logged
+#: grad_norm by 1.1e-7 and the losses by 1.7e-7. Every process averages the same full gradients as one process
+#: sums, so no INT8 code crosses (unlike the layer-wise form, whose projected reduction rounds differently).
+#: Broken on purpose, the same comparison measured (INT8 weights, float parameters, grad_norm): local gradients
+#: (no all-reduce) 2.0e-1, 2.7e-1, 2.4e-2; summed instead of averaged 2.3e-2, 1.6e-2, 7.5e-4; averaged in
+#: `step()`, after the Trainer clipped each process' local gradient with its local norm, 1.2e-2, 3.3e-3, 1.0e-3.
+#: The tolerances leave 1000× room for round-off and still fail every one of those.
+Q_GALORE_DDP_RTOL = 1e-3
+GRAD_NORM_RTOL = 1e-4
+
+
+@pytest.mark.parametrize(("batch", "ga"), [(4, 1), (2, 2)])
+def test_q_galore_two_processes_equal_one_process(tmp_path, batch, ga):
+    # The carriers and INT8 buffers stay out of DDP; the optimizer averages the carriers' full gradients at the end of
+    # the last micro-batch's backward, before the Trainer clips: its clipping and logged grad_norm see the global
+    # gradient, as one process' do.
+    common = ("--optim", "q_galore_adamw_8bit", "--max-grad-norm", "0.3", "--optim-args",
+              "rank=4, update_proj_gap=4, scale=1, min_8bit_size=0")  # fmt: skip
+    (single,) = _run(tmp_path / "single", 1, *common, "--batch", "8")
+    rank0, rank1 = _run(tmp_path / "ddp", 2, *common, "--batch", str(batch), "--ga", str(ga))
+    assert single["int8_weights"] and set(single["refreshes"].values()) >= {3}
+    assert sum(norm > 0.3 for norm in single["grad_norms"]) >= 5  # clipping really happens
+    assert rank0["grad_norms"] == pytest.approx(single["grad_norms"], rel=GRAD_NORM_RTOL)
+    errors = _int8_weight_errors(single, rank0)
+    assert max(errors.values()) <= Q_GALORE_DDP_RTOL, errors
+    assert_same_training(single, rank0, rtol=Q_GALORE_DDP_RTOL)
+    assert set(rank0["optimizer_steps"].values()) == {10}
+    # Replicas: INT8 codes, scales and zeros identical bit for bit although DDP never broadcasts them after the wrap
+    # (same averaged gradient, same seeded rounding), and so is every optimizer state tensor and parameter.
+    int8_buffers = {
+        n for n in rank0["buffers"] if n.rpartition(".")[2] in ("qweight", "weight_scales", "weight_zeros")
+    }
+    assert int8_buffers and int8_buffers <= set(rank0["ddp_ignored"])
+    assert all(torch.equal(rank0["buffers"][n], rank1["buffers"][n]) for n in rank0["buffers"])
+    assert all(torch.equal(rank0["params"][n], rank1["params"][n]) for n in rank0["params"])
+    assert rank0["checksums"] == rank1["checksums"]
+
+
+def test_q_galore_checkpoint_of_one_process_resumes_on_two(tmp_path):
+    # Every rank loads the same INT8 weights (through the optimizer state) and the same moments, then averages the
+    # same gradients: the resumed two-process run equals the uninterrupted one-process run (measured 3.9e-7).
+    common = ("--optim", "q_galore_adamw_8bit", "--max-grad-norm", "0.3", "--save-steps", "6", "--optim-args",
+              "rank=4, update_proj_gap=4, scale=1, min_8bit_size=0")  # fmt: skip
+    (reference,) = _run(tmp_path / "one", 1, *common, "--batch", "8")
+    rank0, rank1 = _run(tmp_path / "resumed", 2, *common, "--batch", "4", "--resume",
+                        str(tmp_path / "one" / "checkpoint-6"))  # fmt: skip
+    assert rank0["losses"][6:] == pytest.approx(reference["losses"][6:], rel=LOSS_RTOL)
+    errors = _int8_weight_errors(reference, rank0)
+    assert max(errors.values()) <= Q_GALORE_DDP_RTOL, errors
+    for name, value in reference["params"].items():
+        if ZERO_GRADIENT not in name:
+            assert relative_error(rank0["params"][name], value) <= Q_GALORE_DDP_RTOL, name
+    assert all(torch.equal(rank0["buffers"][n], rank1["buffers"][n]) for n in rank0["buffers"])

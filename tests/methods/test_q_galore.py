@@ -241,12 +241,15 @@ def test_config_validation_and_unsupported_setups(tmp_path):
     class TwoProcesses:
         optim = "q_galore_adamw_8bit"
         world_size = 2
+        fsdp = ""
 
-    # Under DDP the plain name is refused, naming the layer-wise one, which runs (see test_distributed.py).
-    with pytest.raises(UnsupportedSetupError, match=r"2 processes.*q_galore_adamw_8bit_layerwise"):
+    # Both names run under DDP (see test_distributed.py); FSDP is refused with Q-GaLore's reason and what works.
+    for name in ("q_galore_adamw_8bit", "q_galore_adamw_8bit_layerwise"):
+        TwoProcesses.optim = name
         check_setup(TwoProcesses())
-    TwoProcesses.optim = "q_galore_adamw_8bit_layerwise"
-    check_setup(TwoProcesses())
+    TwoProcesses.fsdp = "full_shard"
+    with pytest.raises(UnsupportedSetupError, match=r"buffers.*FSDP2.*DDP.*q_galore_adamw_8bit.*galore_adamw_8bit"):
+        check_setup(TwoProcesses())
     assert {"q_galore_adamw_8bit", "q_galore_adamw_8bit_layerwise"} <= set(REGISTRY)
 
 
@@ -348,7 +351,7 @@ def _without_bitsandbytes(monkeypatch):
         ("no_bitsandbytes", "MissingDependencyError", "bitsandbytes"),
         ("basis_bits", "InvalidConfigError", "proj_bits"),
         ("bad_beta", "InvalidConfigError", "betas"),
-        ("two_processes", "UnsupportedSetupError", "2 processes"),
+        ("fsdp", "UnsupportedSetupError", "cannot run under FSDP"),
         ("layerwise_fp16", "UnsupportedSetupError", "fp16"),
         ("layerwise_data_parallel", "UnsupportedSetupError", "DataParallel"),
     ],
@@ -367,10 +370,8 @@ def test_a_refused_run_leaves_the_model_untouched(tmp_path, monkeypatch, case, e
         overrides["optim_args"] = Q_ARGS + ", basis_bits=4"
     elif case == "bad_beta":
         overrides["adam_beta2"] = 1.5
-    elif case == "two_processes":
-        from transformers import TrainingArguments
-
-        monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    elif case == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # how `accelerate launch` passes an FSDP config
     elif case == "layerwise_fp16":
         name, overrides["fp16"] = "q_galore_adamw_8bit_layerwise", True
     else:

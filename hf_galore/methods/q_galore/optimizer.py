@@ -21,6 +21,13 @@ Per projected weight, on top of GaLore:
   are the optimizer's master copy, as fp32 master weights are in mixed precision): the Trainer loads a checkpoint's
   model weights *before* it creates the optimizer, i.e. before the model surgery, so `load_state_dict` is where the
   INT8 weights of a resumed run are restored.
+* **Data parallel (DDP).** DDP cannot wrap the carriers (its wrap-time broadcast writes into every element of a
+  parameter; a carrier has one). The Trainer integration keeps them, and the INT8 buffers, out of DDP, and under
+  several processes this optimizer gives the carriers what DDP gives its own parameters: a [`BackwardAllReduce`]
+  averages their gradients at the end of each synchronising backward pass, before the Trainer clips and logs the
+  norm, and construction broadcasts rank 0's INT8 weights. Every process then applies the same update to the same
+  weights with the same seeded rounding, so the replicas stay identical without any broadcast of the INT8 buffers.
+  (The layer-wise form reduces them in its own hooks and `step()` instead.)
 
 Every other parameter is updated exactly as by [`GaLoreAdamW8bit`].
 """
@@ -29,14 +36,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from ...errors import InvalidConfigError
 from ...modules.int8_linear import Int8Linear, owner_of
 from ...optim.adamw import LowRankAdamW8bit
+from ...optim.allreduce import BackwardAllReduce
 from ...optim.base import SIDES, ApplyBack, ParamBytes, element_size, mix_seed
 from ...optim.layerwise import LayerwiseMixin
 from ...projection.quant import num_groups
@@ -67,6 +76,10 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
         cos_threshold (`float`, defaults to 0.4), gamma_proj (`float`, defaults to 2.0), queue_size (`int`,
             defaults to 5), max_proj_gap (`int`, *optional*): The lazy refresh, see [`QGaLoreConfig`].
         sr_seed (`int`, defaults to 0): Seed of the stochastic rounding.
+        sync_gradients (`Callable[[], bool]`, *optional*): With several processes (`torch.distributed` initialized),
+            returns False on micro-steps that only accumulate, so the carriers' gradients are averaged once per
+            optimizer step (the Trainer integration passes accelerate's `GradientState().sync_gradients`). Default:
+            average after every backward, which is correct (the mean is linear) but communicates more.
         **kwargs: See [`GaLoreAdamW8bit`] and [`GaLoreConfig`].
 
     Example:
@@ -79,10 +92,25 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
     low_rank_config: ClassVar[type] = GaLoreConfig
     inner_configs: ClassVar[tuple[type, ...]] = (*LowRankAdamW8bit.inner_configs, QGaLoreConfig)
 
-    def __init__(self, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
+    #: Whether, under several processes, this class averages the carriers' gradients at the end of backward (the
+    #: layer-wise subclass reduces them in its own hooks and `step()`).
+    reduces_carriers_in_backward: ClassVar[bool] = True
+
+    def __init__(
+        self, params: Iterable[Any], *args: Any, sync_gradients: Callable[[], bool] | None = None, **kwargs: Any
+    ) -> None:
         self._int8_modules: dict[torch.Tensor, Int8Linear] = {}
         self._int8_index: dict[torch.Tensor, int] = {}
         super().__init__(params, *args, **kwargs)
+        #: Averages the carriers' gradients over the processes (None on one process; see the module doc).
+        self.gradient_reduction: BackwardAllReduce | None = None
+        carriers = list(self._int8_modules)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and carriers and self.reduces_carriers_in_backward:
+            for p in carriers:
+                for tensor in self._value_tensors(p):
+                    dist.broadcast(tensor, src=0)  # DDP does not sync the INT8 buffers it is told to ignore
+            self.gradient_reduction = BackwardAllReduce(carriers, sync_gradients)
 
     # ------------------------------------------------------------------------------------------------ setup
     def _validate_hyperparameters(self, hp: dict[str, Any]) -> None:
@@ -303,6 +331,9 @@ class QGaLoreAdamW8bit(LowRankAdamW8bit):
 class QGaLoreAdamW8bitLayerwise(LayerwiseMixin, QGaLoreAdamW8bit):
     """[`QGaLoreAdamW8bit`] stepping each parameter (INT8 weights included, through their carriers) inside its
     post-accumulate-grad hook, so the full gradients of the whole model are never alive at once."""
+
+    # Under DDP the layer-wise hooks accumulate the carriers' (projected) gradients and `step()` all-reduces them.
+    reduces_carriers_in_backward: ClassVar[bool] = False
 
 
 # Deprecated: the defaults dict is derived from `QGaLoreConfig` where it lives now.

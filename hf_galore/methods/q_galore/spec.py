@@ -1,10 +1,11 @@
 """Registration of Q-GaLore's `optim=` names (`q_galore_adamw_8bit`, `_layerwise`): the INT8 surgery as the model
-transform, the INT8 carriers as the projected group, and the setups Q-GaLore refuses.
+transform, the INT8 carriers as the projected group, what DDP must leave alone, and the setups Q-GaLore refuses.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +13,12 @@ from torch import nn
 
 from ...configs import Blockwise8bitConfig, MultiTensorConfig, find_config
 from ...errors import NoTargetModulesError, UnsupportedSetupError
+from ...modules.int8_linear import Int8Linear
 from ...registry import OptimizerSpec, optim_name, register_optimizer
 from ...targeting import TargetSpec, group_parameters
 from ..galore.config import GaLoreConfig
 from .config import QGaLoreConfig
-from .optimizer import QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
+from .optimizer import WEIGHT_KEYS, QGaLoreAdamW8bit, QGaLoreAdamW8bitLayerwise
 from .transform import int8_targets, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -52,30 +54,47 @@ def build_groups(
     return group_parameters(model, carriers, weight_decay, (no_decay_names or set()).__contains__)
 
 
-def _world_size(args: Any) -> int:
-    try:
-        return int(args.world_size)
-    except Exception:  # noqa: BLE001 - the property may need a distributed state; treat as one process
-        return 1
+def ddp_ignored(model: nn.Module, groups: list[dict[str, Any]]) -> list[str]:
+    """Names of what DDP must leave alone: every trained INT8 weight's gradient carrier and its buffers.
+
+    DDP cannot wrap a carrier (its wrap-time broadcast writes into every element of a parameter; a carrier is one
+    element seen as m×n), so the optimizer averages the carriers' gradients itself (see `QGaLoreAdamW8bit`). The
+    codes, scales and zeros are left out too: every process applies the same update with the same seeded rounding,
+    so they stay identical, and DDP's default `broadcast_buffers=True` would otherwise send every INT8 weight from
+    rank 0 before each forward pass (m·n bytes per weight and micro-step, for no change).
+    """
+    trained = {id(p) for group in groups for p in group["params"]}
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear) and id(module.grad_carrier) in trained:
+            prefix = f"{name}." if name else ""
+            names += [prefix + "grad_carrier", *(prefix + buffer for buffer in WEIGHT_KEYS.values())]
+    return names
+
+
+def _fsdp_requested(args: Any) -> bool:
+    # accelerate passes an FSDP launch config to the processes through the environment, not TrainingArguments.
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return launched or bool(getattr(args, "fsdp", None))
 
 
 def check_setup(args: Any, configs: Sequence[Any] | None = None) -> None:
-    """Reject `TrainingArguments` that Q-GaLore does not support yet (before anything is built); `configs` (the
-    parsed `optim_args`) are not needed.
+    """Reject `TrainingArguments` that Q-GaLore does not support (before anything is built); `configs` (the parsed
+    `optim_args`) are not needed.
 
-    Under DDP only the layer-wise name runs: its carriers leave DDP's reducer (the hooks all-reduce their projected
-    gradients, or the full ones on refresh steps) and every rank requantizes with the same seeded stochastic rounding,
-    so the INT8 replicas stay identical. The plain name would leave the carriers to DDP, whose wrap-time broadcast of
-    the parameters writes into every element of a tensor and fails on a carrier (one element seen as m×n)."""
+    Both names run under DDP (see [`ddp_ignored`]). FSDP is refused with Q-GaLore's own reason, ahead of the
+    generic FSDP refusal of every name: the INT8 weights are buffers, which FSDP2's `fully_shard` does not shard.
+    """
     name = optim_name(args.optim)
-    world_size = _world_size(args)
-    if world_size > 1 and name == "q_galore_adamw_8bit":
+    if _fsdp_requested(args):
         raise UnsupportedSetupError(
-            f"optim={name!r} does not support yet: {world_size} processes. DDP cannot wrap its INT8 gradient "
-            "carriers (one-element parameters that only receive the weight gradient; DDP's initial broadcast "
-            "writes into every element of each parameter). Use optim='q_galore_adamw_8bit_layerwise' for "
-            "multi-process (DDP) runs: the same optimizer and checkpoint format, with the carriers' gradients "
-            "reduced by the optimizer itself (gradient accumulation and max_grad_norm work); or train on one process."
+            f"optim={name!r} cannot run under FSDP: Q-GaLore keeps each target weight as INT8 codes, scales and "
+            "zeros in buffers, which FSDP2's fully_shard does not shard (every process would hold every INT8 weight "
+            "whole), and its weight gradients arrive in one-element carrier parameters that FSDP cannot shard "
+            "either. Use DDP (`accelerate launch --num_processes N` without an FSDP config) with "
+            "optim='q_galore_adamw_8bit' or 'q_galore_adamw_8bit_layerwise', or, to shard, optim='galore_adamw_8bit', "
+            "whose optimizer steps on FSDP2 fully_shard parameters from your own training loop "
+            "(docs/how_to/fsdp2.md)."
         )
 
 
@@ -88,6 +107,7 @@ def _register_q_galore() -> None:
         prepare_model=prepare_model,
         build_groups=build_groups,
         check_setup=check_setup,
+        ddp_ignored=ddp_ignored,
     )
     register_optimizer(
         OptimizerSpec(

@@ -76,6 +76,8 @@ def main() -> None:
             "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
             "int8_weights": {n: m.dequantize_weight() for n, m in model.named_modules() if isinstance(m, Int8Linear)},
             "checksums": checksums,
+            # What the Trainer integration kept out of DDP (Q-GaLore: carriers and INT8 buffers).
+            "ddp_ignored": sorted(getattr(model, "_ddp_params_and_buffers_to_ignore", [])),
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "grad_norms": [e.get("grad_norm") for e in trainer.state.log_history if "loss" in e],
             "optimizer_steps": {names[id(p)]: s.get("step") for p, s in optimizer.state.items()},
