@@ -32,6 +32,9 @@ CASES = {
     # states (64, 32, 9) stay fp32.
     "galore_adamw_8bit_threshold": (f"{GALORE}, block_size=64, min_8bit_size=36", ("--min-8bit-size", "36")),
     "flora_adamw": ("rank=4, kappa=3", ()),
+    # Adafactor: the column statistics of the projected m×4 gradient (4 numbers) replicated, the row ones sharded.
+    "galore_adafactor": (GALORE, ()),
+    "flora_adafactor": ("rank=4, kappa=3", ()),
     "welore_adamw": (None, ()),
     "welore_adamw_8bit": ("block_size=64, min_8bit_size=0", ()),
 }
@@ -63,6 +66,8 @@ def _measured(tmp_path: Path, optim: str, extra: tuple[str, ...], processes: int
         pytest.param("galore_adamw_8bit", marks=needs_bnb),
         pytest.param("galore_adamw_8bit_threshold", marks=needs_bnb),
         "flora_adamw",
+        "galore_adafactor",
+        "flora_adafactor",
         "welore_adamw",
         pytest.param("welore_adamw_8bit", marks=needs_bnb),
     ],
