@@ -32,6 +32,9 @@ import pytest
 import torch
 from conftest import relative_error
 from script_utils import launch
+from trainer_utils import training_args
+
+from hf_galore.errors import UnsupportedSetupError
 
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_features.py"
 
@@ -113,3 +116,127 @@ def test_bf16_mixed_precision_on_fsdp2_equals_the_bf16_reference(tmp_path, optim
     _check_ranks_agree(rank0, rank1)
     if "galore" in optim:  # a basis after every refresh (steps 0, 3, 6), as in one process
         assert sorted(rank0["bases"]) == sorted(single["bases"]) and len(single["bases"]) == 9
+
+
+# ----------------------------------------------------------------------------------- the Trainer under FSDP2
+TRAINER_SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_trainer.py"
+
+#: optim_args of the Trainer runs; the one-process reference adds proj_type="right" where the method projects.
+TRAINER_OPTIM_ARGS = {"galore_adamw": "rank=4, update_proj_gap=3, scale=1", "flora_adamw": "rank=4, kappa=3",
+                      "welore_adamw": "target_compression=0.5, min_reduction=0.5"}  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("optim", "route"), [("galore_adamw", "args"), ("flora_adamw", "env"), ("welore_adamw", "args")]
+)
+def test_trainer_with_accelerate_fsdp2_equals_one_process(tmp_path, optim, route):
+    """The stock Trainer under accelerate's FSDP2 (`TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})` or
+    the accelerate launch config's environment) on 2 gloo CPU processes × batch 4 against 1 process × batch 8, 8 steps,
+    `max_grad_norm=0.5`: accelerate clips every step of GaLore and FLoRA (logged norms 0.81-1.14) and none of WeLore
+    (0.06-0.10). The script's one test-only patch keeps accelerate's FSDP plugin on CPU (see fsdp2_trainer.py).
+
+    Measured: losses within 2.2e-7 relative, logged gradient norms within 1.5e-7, parameters within 2.6e-6 of a
+    tensor's largest entry (GaLore's lm_head; FLoRA 4.5e-7, WeLore 1.5e-6). Without the optimizer following the
+    swapped-in DTensor parameters (hf_galore/optim/base.py `_follow_replaced_params`) the first step fails (KeyError
+    on the new parameter).
+    """
+    optim_args = TRAINER_OPTIM_ARGS[optim]
+    reference_args = optim_args if optim.startswith("welore") else optim_args + ", proj_type=right"
+    out = tmp_path / "single"
+    out.mkdir()
+    (single,) = launch(TRAINER_SCRIPT, out, 1, "--optim", optim, "--optim-args", reference_args)
+    out = tmp_path / "fsdp2"
+    out.mkdir()
+    rank0, rank1 = launch(TRAINER_SCRIPT, out, 2, "--optim", optim, "--optim-args", optim_args, "--fsdp", route)
+    # The FSDP2 path really ran: accelerate sharded the model (FSDPModule wrappers: 2 decoder layers + the root...),
+    # swapped DTensor parameters into our optimizer, clipped through accelerate at every step, and stayed FSDP2.
+    assert rank0["fsdp2"] and not single["fsdp2"]
+    assert rank0["fsdp_modules"] >= 3 and single["fsdp_modules"] == 0
+    assert rank0["dtensor_params"] == rank0["params_in_optimizer"] == single["params_in_optimizer"] > 0
+    assert rank0["fsdp2_clips"] == 8
+    assert rank0["optimizer"] == single["optimizer"] and rank0["steps"] == single["steps"] == [8]
+    # The groups (by parameter name) are the one-process groups, and our grouping rerun on the sharded model agrees.
+    assert rank0["groups"] == single["groups"] == rank0["regrouped"]
+    assert _relative(rank0["losses"], single["losses"]) <= LOSS_RTOL
+    assert _relative(rank0["grad_norms"], single["grad_norms"]) <= LOSS_RTOL
+    for name, value in single["params"].items():
+        assert _max_error(rank0["params"][name], value) <= FP32_RTOL, (name, _max_error(rank0["params"][name], value))
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+
+
+# ---------------------------------------------------------------------------------------------- single process
+def _fsdp_args(tmp_path, name: str, version: int | None = 2, **overrides):
+    fsdp = {} if version is None else {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": version}}
+    values = {"save_strategy": "no", **fsdp, **overrides}
+    if name.endswith("layerwise"):
+        values.setdefault("max_grad_norm", 0.0)
+    if name.startswith("flora"):
+        values.setdefault("optim_args", "rank=4")
+    return training_args(tmp_path, name, **values)
+
+
+def test_trainer_accepts_fsdp2_for_row_sharding_optimizers_and_refuses_the_rest(tmp_path, monkeypatch):
+    from hf_galore.integrations import transformers as integration
+
+    names = integration.fsdp2_optim_names()
+    assert {"galore_adamw", "galore_adamw_8bit", "welore_adamw", "welore_adamw_8bit", "flora_adamw"} <= set(names)
+    assert not [n for n in names if n.endswith("layerwise") or n.startswith("q_galore")]
+    for name in ("galore_adamw", "flora_adamw"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, name), name)
+    # Model-only checkpoints are fine; checkpoints with the optimizer state are not (yet).
+    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps",
+                                                 save_only_model=True), "galore_adamw")  # fmt: skip
+    with pytest.raises(UnsupportedSetupError, match="save_strategy='no', or save_only_model=True"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps"), "galore_adamw")
+    # FSDP1 points to FSDP2.
+    with pytest.raises(UnsupportedSetupError, match=r"FSDP1.*fsdp_version': 2"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=1), "galore_adamw")
+    # Layer-wise names, FLoRA's compressed accumulation and optimizers without row sharding name the alternatives.
+    with pytest.raises(UnsupportedSetupError, match=r"backward hooks.*optim='galore_adamw' runs under FSDP2"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw_layerwise"), "galore_adamw_layerwise")
+    flora = _fsdp_args(tmp_path, "flora_adamw", gradient_accumulation_steps=2)
+    with pytest.raises(UnsupportedSetupError, match="accumulation=full"):
+        integration.check_supported_setup(flora, "flora_adamw")
+    flora = _fsdp_args(tmp_path, "flora_adamw", gradient_accumulation_steps=2, optim_args="rank=4, accumulation=full")
+    integration.check_supported_setup(flora, "flora_adamw")
+    with pytest.raises(UnsupportedSetupError, match=r"QGaLoreAdamW8bit does not step on FSDP2.*'galore_adamw'"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "q_galore_adamw_8bit"), "q_galore_adamw_8bit")
+    # accelerate's launch config: FSDP_VERSION=2 is accepted, its default (1) is FSDP1.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UnsupportedSetupError, match="FSDP1"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=None), "galore_adamw")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=None), "galore_adamw")
+
+
+def test_optimizer_follows_parameters_replaced_after_construction():
+    """accelerate's FSDP2 preparation builds nothing new: it puts other tensors (the DTensor shards) into the
+    optimizer's `param_groups` after construction. The optimizer must step the new tensors with the seeds of the ones
+    they replace, and must not keep the replaced (unsharded) tensors alive."""
+    import gc
+    import weakref
+
+    from hf_galore import GaLoreAdamW
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(3)]
+    grads = [[torch.randn(16, 8) for _ in weights] for _ in range(4)]
+    group = {"low_rank": True, "rank": 2, "update_proj_gap": 2}
+    replaced = GaLoreAdamW([{"params": weights, **group}], lr=1e-2)
+    new = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    direct_params = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    direct = GaLoreAdamW([{"params": direct_params, **group}], lr=1e-2)
+    replaced.param_groups[0]["params"] = new
+    old = weakref.ref(weights[0])
+    del weights
+    gc.collect()
+    assert old() is None  # the optimizer held no reference to the replaced tensors
+    for step_grads in grads:
+        for params, optimizer in ((new, replaced), (direct_params, direct)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(new, direct_params):
+        assert torch.equal(a, b)
+    assert [replaced.state[p]["seed"] for p in new] == [direct.state[p]["seed"] for p in direct_params]
