@@ -334,7 +334,9 @@ class LowRankOptimizer(Optimizer):
         step the new parameters get the checks a DTensor gets at construction (before any update) and the same
         ordinals, hence the same seeds, as the tensors they replace.
         """
-        if all(p in self._indexed for g in self.param_groups for p in g["params"]):
+        # A copied or unpickled optimizer has no index (torch's Optimizer pickles defaults, state and groups only).
+        indexed = getattr(self, "_indexed", None)
+        if indexed is not None and all(p in indexed for g in self.param_groups for p in g["params"]):
             return
         for group in self.param_groups:
             self._check_sharded_params(group)
