@@ -141,19 +141,69 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def _fsdp_version(args: Any) -> int:
-    """The FSDP version a run asks for: accelerate's launch config passes `FSDP_VERSION` (its default: 1), the
-    Trainer its `fsdp_config`'s `version` (transformers strips the `fsdp_` prefix; unset: 2 from transformers 5 on,
-    1 before)."""
-    if _env_flag("ACCELERATE_USE_FSDP") and not getattr(args, "fsdp", None):
-        return int(os.environ.get("FSDP_VERSION", "1"))
-    config = getattr(args, "fsdp_config", None) or {}
-    version = config.get("version", config.get("fsdp_version"))
-    if version is None:
-        import transformers
+def fsdp_version(args: Any) -> int | None:
+    """The FSDP version (1 or 2) the Trainer will run `args` under, or None without FSDP.
 
-        version = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
-    return int(version)
+    `TrainingArguments(fsdp=..., fsdp_config=...)` is turned by transformers into `args.fsdp_plugin_args`, the
+    keyword arguments of accelerate's `FullyShardedDataParallelPlugin`, whose `fsdp_version` is what accelerate
+    uses (transformers 5.x defaults it to 2). Without them, accelerate's launch config reaches the processes as
+    `ACCELERATE_USE_FSDP` and `FSDP_VERSION`, and the plugin defaults to version 1 (FSDP1).
+    """
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if isinstance(plugin_args, dict):
+        return int(plugin_args.get("fsdp_version", 1))
+    if getattr(args, "fsdp", None):  # arguments without the processed plugin kwargs: read the config itself
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("fsdp_version", config.get("version", 1)))
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def _check_fsdp(args: Any, name: str, spec: Any, configs: Sequence[Any] | None, version: int) -> None:
+    """Accept FSDP2 for optimizers that step on its row shards; refuse FSDP1 and every other optimizer.
+
+    Under FSDP2 the Trainer builds the optimizer on the plain parameters and accelerate swaps FSDP2's DTensor
+    parameters in afterwards (the optimizer re-checks them before its first step). Refused: optimizers without
+    `supports_row_sharding`, the layer-wise names and FLoRA's compressed gradient accumulation (their backward hooks
+    assume replicated parameters), and FSDP1, which hands the optimizer flattened 1-D shards.
+    """
+    hooked = spec.hooked_cls is not None and spec.hooked_cls(args, configs) is not None
+    supported = ", ".join(repr(n) for n in row_sharding_names())
+    if spec.layerwise or hooked or not getattr(spec.optimizer_cls, "supports_row_sharding", False):
+        if spec.layerwise:
+            reason = "it updates each weight inside backward hooks, which assume replicated parameters"
+            if name.removesuffix("_layerwise") in row_sharding_names():
+                reason += f" (the non-layer-wise optim={name.removesuffix('_layerwise')!r} runs under FSDP2)"
+        elif hooked:
+            reason = (
+                f"with gradient_accumulation_steps={args.gradient_accumulation_steps} it accumulates compressed "
+                "gradients in backward hooks, which assume replicated parameters (optim_args='accumulation=full' "
+                "accumulates full-size gradients and is supported)"
+            )
+        else:
+            reason = f"{spec.optimizer_cls.__name__} does not step on FSDP2's row-sharded (DTensor) parameters yet"
+        raise UnsupportedSetupError(
+            f"optim={name!r} cannot run under FSDP: {reason}. Under FSDP2 the Trainer supports optim={supported}; "
+            "or use DDP (`accelerate launch --num_processes N`, no FSDP config)."
+        )
+    if version != 2:
+        raise UnsupportedSetupError(
+            f"optim={name!r} cannot run under FSDP{version}: it hands the optimizer flattened 1-D shards, so there are "
+            f"no weight matrices to project. {_fsdp2_pointer()}"
+        )
+    # The optimizer state holds each process' rows as plain tensors, which the Trainer's FSDP2 checkpoint (DCP via
+    # `get_optimizer_state_dict`) takes for replicated values: it saves one process' moments for all. Measured on CPU:
+    # resuming fails on a size mismatch where a weight's rows split unevenly; an even split would load silently.
+    strategy = getattr(args, "save_strategy", "steps")
+    saving = str(getattr(strategy, "value", strategy)) != "no"
+    if saving and not getattr(args, "save_only_model", False):
+        raise UnsupportedSetupError(
+            f"optim={name!r} under FSDP2 cannot save its optimizer state in the Trainer's checkpoints yet (each "
+            "process holds its own rows of the moments, which the FSDP2 checkpoint would save as one replicated "
+            "copy). Set save_strategy='no', or save_only_model=True (model-only checkpoints, with "
+            "fsdp_config={'state_dict_type': 'FULL_STATE_DICT'}); resuming training is not supported yet."
+        )
 
 
 def _fsdp2_pointer() -> str:
@@ -180,20 +230,9 @@ def check_supported_setup(args: Any, name: str, configs: Sequence[Any] | None = 
             f"optim={name!r} cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so there are "
             f"no weight matrices to project. {_fsdp2_pointer()}"
         )
-    fsdp = getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP")
-    if fsdp and _fsdp_version(args) == 1:
-        raise UnsupportedSetupError(
-            f"optim={name!r} cannot run under FSDP1: it hands the optimizer flattened 1-D shards, so there are no "
-            f"weight matrices to project. {_fsdp2_pointer()}"
-        )
-    if fsdp:
-        raise UnsupportedSetupError(
-            f"optim={name!r} does not support FSDP through the Trainer/accelerate yet: FSDP1 hands the optimizer "
-            "flattened shards, and the Trainer's FSDP2 path is not verified. The optimizer cores of galore_adamw(_8bit), "
-            "welore_adamw(_8bit) and flora_adamw do step on FSDP2 `fully_shard` (DTensor) parameters when you drive "
-            "them directly, from your own training loop (see docs/how_to/fsdp2.md). With the Trainer, use DDP "
-            "(`accelerate launch --num_processes N`, no FSDP config) or a single GPU."
-        )
+    version = fsdp_version(args)
+    if version is not None:
+        _check_fsdp(args, name, spec, configs, version)
     # Optimizers driven by backward hooks: the layer-wise names, and a plain name whose `hooked_cls` takes over for
     # these arguments (FLoRA's compressed gradient accumulation). The hooks consume each gradient in backward.
     hooked = spec.hooked_cls is not None and spec.hooked_cls(args, configs) is not None

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..configs import check_number
 from ..errors import InvalidConfigError, UnsupportedSetupError
@@ -225,7 +226,8 @@ class LowRankOptimizer(Optimizer):
         # The projection knobs too: the defaults are what every low-rank group without its own values uses.
         self._check_configs(defaults, low_rank=True)
         self._validate_hyperparameters(defaults)
-        self._ordinals: dict[torch.Tensor, int] = {}
+        self._ordinals: WeakIdKeyDictionary = WeakIdKeyDictionary()  # see _index_low_rank_params
+        self._indexed: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._warned: set[str] = set()
         super().__init__(params, defaults)
         check_unhooked((p for g in self.param_groups for p in g["params"]), self)
@@ -321,9 +323,32 @@ class LowRankOptimizer(Optimizer):
                 )
 
     def _index_low_rank_params(self) -> None:
-        """Number the projected weights in group order: the number seeds the range finder and the stagger offset."""
+        """Number the projected weights in group order: the number seeds the range finder and the stagger offset.
+
+        Weak references: accelerate's FSDP2 preparation swaps the parameters in `param_groups` for FSDP2's shards
+        (see [`_follow_replaced_params`]) so that the unsharded tensors can be freed; holding them here would keep a
+        whole copy of the model alive on every process.
+        """
         low_rank = [p for g in self.param_groups if g["low_rank"] for p in g["params"]]
-        self._ordinals = {p: i for i, p in enumerate(low_rank)}
+        self._ordinals = WeakIdKeyDictionary({p: i for i, p in enumerate(low_rank)})
+        self._indexed = WeakIdKeyDictionary({p: None for g in self.param_groups for p in g["params"]})
+
+    def _follow_replaced_params(self) -> None:
+        """Re-check and re-number the parameters when `param_groups` holds other tensors than at construction.
+
+        The Trainer's FSDP2 path builds the optimizer on the plain parameters, then `Accelerator.prepare` shards the
+        model (`fully_shard`) and puts the DTensor parameters into `param_groups` in place of the old ones
+        (`accelerate.utils.fsdp_utils.fsdp2_switch_optimizer_parameters`), in the same order. So before the first
+        step the new parameters get the checks a DTensor gets at construction (before any update) and the same
+        ordinals, hence the same seeds, as the tensors they replace.
+        """
+        # A copied or unpickled optimizer has no index (torch's Optimizer pickles defaults, state and groups only).
+        indexed = getattr(self, "_indexed", None)
+        if indexed is not None and all(p in indexed for g in self.param_groups for p in g["params"]):
+            return
+        for group in self.param_groups:
+            self._check_sharded_params(group)
+        self._index_low_rank_params()
 
     def _warn_full_rank_fallbacks(self) -> None:
         shapes = [
@@ -633,6 +658,7 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_replaced_params()
         for group in self.param_groups:
             # The gradients are prepared lazily, chunk by chunk, so only one chunk of them is alive at a time.
             for chunk in self._in_chunks(self._prepared_gradients(group)):

@@ -93,8 +93,8 @@ def check_setup(args: Any, configs: Sequence[Any] | None = None) -> None:
             "whole), and its weight gradients arrive in one-element carrier parameters that FSDP cannot shard "
             "either. Use DDP (`accelerate launch --num_processes N` without an FSDP config) with "
             "optim='q_galore_adamw_8bit' or 'q_galore_adamw_8bit_layerwise', or, to shard, optim='galore_adamw_8bit', "
-            "whose optimizer steps on FSDP2 fully_shard parameters from your own training loop "
-            "(docs/how_to/fsdp2.md)."
+            "whose optimizer steps on FSDP2 fully_shard parameters (the Trainer with fsdp_config={'fsdp_version': 2}, "
+            "or your own training loop: docs/how_to/fsdp2.md)."
         )
 
 
