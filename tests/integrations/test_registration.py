@@ -249,7 +249,7 @@ def test_deepspeed_and_fsdp1_refusals_point_to_fsdp2_and_its_optim_names(monkeyp
     with pytest.raises(UnsupportedSetupError, match="FSDP1"):
         integration.check_supported_setup(Args(), "flora_adamw")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    assert integration._fsdp_version(Args()) == 2
+    assert integration.fsdp_version(Args()) == 2
 
 
 def test_weight_decay_split_and_adam_hyperparameters_reach_the_optimizer(tmp_path):
