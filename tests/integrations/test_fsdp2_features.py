@@ -186,11 +186,11 @@ def test_trainer_accepts_fsdp2_for_row_sharding_optimizers_and_refuses_the_rest(
     assert not [n for n in names if n.endswith("layerwise") or n.startswith("q_galore")]
     for name in ("galore_adamw", "flora_adamw"):
         integration.check_supported_setup(_fsdp_args(tmp_path, name), name)
-    # Model-only checkpoints are fine; checkpoints with the optimizer state are not (yet).
-    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps",
-                                                 save_only_model=True), "galore_adamw")  # fmt: skip
-    with pytest.raises(UnsupportedSetupError, match="save_strategy='no', or save_only_model=True"):
-        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps"), "galore_adamw")
+    # Checkpoints, model-only or with the optimizer state (saved as Shard(0) DTensors, see the resume test below).
+    for only_model in (True, False):
+        for name in ("galore_adamw", "galore_adamw_8bit", "flora_adamw", "welore_adamw"):
+            saving = _fsdp_args(tmp_path, name, save_strategy="steps", save_only_model=only_model)
+            integration.check_supported_setup(saving, name)
     # FSDP1 points to FSDP2.
     with pytest.raises(UnsupportedSetupError, match=r"FSDP1.*fsdp_version': 2"):
         integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=1), "galore_adamw")
