@@ -169,7 +169,9 @@ def _check_fsdp(args: Any, name: str, spec: Any, configs: Sequence[Any] | None, 
     Under FSDP2 the Trainer builds the optimizer on the plain parameters and accelerate swaps FSDP2's DTensor
     parameters in afterwards (the optimizer re-checks them before its first step). Refused: optimizers without
     `supports_row_sharding`, the layer-wise names and FLoRA's compressed gradient accumulation (their backward hooks
-    assume replicated parameters), and FSDP1, which hands the optimizer flattened 1-D shards.
+    assume replicated parameters), FSDP1, which hands the optimizer flattened 1-D shards, and checkpoints of a model
+    our surgery rebuilt (WeLore) with FULL_STATE_DICT (see below). Checkpoints are otherwise fine: the optimizer state
+    is saved as `Shard(0)` DTensors of the global shape.
     """
     hooked = spec.hooked_cls is not None and spec.hooked_cls(args, configs) is not None
     supported = ", ".join(repr(n) for n in row_sharding_names())
@@ -195,6 +197,28 @@ def _check_fsdp(args: Any, name: str, spec: Any, configs: Sequence[Any] | None, 
             f"optim={name!r} cannot run under FSDP{version}: it hands the optimizer flattened 1-D shards, so there are "
             f"no weight matrices to project. {_fsdp2_pointer()}"
         )
+    # A model our surgery rebuilt (WeLore's factors) carries our transformers quantizer, whose state dict
+    # `save_pretrained` writes in place of the one it is given (transformers 5.24 modeling_utils.py:3432-3433). Under
+    # FULL_STATE_DICT the Trainer hands it the gathered weights, but only rank 0 calls `save_pretrained`
+    # (trainer.py:4143-4145), so the quantizer cannot gather them itself: its `model.state_dict()` is DTensor shards
+    # and the first checkpoint fails in safetensors. SHARDED_STATE_DICT saves through DCP and works.
+    strategy = getattr(args, "save_strategy", "no")
+    saving = str(getattr(strategy, "value", strategy)) != "no"
+    if spec.prepare_model is not None and saving and _fsdp_state_dict_type(args) == "FULL_STATE_DICT":
+        raise UnsupportedSetupError(
+            f"optim={name!r} under FSDP2 cannot save checkpoints with state_dict_type='FULL_STATE_DICT' (accelerate's "
+            "default): transformers saves the factorized model from its sharded tensors and fails. Set "
+            "fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} (accelerate config: fsdp_state_dict_type: "
+            "SHARDED_STATE_DICT), which saves and resumes, or save_strategy='no'."
+        )
+
+
+def _fsdp_state_dict_type(args: Any) -> str:
+    """The FSDP state dict type the Trainer's accelerate plugin will use: `TrainingArguments.fsdp_config`'s, else
+    the accelerate launch config's (`FSDP_STATE_DICT_TYPE`), else accelerate's default, FULL_STATE_DICT."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    value = plugin_args.get("state_dict_type") or os.environ.get("FSDP_STATE_DICT_TYPE") or "FULL_STATE_DICT"
+    return "FULL_STATE_DICT" if "FULL_STATE_DICT" in str(value).upper() else str(value).upper()
 
 
 def _fsdp2_pointer() -> str:

@@ -256,10 +256,27 @@ def test_trainer_accepts_fsdp2_for_row_sharding_optimizers_and_refuses_the_rest(
     for name in ("galore_adamw", "flora_adamw"):
         integration.check_supported_setup(_fsdp_args(tmp_path, name), name)
     # Checkpoints, model-only or with the optimizer state (saved as Shard(0) DTensors, see the resume test below).
+    sharded = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     for only_model in (True, False):
         for name in ("galore_adamw", "galore_adamw_8bit", "flora_adamw", "welore_adamw"):
-            saving = _fsdp_args(tmp_path, name, save_strategy="steps", save_only_model=only_model)
+            saving = _fsdp_args(tmp_path, name, save_strategy="steps", save_only_model=only_model, **sharded)
             integration.check_supported_setup(saving, name)
+    # FULL_STATE_DICT (accelerate's default) saves GaLore's checkpoints, not WeLore's factorized model (its quantizer's
+    # state dict replaces the gathered one in save_pretrained): refused before training, unless nothing is saved.
+    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps"), "galore_adamw")
+    integration.check_supported_setup(_fsdp_args(tmp_path, "welore_adamw"), "welore_adamw")
+    with pytest.raises(UnsupportedSetupError, match=r"'welore_adamw'.*FULL_STATE_DICT.*'SHARDED_STATE_DICT'"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "welore_adamw", save_strategy="steps"), "welore_adamw")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    welore = _fsdp_args(tmp_path, "welore_adamw", version=None, save_strategy="steps")
+    with pytest.raises(UnsupportedSetupError, match="FULL_STATE_DICT"):
+        integration.check_supported_setup(welore, "welore_adamw")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    integration.check_supported_setup(welore, "welore_adamw")
+    for variable in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_STATE_DICT_TYPE"):
+        monkeypatch.delenv(variable)
     # FSDP1 points to FSDP2.
     with pytest.raises(UnsupportedSetupError, match=r"FSDP1.*fsdp_version': 2"):
         integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=1), "galore_adamw")
