@@ -44,16 +44,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: Path, out: Path, processes: int, *args: str) -> list[dict]:
+def run_script(
+    script: Path, out: Path, processes: int, *args: str, torchrun: bool = False
+) -> subprocess.CompletedProcess:
     """Run `script --out OUT *args` on `processes` gloo processes (`torch.distributed.run`; one process runs it
-    directly) and load what each rank saved as `OUT/rank{r}.pt`."""
+    directly unless `torchrun`, which gives it a process group of one) and return the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if processes == 1:
+    if processes == 1 and not torchrun:
         command = [sys.executable, str(script)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), str(script)]  # fmt: skip
-    result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    return subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def launch(script: Path, out: Path, processes: int, *args: str, torchrun: bool = False) -> list[dict]:
+    """[`run_script`], asserting success, then load what each rank saved as `OUT/rank{r}.pt`."""
+    result = run_script(script, out, processes, *args, torchrun=torchrun)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]

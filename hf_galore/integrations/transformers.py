@@ -1,7 +1,7 @@
 """Registration of hf_galore's optimizers as `optim=` choices of the stock `TrainingArguments` / `Trainer`.
 
 transformers has no public extension point for `optim=` names (`OptimizerNames` is a closed Enum validated in
-`TrainingArguments.__post_init__`), so [`register`] does four reversible things, feature-detected rather than keyed
+`TrainingArguments.__post_init__`), so [`register`] does these reversible things, feature-detected rather than keyed
 on version strings:
 
 1. adds our names to `transformers.training_args.OptimizerNames` (the built-in `galore_*` members are reused);
@@ -14,7 +14,9 @@ on version strings:
    the model. `optim_args` are parsed once per Trainer: the checks, the surgery, `WeLoreCallback` and the optimizer
    handler share one [`OptimizerPlan`] kept on the Trainer (see `integrations/plans.py`);
 5. wraps `Trainer.get_learning_rates` so that transformers' own `galore_*` names show transformers' grouping
-   (see [`transformers_learning_rates`]).
+   (see [`transformers_learning_rates`]);
+6. wraps `Trainer._load_optimizer_and_scheduler` to check an FSDP2 checkpoint's sharded optimizer state against our
+   optimizer before accelerate loads it (see [`check_fsdp2_optimizer_checkpoint`]).
 
 [`unregister`] undoes all of it exactly. [`optimizer_cls_and_kwargs`] is the no-patching path for
 `Trainer(optimizer_cls_and_kwargs=...)`.
@@ -64,6 +66,7 @@ class _Registration:
         self.original_create_optimizer: Any = None
         self.original_init: Any = None
         self.original_get_learning_rates: Any = None
+        self.original_load_optimizer: Any = None
 
 
 _STATE = _Registration()
@@ -166,7 +169,9 @@ def _check_fsdp(args: Any, name: str, spec: Any, configs: Sequence[Any] | None, 
     Under FSDP2 the Trainer builds the optimizer on the plain parameters and accelerate swaps FSDP2's DTensor
     parameters in afterwards (the optimizer re-checks them before its first step). Refused: optimizers without
     `supports_row_sharding`, the layer-wise names and FLoRA's compressed gradient accumulation (their backward hooks
-    assume replicated parameters), and FSDP1, which hands the optimizer flattened 1-D shards.
+    assume replicated parameters), FSDP1, which hands the optimizer flattened 1-D shards, and checkpoints of a model
+    our surgery rebuilt (WeLore) with FULL_STATE_DICT (see below). Checkpoints are otherwise fine: the optimizer state
+    is saved as `Shard(0)` DTensors of the global shape.
     """
     hooked = spec.hooked_cls is not None and spec.hooked_cls(args, configs) is not None
     supported = ", ".join(repr(n) for n in row_sharding_names())
@@ -192,18 +197,28 @@ def _check_fsdp(args: Any, name: str, spec: Any, configs: Sequence[Any] | None, 
             f"optim={name!r} cannot run under FSDP{version}: it hands the optimizer flattened 1-D shards, so there are "
             f"no weight matrices to project. {_fsdp2_pointer()}"
         )
-    # The optimizer state holds each process' rows as plain tensors, which the Trainer's FSDP2 checkpoint (DCP via
-    # `get_optimizer_state_dict`) takes for replicated values: it saves one process' moments for all. Measured on CPU:
-    # resuming fails on a size mismatch where a weight's rows split unevenly; an even split would load silently.
-    strategy = getattr(args, "save_strategy", "steps")
+    # A model our surgery rebuilt (WeLore's factors) carries our transformers quantizer, whose state dict
+    # `save_pretrained` writes in place of the one it is given (transformers 5.24 modeling_utils.py:3432-3433). Under
+    # FULL_STATE_DICT the Trainer hands it the gathered weights, but only rank 0 calls `save_pretrained`
+    # (trainer.py:4143-4145), so the quantizer cannot gather them itself: its `model.state_dict()` is DTensor shards
+    # and the first checkpoint fails in safetensors. SHARDED_STATE_DICT saves through DCP and works.
+    strategy = getattr(args, "save_strategy", "no")
     saving = str(getattr(strategy, "value", strategy)) != "no"
-    if saving and not getattr(args, "save_only_model", False):
+    if spec.prepare_model is not None and saving and _fsdp_state_dict_type(args) == "FULL_STATE_DICT":
         raise UnsupportedSetupError(
-            f"optim={name!r} under FSDP2 cannot save its optimizer state in the Trainer's checkpoints yet (each "
-            "process holds its own rows of the moments, which the FSDP2 checkpoint would save as one replicated "
-            "copy). Set save_strategy='no', or save_only_model=True (model-only checkpoints, with "
-            "fsdp_config={'state_dict_type': 'FULL_STATE_DICT'}); resuming training is not supported yet."
+            f"optim={name!r} under FSDP2 cannot save checkpoints with state_dict_type='FULL_STATE_DICT' (accelerate's "
+            "default): transformers saves the factorized model from its sharded tensors and fails. Set "
+            "fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} (accelerate config: fsdp_state_dict_type: "
+            "SHARDED_STATE_DICT), which saves and resumes, or save_strategy='no'."
         )
+
+
+def _fsdp_state_dict_type(args: Any) -> str:
+    """The FSDP state dict type the Trainer's accelerate plugin will use: `TrainingArguments.fsdp_config`'s, else
+    the accelerate launch config's (`FSDP_STATE_DICT_TYPE`), else accelerate's default, FULL_STATE_DICT."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    value = plugin_args.get("state_dict_type") or os.environ.get("FSDP_STATE_DICT_TYPE") or "FULL_STATE_DICT"
+    return "FULL_STATE_DICT" if "FULL_STATE_DICT" in str(value).upper() else str(value).upper()
 
 
 def _fsdp2_pointer() -> str:
@@ -512,6 +527,43 @@ def _wrap_get_learning_rates(original: Any) -> Any:
     return get_learning_rates
 
 
+def check_fsdp2_optimizer_checkpoint(trainer: Any, checkpoint: str | os.PathLike) -> None:
+    """Check the sharded (DCP) optimizer state of the Trainer checkpoint `checkpoint` against `trainer`'s optimizer,
+    when it is one of ours running under FSDP2; do nothing otherwise.
+
+    accelerate loads that state (`load_fsdp_optimizer`) into a template of the loading optimizer's own state dict, so
+    a checkpoint saved with other state-shaping settings (`rank`, `block_size`, `min_8bit_size`, ...) fails inside
+    `torch.distributed.checkpoint` with a bare size mismatch of one tensor. [`check_dcp_checkpoint`] reads the
+    checkpoint's metadata first and names the settings instead. Settings that keep the shapes (`seed`, `stagger`)
+    are refused later by the optimizer's own `load_state_dict`, which accelerate reaches.
+
+    Raises:
+        [`InvalidConfigError`]: when the saved state does not fit the optimizer.
+    """
+    from ..optim.base import LowRankOptimizer
+    from ..optim.checkpoint import check_dcp_checkpoint
+
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    actual = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap accelerate's wrapper
+    if not getattr(trainer, "is_fsdp_enabled", False) or getattr(plugin, "fsdp_version", 1) != 2:
+        return
+    # accelerate's SHARDED_STATE_DICT folder (`{OPTIMIZER_NAME}_{index}`); FULL_STATE_DICT saves one whole state
+    # (optimizer.bin) that our `load_state_dict` checks itself.
+    folder = os.path.join(os.fspath(checkpoint), "optimizer_0")
+    if isinstance(actual, LowRankOptimizer) and os.path.isdir(folder):
+        check_dcp_checkpoint(trainer.model, trainer.optimizer, folder)
+
+
+def _wrap_load_optimizer_and_scheduler(original: Any) -> Any:
+    @functools.wraps(original)
+    def _load_optimizer_and_scheduler(self: Any, checkpoint: Any, *args: Any, **kwargs: Any) -> None:
+        if checkpoint is not None:
+            check_fsdp2_optimizer_checkpoint(self, checkpoint)
+        return original(self, checkpoint, *args, **kwargs)
+
+    return _load_optimizer_and_scheduler
+
+
 def register() -> None:
     """Make our names valid `optim=` choices and route the stock Trainer to our optimizers (idempotent).
 
@@ -554,6 +606,9 @@ def register() -> None:
     if "get_learning_rates" in Trainer.__dict__:
         _STATE.original_get_learning_rates = Trainer.__dict__["get_learning_rates"]
         Trainer.get_learning_rates = _wrap_get_learning_rates(_STATE.original_get_learning_rates)
+    if "_load_optimizer_and_scheduler" in Trainer.__dict__:
+        _STATE.original_load_optimizer = Trainer.__dict__["_load_optimizer_and_scheduler"]
+        Trainer._load_optimizer_and_scheduler = _wrap_load_optimizer_and_scheduler(_STATE.original_load_optimizer)
     _STATE.active = True
     logger.debug("hf_galore registered optimizers: %s", ", ".join(REGISTRY))
 
@@ -569,6 +624,8 @@ def unregister() -> None:
     Trainer.__init__ = _STATE.original_init
     if _STATE.original_get_learning_rates is not None:
         Trainer.get_learning_rates = _STATE.original_get_learning_rates
+    if _STATE.original_load_optimizer is not None:
+        Trainer._load_optimizer_and_scheduler = _STATE.original_load_optimizer
     if _STATE.had_own_missing:
         names._missing_ = _STATE.missing_hook
     else:

@@ -523,8 +523,8 @@ class LowRankOptimizer(Optimizer):
                 f"This optimizer state was written by {kind} (optim={' or '.join(map(repr, names)) or '?'}), but it "
                 f"is being loaded into {type(self).__name__}: their states differ (moment layout, quantization, projections) and cannot be converted exactly. Resume "
                 "with the optimizer that wrote the checkpoint, or, to switch optimizers, start from the checkpoint's "
-                "weights without its optimizer state (delete optimizer.pt from the checkpoint folder, or load the "
-                "model with from_pretrained)."
+                "weights without its optimizer state (delete optimizer.pt, under FSDP optimizer_0/ or optimizer.bin, "
+                "from the checkpoint folder, or load the model with from_pretrained)."
             )
         if fmt > STATE_FORMAT:
             raise InvalidConfigError(
@@ -566,7 +566,7 @@ class LowRankOptimizer(Optimizer):
                         "per-weight state (moment shapes, stored seeds and refresh offsets) depends on it and cannot "
                         f"be converted. Resume with the checkpoint's setting ({key}={saved_layout.get(key)!r} in "
                         "optim_args), or start from the checkpoint's weights without its optimizer state (delete "
-                        "optimizer.pt from the checkpoint folder)."
+                        "optimizer.pt, under FSDP optimizer_0/ or optimizer.bin, from the checkpoint folder)."
                     )
             changes.append(
                 {

@@ -4,7 +4,8 @@
 checkpoint whose tensors have other shapes with a bare size mismatch. The usual cause with GaLore-family optimizers is
 a weight projected on another side: a checkpoint saved under FSDP2 (where `proj_type="std"` means the right side)
 resumed on one process with `proj_type="std"`, which projects a wide weight (m < n) on the left. [`check_dcp_checkpoint`]
-reads the checkpoint's metadata first and names the fix instead.
+reads the checkpoint's metadata first and names the fix instead. The Trainer runs it by itself before accelerate
+loads an FSDP2 checkpoint's sharded optimizer state (see `integrations/transformers.py`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import relative_error
-from script_utils import launch
+from script_utils import launch, run_script
 from trainer_utils import training_args
 
 from hf_galore.errors import UnsupportedSetupError
@@ -128,11 +128,33 @@ TRAINER_OPTIM_ARGS = {"galore_adamw": "rank=4, update_proj_gap=3, scale=1", "flo
                       "welore_adamw": "target_compression=0.5, min_reduction=0.5"}  # fmt: skip
 
 
+#: The FSDP2 Trainer runs save checkpoints at this step (and at the last, 8); the resume test continues from it. GaLore
+#: refreshes at steps 0, 3 and 6 and FLoRA resamples at 3 and 6, so one of each lies on either side of the save.
+SAVE_STEPS = "4"
+TRAINER_ROUTES = [("galore_adamw", "args"), ("flora_adamw", "env"), ("welore_adamw", "args")]
+
+
+@pytest.fixture(scope="module")
+def saving_fsdp2_runs(tmp_path_factory):
+    """`run(optim, route) -> (folder, [rank0, rank1])`: the 2-process FSDP2 Trainer run saving SHARDED_STATE_DICT
+    checkpoints every `SAVE_STEPS` steps, launched once per module (the equivalence test and the resume test share
+    it)."""
+    runs = {}
+
+    def run(optim: str, route: str) -> tuple[Path, list[dict]]:
+        if (optim, route) not in runs:
+            out = tmp_path_factory.mktemp(f"fsdp2_{optim}_{route}")
+            results = launch(TRAINER_SCRIPT, out, 2, "--optim", optim, "--optim-args", TRAINER_OPTIM_ARGS[optim],
+                             "--fsdp", route, "--save-steps", SAVE_STEPS)  # fmt: skip
+            runs[optim, route] = out, results
+        return runs[optim, route]
+
+    return run
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    ("optim", "route"), [("galore_adamw", "args"), ("flora_adamw", "env"), ("welore_adamw", "args")]
-)
-def test_trainer_with_accelerate_fsdp2_equals_one_process(tmp_path, optim, route):
+@pytest.mark.parametrize(("optim", "route"), TRAINER_ROUTES)
+def test_trainer_with_accelerate_fsdp2_equals_one_process(tmp_path, saving_fsdp2_runs, optim, route):
     """The stock Trainer under accelerate's FSDP2 (`TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})` or
     the accelerate launch config's environment) on 2 gloo CPU processes × batch 4 against 1 process × batch 8, 8 steps,
     `max_grad_norm=0.5`: accelerate clips every step of GaLore and FLoRA (logged norms 0.81-1.14) and none of WeLore
@@ -148,9 +170,7 @@ def test_trainer_with_accelerate_fsdp2_equals_one_process(tmp_path, optim, route
     out = tmp_path / "single"
     out.mkdir()
     (single,) = launch(TRAINER_SCRIPT, out, 1, "--optim", optim, "--optim-args", reference_args)
-    out = tmp_path / "fsdp2"
-    out.mkdir()
-    rank0, rank1 = launch(TRAINER_SCRIPT, out, 2, "--optim", optim, "--optim-args", optim_args, "--fsdp", route)
+    _, (rank0, rank1) = saving_fsdp2_runs(optim, route)  # saving checkpoints along the way changes nothing
     # The FSDP2 path really ran: accelerate sharded the model (FSDPModule wrappers: 2 decoder layers + the root...),
     # swapped DTensor parameters into our optimizer, clipped through accelerate at every step, and stayed FSDP2.
     assert rank0["fsdp2"] and not single["fsdp2"]
@@ -165,6 +185,55 @@ def test_trainer_with_accelerate_fsdp2_equals_one_process(tmp_path, optim, route
     for name, value in single["params"].items():
         assert _max_error(rank0["params"][name], value) <= FP32_RTOL, (name, _max_error(rank0["params"][name], value))
         assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("optim", "route"), TRAINER_ROUTES)
+def test_trainer_fsdp2_checkpoint_resumes_as_the_uninterrupted_run(tmp_path, saving_fsdp2_runs, optim, route):
+    """`trainer.train(resume_from_checkpoint=...)` from the FSDP2 Trainer checkpoint of step 4 (model and optimizer
+    state in accelerate's DCP folders `pytorch_model_fsdp_0`/`optimizer_0`) on 2 processes continues exactly as the
+    uninterrupted run: GaLore refreshes its bases at step 6 and FLoRA resamples there, after the resume, from the saved
+    seeds and counters (and each did at step 3, before the save).
+
+    Measured: losses and parameters bit-identical to the uninterrupted run (also GaLore with FULL_STATE_DICT's gathered
+    `pytorch_model_fsdp.bin`/`optimizer.bin`, the script's `--state-dict-type`, run by hand). GaLore also resumes on one process (`torchrun --nproc_per_node 1`, FSDP2 over a process group of one:
+    DCP reshards the 2-process checkpoint): losses within 1.1e-7 relative, parameters within 1.3e-7 of a tensor's
+    largest entry. Resuming with another rank fails before anything is loaded, naming the saved and current shapes
+    (our check of the DCP metadata, called from the Trainer's optimizer loading); without it DCP's bare size mismatch
+    of one tensor.
+    """
+    folder, (uninterrupted, _) = saving_fsdp2_runs(optim, route)
+    checkpoint = str(folder / f"checkpoint-{SAVE_STEPS}")
+    optim_args = TRAINER_OPTIM_ARGS[optim]
+    common = ("--optim", optim, "--optim-args", optim_args, "--fsdp", route, "--resume", checkpoint)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    rank0, rank1 = launch(TRAINER_SCRIPT, out, 2, *common)
+    # The optimizer state was loaded (a fresh optimizer would count 4 steps) and the run went on from step 4.
+    assert rank0["steps"] == uninterrupted["steps"] == [8] and rank0["fsdp2"]
+    assert len(rank0["losses"]) == len(uninterrupted["losses"]) == 8
+    assert _relative(rank0["losses"], uninterrupted["losses"]) <= LOSS_RTOL
+    for name, value in uninterrupted["params"].items():
+        assert _max_error(rank0["params"][name], value) <= FP32_RTOL, (name, _max_error(rank0["params"][name], value))
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+    if optim != "galore_adamw":
+        return
+    # 2 → 1: one process resumes the 2-process checkpoint under FSDP2 (a process group of one, batch 8).
+    out = tmp_path / "one"
+    out.mkdir()
+    (one,) = launch(TRAINER_SCRIPT, out, 1, *common, torchrun=True)
+    assert one["steps"] == [8] and one["fsdp2"]
+    assert _relative(one["losses"], uninterrupted["losses"]) <= LOSS_RTOL
+    for name, value in uninterrupted["params"].items():
+        assert _max_error(one["params"][name], value) <= FP32_RTOL, (name, _max_error(one["params"][name], value))
+    # Another rank shapes the state differently: refused before loading, naming the shapes and the settings.
+    out = tmp_path / "other_rank"
+    out.mkdir()
+    other = [a if a != optim_args else optim_args.replace("rank=4", "rank=2") for a in common]
+    result = run_script(TRAINER_SCRIPT, out, 1, *other, torchrun=True)
+    assert result.returncode != 0
+    assert "does not fit this optimizer" in result.stderr and "saved with shape (32, 4)" in result.stderr
+    assert "settings that shape the state (rank" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- single process
@@ -186,11 +255,28 @@ def test_trainer_accepts_fsdp2_for_row_sharding_optimizers_and_refuses_the_rest(
     assert not [n for n in names if n.endswith("layerwise") or n.startswith("q_galore")]
     for name in ("galore_adamw", "flora_adamw"):
         integration.check_supported_setup(_fsdp_args(tmp_path, name), name)
-    # Model-only checkpoints are fine; checkpoints with the optimizer state are not (yet).
-    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps",
-                                                 save_only_model=True), "galore_adamw")  # fmt: skip
-    with pytest.raises(UnsupportedSetupError, match="save_strategy='no', or save_only_model=True"):
-        integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps"), "galore_adamw")
+    # Checkpoints, model-only or with the optimizer state (saved as Shard(0) DTensors, see the resume test below).
+    sharded = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
+    for only_model in (True, False):
+        for name in ("galore_adamw", "galore_adamw_8bit", "flora_adamw", "welore_adamw"):
+            saving = _fsdp_args(tmp_path, name, save_strategy="steps", save_only_model=only_model, **sharded)
+            integration.check_supported_setup(saving, name)
+    # FULL_STATE_DICT (accelerate's default) saves GaLore's checkpoints, not WeLore's factorized model (its quantizer's
+    # state dict replaces the gathered one in save_pretrained): refused before training, unless nothing is saved.
+    integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", save_strategy="steps"), "galore_adamw")
+    integration.check_supported_setup(_fsdp_args(tmp_path, "welore_adamw"), "welore_adamw")
+    with pytest.raises(UnsupportedSetupError, match=r"'welore_adamw'.*FULL_STATE_DICT.*'SHARDED_STATE_DICT'"):
+        integration.check_supported_setup(_fsdp_args(tmp_path, "welore_adamw", save_strategy="steps"), "welore_adamw")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    welore = _fsdp_args(tmp_path, "welore_adamw", version=None, save_strategy="steps")
+    with pytest.raises(UnsupportedSetupError, match="FULL_STATE_DICT"):
+        integration.check_supported_setup(welore, "welore_adamw")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    integration.check_supported_setup(welore, "welore_adamw")
+    for variable in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_STATE_DICT_TYPE"):
+        monkeypatch.delenv(variable)
     # FSDP1 points to FSDP2.
     with pytest.raises(UnsupportedSetupError, match=r"FSDP1.*fsdp_version': 2"):
         integration.check_supported_setup(_fsdp_args(tmp_path, "galore_adamw", version=1), "galore_adamw")

@@ -35,6 +35,7 @@ def _snapshot():
         "create_optimizer": Trainer.__dict__["create_optimizer"],
         "init": Trainer.__dict__["__init__"],
         "get_cls": Trainer.__dict__["get_optimizer_cls_and_kwargs"],
+        "load_optimizer": Trainer.__dict__["_load_optimizer_and_scheduler"],
     }
 
 
@@ -54,6 +55,7 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
         else:  # older transformers: the dispatch method is wrapped instead
             assert registered["get_cls"] is not pristine["get_cls"]
         assert Trainer.__dict__["create_optimizer"] is not pristine["create_optimizer"]
+        assert registered["load_optimizer"] is not pristine["load_optimizer"]
         hf_galore.unregister()
         hf_galore.unregister()  # idempotent too
         after = _snapshot()
@@ -66,6 +68,7 @@ def test_unregister_restores_transformers_exactly_and_register_is_idempotent():
         assert after["create_optimizer"] is pristine["create_optimizer"]
         assert after["init"] is pristine["init"]
         assert after["get_cls"] is pristine["get_cls"]
+        assert after["load_optimizer"] is pristine["load_optimizer"]
     finally:
         hf_galore.register()
 

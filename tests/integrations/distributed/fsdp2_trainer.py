@@ -15,8 +15,13 @@ accelerate/state.py:986-1016 in accelerate 1.15), so on CPU (`MULTI_CPU`) it dro
 puts the plugin the Trainer built (or accelerate's env-built one) into the state with `DistributedType.FSDP` right
 after the accelerator is created; nothing else changes.
 
-Writes `rank{R}.pt`: logged losses and gradient norms, final parameters (`full_tensor()`), the names of the projected
-parameters, what ran (FSDP2 on, DTensor parameters in the optimizer, `FSDPModule` wrappers) and the optimizer class.
+`--save-steps K` saves Trainer checkpoints (model and optimizer: accelerate's `save_fsdp_model`/`save_fsdp_optimizer`
+under FSDP2, with `--state-dict-type` of `fsdp_config`); `--resume CHECKPOINT` continues from one
+(`trainer.train(resume_from_checkpoint=...)`), under `torchrun` also on one process with FSDP2 (a process group of one).
+
+Writes `rank{R}.pt`: logged losses and gradient norms (a resumed run's include the checkpoint's), final parameters
+(`full_tensor()`), the names of the projected parameters, what ran (FSDP2 on, DTensor parameters in the optimizer,
+`FSDPModule` wrappers), the optimizer class and its step counters.
 """
 
 from __future__ import annotations
@@ -83,12 +88,13 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=0.5)
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="A checkpoint folder to resume from.")
+    parser.add_argument("--state-dict-type", default="SHARDED_STATE_DICT", help="fsdp_config's, with --fsdp args.")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp_kwargs = {}
     if args.fsdp == "args":
-        fsdp_kwargs = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+        fsdp_kwargs = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": args.state_dict_type,
                                                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
     elif args.fsdp == "env":
         os.environ.update(FSDP2_ENV)
@@ -118,7 +124,7 @@ def main() -> None:
         logging_steps=1,
         warmup_steps=0,
         train_sampling_strategy="sequential",
-        ddp_backend="gloo" if world > 1 else None,
+        ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None,  # torchrun, any number of processes
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         **fsdp_kwargs,
