@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -59,8 +60,27 @@ def run_script(
                           timeout=300)  # fmt: skip
 
 
+#: What a process prints when a C++ thread still running at its exit aborts it (std::terminate on a joinable thread):
+#: seen twice in one run of every multi-process test on a 2-core machine loaded with other test runs, rank 0 aborted
+#: with no Python error (gloo's threads at exit; 10 repeats of one of those launches alone all passed). Such a launch
+#: runs once more; any other failure fails at once.
+THREAD_ABORT_AT_EXIT = "terminate called without an active exception"
+
+
 def launch(script: Path, out: Path, processes: int, *args: str, torchrun: bool = False) -> list[dict]:
-    """[`run_script`], asserting success, then load what each rank saved as `OUT/rank{r}.pt`."""
-    result = run_script(script, out, processes, *args, torchrun=torchrun)
+    """[`run_script`], asserting success, then load what each rank saved as `OUT/rank{r}.pt`.
+
+    A launch that a thread abort at exit ([`THREAD_ABORT_AT_EXIT`]) failed is run a second time (with its outputs
+    removed first, so only a complete run's outputs are read); a second failure of any kind fails the test.
+    """
+    for attempt in range(2):
+        for rank in range(processes):
+            (out / f"rank{rank}.pt").unlink(missing_ok=True)
+        result = run_script(script, out, processes, *args, torchrun=torchrun)
+        if result.returncode == 0 or THREAD_ABORT_AT_EXIT not in result.stderr or attempt:
+            break
+        warnings.warn(
+            f"{script.name}: a process aborted at exit ({THREAD_ABORT_AT_EXIT!r}); running it again", stacklevel=2
+        )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
