@@ -62,7 +62,7 @@ def run_script(
 
 #: What a process prints when a C++ thread still running at its exit aborts it (std::terminate on a joinable thread):
 #: seen twice in one run of every multi-process test on a 2-core machine loaded with other test runs, rank 0 aborted
-#: with no Python error (gloo's threads at exit; 10 repeats of one of those launches alone all passed). Such a launch
+#: with no Python error (gloo's threads at exit; 6 repeats of one of those launches alone all passed). Such a launch
 #: runs once more; any other failure fails at once.
 THREAD_ABORT_AT_EXIT = "terminate called without an active exception"
 
